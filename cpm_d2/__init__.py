@@ -1,0 +1,14 @@
+"""cpm_d2: the Class-conditional Prompting Machine (CPM) for audio-visual segmentation on Detectron2.
+
+Importing the package applies the detectron2 compatibility fixes (``cpm_d2.compat``), then
+registers the meta-architecture, its heads and the built-in datasets with detectron2's
+registries. Importing it twice registers nothing twice (Python caches the module).
+"""
+from . import compat
+
+compat.apply_all()
+
+from .config import add_cpm_config  # noqa: E402
+
+__all__ = ["add_cpm_config"]
+__version__ = "0.1.0"
