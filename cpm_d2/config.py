@@ -129,6 +129,9 @@ def add_cpm_config(cfg):
     _C.MODEL.CPM.GMM.EM_ITERS = 3
     _C.MODEL.CPM.GMM.MOMENTUM = 0.9  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
     _C.MODEL.CPM.GMM.EPS = 1e-4  # variance floor
+    # Logits given to the CE loss: "per_dim" = log p(q|c) / D (a tempered posterior with the
+    # same argmax; keeps CE finite in D = 256), "none" = log p(q|c) exactly as eq. 1.
+    _C.MODEL.CPM.GMM.LOGIT_NORM = "per_dim"
 
     # ------------------------------------------------------------------ solver
     _C.SOLVER.OPTIMIZER = "ADAMW"

@@ -1,0 +1,39 @@
+"""The head registry for query classification and the interface every class predictor follows."""
+import torch
+from torch import nn
+from detectron2.utils.registry import Registry
+
+CLASS_PREDICTOR_REGISTRY = Registry("CLASS_PREDICTOR")
+CLASS_PREDICTOR_REGISTRY.__doc__ = """
+Class predictors map mask embeddings q~ (..., D) to class logits (..., C+1) whose softmax is
+p(c | q~); index C is "no object". Built by name from cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR.
+"""
+
+
+class ClassPredictor(nn.Module):
+    """Interface of a class predictor (the "head registry" of DESIGN §3).
+
+    forward(embeddings (..., D)) -> logits (..., C+1); softmax(logits) = p(c | q~).
+    observe(embeddings (K, D), labels (K,) in [0, C]): training-only; called after Hungarian
+        matching with the (detached) embeddings and their assigned labels (C = no object).
+    step(iteration): training-only; called once per iteration after ``observe`` (periodic work
+        such as EM).
+    sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label.
+    """
+
+    num_classes: int  # C, background included; logits have C + 1 entries
+
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        pass
+
+    def step(self, iteration: int) -> None:
+        pass
+
+    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot sample class-conditional prompts")
+
+
+def build_class_predictor(cfg, num_classes: int, embed_dim: int) -> ClassPredictor:
+    """Build ``cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR`` for ``num_classes`` (C) and D = ``embed_dim``."""
+    name = cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR
+    return CLASS_PREDICTOR_REGISTRY.get(name)(cfg, num_classes=num_classes, embed_dim=embed_dim)
