@@ -9,6 +9,7 @@ from . import compat
 compat.apply_all()
 
 from .config import add_cpm_config  # noqa: E402
+from . import modeling  # noqa: E402,F401  (registers CPM, backbones, decoders, class predictors)
 
 __all__ = ["add_cpm_config"]
 __version__ = "0.1.0"

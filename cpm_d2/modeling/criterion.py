@@ -1,0 +1,169 @@
+"""Set criterion of the class-agnostic path (Mask2Former's SetCriterion, audio-visual flavour).
+
+Losses (all unweighted here; the meta-architecture applies CLASS/MASK/DICE_WEIGHT):
+    loss_ce   cross-entropy over C+1 classes for every query; unmatched queries target "no
+              object" (index C), whose class weight is NO_OBJECT_WEIGHT; padded queries
+              (outputs["query_padding_mask"]) are ignored. Mean over the (weighted) queries.
+    loss_mask sigmoid focal loss ("focal") or sigmoid BCE ("bce") of each matched mask, averaged
+              over P points chosen by PointRend uncertainty sampling, summed over masks and
+              divided by num_masks.
+    loss_dice 1 - (2 sum(s g) + 1) / (sum(s) + sum(g) + 1) on the same points, summed / num_masks.
+num_masks is the number of target masks in the batch, averaged over ranks (all-reduced) and
+clamped to >= 1. Auxiliary outputs get the same losses with suffix "_<layer index>".
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.projects.point_rend.point_features import (
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
+
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "sigmoid_ce_loss", "dice_loss", "calculate_uncertainty"]
+
+
+def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """inputs/targets (M, P): mean over points of alpha_t (1 - p_t)^gamma BCE, summed over masks / num_masks.
+
+    p_t = sigmoid(x) for target 1 and 1 - sigmoid(x) for target 0; alpha_t = alpha for 1, 1 - alpha
+    for 0 (alpha < 0 disables the weighting).
+    """
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_masks
+
+
+def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """inputs/targets (M, P): mean per-point BCE, summed over masks / num_masks."""
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """inputs (M, P) logits, targets (M, P): sum of 1 - (2 sum(s g) + 1) / (sum(s) + sum(g) + 1), / num_masks."""
+    s = inputs.sigmoid()
+    num = 2 * (s * targets).sum(-1)
+    den = s.sum(-1) + targets.sum(-1)
+    return (1 - (num + 1) / (den + 1)).sum() / num_masks
+
+
+def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    """Uncertainty of (R, 1, ...) mask logits = -|logit| (highest at the decision boundary)."""
+    return -torch.abs(logits)
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets, indices=None, return_indices=False) -> losses [, final-layer indices].
+
+    outputs: the decoder dict ("pred_logits" (B, Q, C+1), "pred_masks" (B, Q, h, w), optional
+        "aux_outputs" list, optional "query_padding_mask" (B, Q)).
+    targets: per image {"labels" (K,) int64, "masks" (K, H, W)}; K may be 0.
+    indices: optional per image (query_idx, target_idx): skip matching and use these pairs for the
+        final layer AND every aux layer (used for class-conditional prompts, which are tied to their
+        target by construction).
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, eos_coef: float, num_points: int,
+                 oversample_ratio: float, importance_sample_ratio: float, mask_loss: str = "focal",
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        if mask_loss not in ("focal", "bce"):
+            raise ValueError(f"criterion.py: MODEL.MASK_FORMER.MASK_LOSS must be 'focal' or 'bce', got {mask_loss!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.eos_coef = eos_coef
+        weight = torch.ones(num_classes + 1)
+        weight[-1] = eos_coef
+        self.register_buffer("empty_weight", weight, persistent=False)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.mask_loss = mask_loss
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    # ------------------------------------------------------------------------------------------
+    def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+        logits = outputs["pred_logits"].float()
+        b, q = logits.shape[:2]
+        target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
+        for i, (t, (src, tgt)) in enumerate(zip(targets, indices)):
+            if len(src):
+                target_classes[i, src.to(logits.device)] = t["labels"].to(logits.device)[tgt.to(logits.device)]
+        pad = outputs.get("query_padding_mask")
+        if pad is not None:
+            target_classes = target_classes.masked_fill(pad.to(logits.device, torch.bool), -100)
+            if (target_classes == -100).all():  # nothing to classify: keep the graph, value 0
+                return {"loss_ce": logits.sum() * 0.0}
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits), ignore_index=-100)
+        return {"loss_ce": loss}
+
+    def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+        pred = outputs["pred_masks"]
+        src_b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(pred.device)
+        src_q = torch.cat([src for src, _ in indices]).to(pred.device)
+        if src_q.numel() == 0:
+            zero = pred.sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        src_masks = pred[src_b, src_q][:, None].float()  # (M, 1, h, w)
+        tgt_masks = torch.cat([t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)])
+        tgt_masks = tgt_masks.to(device=pred.device, dtype=torch.float32)[:, None]  # (M, 1, H, W)
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+            point_labels = point_sample(tgt_masks, coords, align_corners=False).squeeze(1)
+        point_logits = point_sample(src_masks, coords, align_corners=False).squeeze(1)
+        if self.mask_loss == "focal":
+            lm = sigmoid_focal_loss(point_logits, point_labels, num_masks, self.focal_alpha, self.focal_gamma)
+        else:
+            lm = sigmoid_ce_loss(point_logits, point_labels, num_masks)
+        return {"loss_mask": lm, "loss_dice": dice_loss(point_logits, point_labels, num_masks)}
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def num_masks(targets, device) -> float:
+        """Target masks per rank, averaged over ranks, >= 1."""
+        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if _world_size() > 1:
+            dist.all_reduce(n)
+        return torch.clamp(n / _world_size(), min=1).item()
+
+    def _layer_losses(self, outputs, targets, indices, num_masks):
+        losses = self.loss_labels(outputs, targets, indices, num_masks)
+        losses.update(self.loss_masks(outputs, targets, indices, num_masks))
+        return losses
+
+    def forward(self, outputs: Dict, targets: List[Dict],
+                indices: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                return_indices: bool = False):
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"criterion.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+        fixed = indices is not None
+        pad = outputs.get("query_padding_mask")
+        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        final_indices = list(indices) if fixed else self.matcher(main, targets)
+        num_masks = self.num_masks(targets, outputs["pred_logits"].device)
+        losses = self._layer_losses(main, targets, final_indices, num_masks)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            if pad is not None and "query_padding_mask" not in aux:
+                aux = dict(aux, query_padding_mask=pad)
+            aux_indices = final_indices if fixed else self.matcher(aux, targets)
+            losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets, aux_indices, num_masks).items()})
+        if return_indices:
+            return losses, final_indices
+        return losses
+
+    def __repr__(self):
+        return (f"SetCriterion(num_classes={self.num_classes}, eos_coef={self.eos_coef}, mask_loss={self.mask_loss}, "
+                f"num_points={self.num_points}, matcher={self.matcher!r})")

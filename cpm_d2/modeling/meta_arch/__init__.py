@@ -1,0 +1,3 @@
+from .cpm import CPM
+
+__all__ = ["CPM"]

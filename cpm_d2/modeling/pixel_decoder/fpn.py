@@ -1,0 +1,75 @@
+"""A light FPN pixel decoder (Mask2Former's "BasePixelDecoder" idea): fast, used in tests."""
+from typing import Dict, List, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+
+from .registry import PIXEL_DECODER_REGISTRY
+
+__all__ = ["FPNPixelDecoder"]
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class FPNPixelDecoder(nn.Module):
+    """Top-down FPN over ``in_features``.
+
+    forward(features: dict name -> (B, C_l, H/s_l, W/s_l)) ->
+        mask_features (B, mask_dim, H/s_min, W/s_min) from the finest level (3x3 conv),
+        multi_scale_features: the FPN outputs of the 3 coarsest levels (B, conv_dim, ...),
+        coarsest first (Mask2Former's order for the round-robin masked attention).
+    """
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int, norm: str = "GN"):
+        super().__init__()
+        if len(input_shape) < 3:
+            raise ValueError(f"fpn.py: FPNPixelDecoder needs >= 3 input features, got {list(input_shape)}")
+        # coarse -> fine
+        items = sorted(input_shape.items(), key=lambda kv: -kv[1].stride)
+        self.in_features = [k for k, _ in items]
+        self.lateral_convs = nn.ModuleList()
+        self.output_convs = nn.ModuleList()
+        for idx, (_, spec) in enumerate(items):
+            if idx == 0:
+                lateral = None
+                output = Conv2d(spec.channels, conv_dim, 3, padding=1, bias=not norm,
+                                norm=get_norm(norm, conv_dim), activation=F.relu)
+            else:
+                lateral = Conv2d(spec.channels, conv_dim, 1, bias=not norm, norm=get_norm(norm, conv_dim))
+                output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=not norm,
+                                norm=get_norm(norm, conv_dim), activation=F.relu)
+                weight_init.c2_xavier_fill(lateral)
+            weight_init.c2_xavier_fill(output)
+            self.lateral_convs.append(lateral if lateral is not None else nn.Identity())
+            self.output_convs.append(output)
+        self.mask_features = Conv2d(conv_dim, mask_dim, 3, padding=1)
+        weight_init.c2_xavier_fill(self.mask_features)
+        self.num_feature_levels = 3
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "conv_dim": head.CONVS_DIM,
+            "mask_dim": head.MASK_DIM,
+            "norm": head.NORM,
+        }
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        outs = []
+        y = None
+        for idx, name in enumerate(self.in_features):
+            x = features[name]
+            if idx == 0:
+                y = self.output_convs[0](x)
+            else:
+                lat = self.lateral_convs[idx](x)
+                y = self.output_convs[idx](lat + F.interpolate(y, size=lat.shape[-2:], mode="nearest"))
+            outs.append(y)
+        return self.mask_features(y), outs[: self.num_feature_levels]

@@ -1,0 +1,22 @@
+"""Registry of pixel decoders (our own; detectron2's SEM_SEG_HEADS_REGISTRY is not used)."""
+from detectron2.utils.registry import Registry
+
+PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
+PIXEL_DECODER_REGISTRY.__doc__ = """
+Pixel decoders turn the visual backbone's feature dict into
+``(mask_features (B, MASK_DIM, H/4, W/4), [3 multi-scale maps (B, CONVS_DIM, h_l, w_l), coarsest first])``.
+Called as ``PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)``; input_shape is the backbone's
+``output_shape()`` dict of ShapeSpec.
+"""
+
+
+def build_pixel_decoder(cfg, input_shape):
+    """Build ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` for the backbone ``input_shape``."""
+    name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
+    missing = [f for f in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES if f not in input_shape]
+    if missing:
+        raise ValueError(
+            f"pixel_decoder/registry.py: MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not produced by "
+            f"the backbone (it gives {sorted(input_shape)}); check MODEL.RESNETS.OUT_FEATURES"
+        )
+    return PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)

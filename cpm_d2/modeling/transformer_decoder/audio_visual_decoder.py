@@ -1,0 +1,261 @@
+"""The audio-visual query decoder: an audio decoder, then Mask2Former's masked-attention decoder.
+
+Query path (every tensor batch-first):
+    q (B, Q, D)  --[AUDIO_DEC_LAYERS x (cross-attn to audio tokens, self-attn, FFN)]-->
+                 --[DEC_LAYERS x (masked cross-attn to visual scale i % 3, self-attn, FFN)]--> q̃
+After every layer the shared heads predict, from q̃ = LayerNorm(q):
+    class logits  = class_predictor(q̃)                  (B, Q, C+1)
+    mask logits   = <mask_embed(q̃), ũ_v>                 (B, Q, H/4, W/4)
+    audio masks   = <audio_mask_embed(q̃), ũ_a>           (B, Q, T', F')
+The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
+gives the attention mask of the first visual layer and the "audio_pred_logits" (coverage score).
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+import fvcore.nn.weight_init as weight_init
+
+from ..class_predictor import build_class_predictor
+from .position_encoding import PositionEmbeddingSine
+from .registry import TRANSFORMER_DECODER_REGISTRY
+
+__all__ = ["AudioVisualTransformerDecoder", "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP"]
+
+
+def _with_pos(x, pos):
+    return x if pos is None else x + pos
+
+
+class SelfAttentionLayer(nn.Module):
+    """(B, Q, D) -> (B, Q, D); ``key_padding_mask`` (B, Q) True = padded query (ignored as a key)."""
+
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt, key_padding_mask=None, query_pos=None):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        q = k = _with_pos(x, query_pos)
+        out = self.attn(q, k, value=x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        tgt = tgt + self.dropout(out)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries (B, Q, D) attend ``memory`` (B, S, D); ``memory_mask`` (B*nheads, Q, S) True = blocked."""
+
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt, memory, memory_mask=None, pos=None, query_pos=None):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        out = self.attn(_with_pos(x, query_pos), _with_pos(memory, pos), value=memory, attn_mask=memory_mask,
+                        need_weights=False)[0]
+        tgt = tgt + self.dropout(out)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class FFNLayer(nn.Module):
+    """Residual two-layer MLP with ReLU. (B, Q, D) -> (B, Q, D)."""
+
+    def __init__(self, d_model, dim_feedforward=2048, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU in between."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class AudioVisualTransformerDecoder(nn.Module):
+    """See the module docstring. ``forward`` returns the outputs dict of the CPM contract."""
+
+    @configurable
+    def __init__(self, in_channels: int, *, class_predictor: nn.Module, hidden_dim: int, num_queries: int,
+                 nheads: int, dim_feedforward: int, dec_layers: int, audio_dec_layers: int, pre_norm: bool,
+                 mask_dim: int, audio_mask_dim: int, enforce_input_project: bool, dropout: float = 0.0):
+        super().__init__()
+        if dec_layers < 1:
+            raise ValueError(f"audio_visual_decoder.py: MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {dec_layers}")
+        if hidden_dim % nheads != 0:
+            raise ValueError(f"audio_visual_decoder.py: HIDDEN_DIM {hidden_dim} not divisible by NHEADS {nheads}")
+        self.class_predictor = class_predictor
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.num_audio_layers = audio_dec_layers
+        self.num_queries = num_queries
+        self.hidden_dim = hidden_dim
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+
+        def block(n):
+            return (nn.ModuleList(CrossAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(n)),
+                    nn.ModuleList(SelfAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(n)),
+                    nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(n)))
+
+        self.audio_cross_attention, self.audio_self_attention, self.audio_ffn = block(audio_dec_layers)
+        self.cross_attention, self.self_attention, self.ffn = block(dec_layers)
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.num_feature_levels = 3
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                proj = Conv2d(in_channels, hidden_dim, 1)
+                weight_init.c2_xavier_fill(proj)
+                self.input_proj.append(proj)
+            else:
+                self.input_proj.append(nn.Identity())
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.audio_mask_embed = MLP(hidden_dim, hidden_dim, audio_mask_dim, 3)
+        for layers in (self.audio_cross_attention, self.audio_self_attention, self.cross_attention,
+                       self.self_attention):
+            for p in layers.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels):
+        mf = cfg.MODEL.MASK_FORMER
+        return {
+            "in_channels": in_channels,
+            "class_predictor": build_class_predictor(cfg, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, mf.HIDDEN_DIM),
+            "hidden_dim": mf.HIDDEN_DIM,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "nheads": mf.NHEADS,
+            "dim_feedforward": mf.DIM_FEEDFORWARD,
+            "dec_layers": mf.DEC_LAYERS,
+            "audio_dec_layers": mf.AUDIO_DEC_LAYERS,
+            "pre_norm": mf.PRE_NORM,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "audio_mask_dim": cfg.MODEL.AUDIO.PIXEL_DECODER_DIM,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+            "dropout": mf.DROPOUT,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def _initial_queries(self, batch_size, queries, query_pos, query_padding_mask):
+        if queries is None:
+            if query_pos is not None or query_padding_mask is not None:
+                raise ValueError("audio_visual_decoder.py: query_pos / query_padding_mask need custom queries")
+            q = self.query_feat.weight.unsqueeze(0).expand(batch_size, -1, -1)
+            pos = self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1)
+            return q, pos, None
+        if queries.dim() != 3 or queries.shape[0] != batch_size or queries.shape[2] != self.hidden_dim:
+            raise ValueError(f"audio_visual_decoder.py: queries must be (B={batch_size}, Q, {self.hidden_dim}), "
+                             f"got {tuple(queries.shape)}")
+        if query_pos is None:
+            query_pos = torch.zeros_like(queries)
+        elif query_pos.shape != queries.shape:
+            raise ValueError(f"audio_visual_decoder.py: query_pos {tuple(query_pos.shape)} != queries "
+                             f"{tuple(queries.shape)}")
+        if query_padding_mask is not None:
+            if query_padding_mask.shape != queries.shape[:2]:
+                raise ValueError(f"audio_visual_decoder.py: query_padding_mask must be {tuple(queries.shape[:2])}, "
+                                 f"got {tuple(query_padding_mask.shape)}")
+            query_padding_mask = query_padding_mask.to(torch.bool)
+            # an image whose every query is padding would make softmax NaN: let it attend freely
+            query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
+        return queries, query_pos, query_padding_mask
+
+    def _predict(self, output, mask_features, audio_dense, attn_size):
+        emb = self.decoder_norm(output)
+        logits = self.class_predictor(emb)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
+        audio_masks = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio_dense)
+        with torch.no_grad():
+            attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
+            attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
+            attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
+            attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
+        pred = {"pred_logits": logits, "pred_masks": masks, "pred_audio_masks": audio_masks, "query_embeddings": emb}
+        return pred, attn
+
+    def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
+                queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
+                query_padding_mask: Optional[torch.Tensor] = None) -> Dict:
+        """
+        Args:
+            x: 3 visual maps (B, in_channels, h_l, w_l), coarsest first.
+            mask_features: ũ_v (B, MASK_DIM, H/4, W/4).
+            audio: dict with "tokens" (B, L, D), "tokens_pos" (B, L, D), "dense" ũ_a (B, D_a, T', F').
+            queries / query_pos: (B, Q, D) custom queries (None: the N learnable ones); query_pos
+                None with custom queries means no positional embedding.
+            query_padding_mask: (B, Q) bool, True = padding (ignored as a self-attention key).
+        Returns: dict pred_logits, pred_masks, pred_audio_masks, query_embeddings (final layer),
+            audio_pred_logits, aux_outputs (list of per-layer dicts with the same four keys), and
+            query_padding_mask when given.
+        """
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"audio_visual_decoder.py: expected {self.num_feature_levels} feature maps, got {len(x)}")
+        b = mask_features.shape[0]
+        srcs, poss, sizes = [], [], []
+        for i in range(self.num_feature_levels):
+            sizes.append(tuple(x[i].shape[-2:]))
+            poss.append(self.pe_layer(x[i]).flatten(2).transpose(1, 2))
+            srcs.append(self.input_proj[i](x[i]).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+        output, qpos, pad = self._initial_queries(b, queries, query_pos, query_padding_mask)
+        tokens, tokens_pos, audio_dense = audio["tokens"], audio.get("tokens_pos"), audio["dense"]
+
+        predictions = []
+        if self.num_audio_layers == 0:
+            pred, attn_mask = self._predict(output, mask_features, audio_dense, sizes[0])
+            predictions.append(pred)
+        for j in range(self.num_audio_layers):
+            output = self.audio_cross_attention[j](output, tokens, pos=tokens_pos, query_pos=qpos)
+            output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos)
+            output = self.audio_ffn[j](output)
+            pred, attn_mask = self._predict(output, mask_features, audio_dense, sizes[0])
+            predictions.append(pred)
+        audio_pred_logits = predictions[-1]["pred_logits"]
+
+        for i in range(self.num_layers):
+            lvl = i % self.num_feature_levels
+            output = self.cross_attention[i](output, srcs[lvl], memory_mask=attn_mask, pos=poss[lvl], query_pos=qpos)
+            output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos)
+            output = self.ffn[i](output)
+            pred, attn_mask = self._predict(output, mask_features, audio_dense,
+                                            sizes[(i + 1) % self.num_feature_levels])
+            predictions.append(pred)
+
+        out = dict(predictions[-1])
+        out["audio_pred_logits"] = audio_pred_logits
+        out["aux_outputs"] = predictions[:-1]
+        if query_padding_mask is not None:
+            out["query_padding_mask"] = query_padding_mask.to(torch.bool)
+        return out
