@@ -10,6 +10,9 @@ compat.apply_all()
 
 from .config import add_cpm_config  # noqa: E402
 from . import modeling  # noqa: E402,F401  (registers CPM, backbones, decoders, class predictors)
+from .data import register_all_avs_datasets, register_avs_dataset  # noqa: E402
 
-__all__ = ["add_cpm_config"]
+register_all_avs_datasets()  # lazy: nothing is read until a dataset is used
+
+__all__ = ["add_cpm_config", "register_avs_dataset"]
 __version__ = "0.1.0"

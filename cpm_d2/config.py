@@ -52,6 +52,9 @@ def add_cpm_config(cfg):
     # shared class), "folder" (random wav from NOISE_DIR) or "none".
     _C.INPUT.AUDIO.NOISE_SOURCE = "dataset"
     _C.INPUT.AUDIO.NOISE_DIR = ""
+    # Test-time ablation: replace every audio window by silence (shows how much the model uses
+    # the sound; `tools/train_net.py --eval-only ... INPUT.AUDIO.MUTE True`).
+    _C.INPUT.AUDIO.MUTE = False
 
     # Register AVS datasets in the AVSS layout from the config, no Python needed:
     # a list of [name, root, split] triples; class names come from <root>/label2idx.json.

@@ -1,0 +1,188 @@
+"""AVSBench-Objects: S4 (single sound source) and MS3 (multiple sound sources), binary masks.
+
+Layout (the official release, as its ``avs_scripts/avs_{s4,ms3}`` loaders and
+``preprocess_scripts`` read/write it)::
+
+    AVSBench-object/Single-source/s4_meta_data.csv       name, start_time, category, split
+    AVSBench-object/Single-source/s4_data/
+        visual_frames/<split>/<category>/<name>/<name>_{1..5}.png
+        gt_masks/<split>/<category>/<name>/<name>_{k}.png       0/255; train k=1, val/test k=1..5
+        audio_wav/<split>/<category>/<name>.wav                  5 s
+        gt_masks_index/...   (written by ``datasets/prepare_avss.py s4``: same tree, values 0/1)
+    AVSBench-object/Multi-sources/ms3_meta_data.csv      video_id, split, ...
+    AVSBench-object/Multi-sources/ms3_data/
+        visual_frames/<name>/<name>.mp4_{1..5}.png     (``<name>_{k}.png`` is accepted too)
+        gt_masks/<split>/<name>/<name>_{1..5}.png
+        audio_wav/<split>/<name>.wav                   (``audio_wav/<name>.wav`` accepted too)
+        gt_masks_index/<split>/<name>/<name>_{k}.png   (``datasets/prepare_avss.py ms3``)
+
+Binary masks are stored 0/255; the contract's label maps are index PNGs (255 = ignore), so a
+prepare step writes 0/1 copies (``gt_masks_index``). Frame ``k`` (1-based) <-> audio ``[k-1, k)`` s.
+Classes: ``["background", "sounding object"]``, ``is_binary=True``.
+"""
+import csv
+import os
+
+import numpy as np
+from PIL import Image
+
+from .avss import image_size
+
+__all__ = [
+    "OBJECT_CLASSES",
+    "load_avsbench_s4",
+    "load_avsbench_ms3",
+    "binarize_mask",
+    "prepare_avsbench_object_masks",
+]
+
+OBJECT_CLASSES = ["background", "sounding object"]
+CLIP_SECONDS = 5.0
+NUM_FRAMES = 5
+
+
+def _read_rows(csv_path, kind):
+    """Rows as (name, category, split) in file order; columns by header name, else by position."""
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"AVSBench {kind} metadata not found: {csv_path}")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{csv_path} is empty")
+    header = [h.strip() for h in rows[0]]
+    if "split" not in header:
+        raise ValueError(f"{csv_path}: no 'split' column in header {header}")
+    name_col = next((header.index(c) for c in ("name", "video_id", "uid", "vid") if c in header), 0)
+    cat_col = header.index("category") if "category" in header else None
+    split_col = header.index("split")
+    out = []
+    for r in rows[1:]:
+        if not r:
+            continue
+        out.append((r[name_col].strip(), r[cat_col].strip() if cat_col is not None else "", r[split_col].strip()))
+    if kind == "S4" and cat_col is None:
+        raise ValueError(f"{csv_path}: S4 metadata needs a 'category' column, header {header}")
+    return out
+
+
+def _first_existing(candidates, what):
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError(f"{what} not found: {candidates[0]}")
+
+
+def _index_mask(path, prepare_cmd):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"label map not found: {path} (binary masks are converted to index PNGs by "
+            f"`python datasets/prepare_avss.py {prepare_cmd} --root ...`)"
+        )
+    return path
+
+
+def _frame_dicts(name, frames, masks, wav, labelled, subset):
+    height, width = image_size(frames[0])
+    dicts = []
+    for i in labelled:
+        dicts.append(
+            {
+                "file_name": frames[i],
+                "sem_seg_file_name": masks[i],
+                "audio_file_name": wav,
+                "audio_start": i * CLIP_SECONDS / NUM_FRAMES,
+                "audio_duration": 1.0,
+                "frame_index": i,
+                "num_frames": NUM_FRAMES,
+                "clip_id": name,
+                "height": height,
+                "width": width,
+                "subset": subset,
+            }
+        )
+    return dicts
+
+
+def load_avsbench_s4(root, split):
+    """S4 dicts of ``split``: train -> frame 1 of each clip labelled, val/test -> frames 1..5."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"AVSBench-object S4 not found: {root} (see datasets/README.md)")
+    data = os.path.join(root, "s4_data")
+    labelled = [0] if split == "train" else list(range(NUM_FRAMES))
+    dicts = []
+    for name, cat, row_split in _read_rows(os.path.join(root, "s4_meta_data.csv"), "S4"):
+        if row_split != split:
+            continue
+        rel = os.path.join(split, cat, name)
+        frames = [os.path.join(data, "visual_frames", rel, f"{name}_{k + 1}.png") for k in range(NUM_FRAMES)]
+        for i in labelled:
+            _first_existing([frames[i]], "frame")
+        masks = [os.path.join(data, "gt_masks_index", rel, f"{name}_{k + 1}.png") for k in range(NUM_FRAMES)]
+        for i in labelled:
+            _index_mask(masks[i], "s4")
+        wav = _first_existing([os.path.join(data, "audio_wav", split, cat, name + ".wav")], "audio")
+        dicts.extend(_frame_dicts(f"{cat}/{name}", frames, masks, wav, labelled, "s4"))
+    return dicts
+
+
+def load_avsbench_ms3(root, split):
+    """MS3 dicts of ``split``: frames 1..5 of each clip labelled (every split)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"AVSBench-object MS3 not found: {root} (see datasets/README.md)")
+    data = os.path.join(root, "ms3_data")
+    labelled = list(range(NUM_FRAMES))
+    dicts = []
+    for name, _cat, row_split in _read_rows(os.path.join(root, "ms3_meta_data.csv"), "MS3"):
+        if row_split != split:
+            continue
+        frame_dir = os.path.join(data, "visual_frames", name)
+        frames = [
+            _first_existing(
+                [os.path.join(frame_dir, f"{name}.mp4_{k + 1}.png"), os.path.join(frame_dir, f"{name}_{k + 1}.png")],
+                "frame",
+            )
+            for k in range(NUM_FRAMES)
+        ]
+        masks = [
+            _index_mask(os.path.join(data, "gt_masks_index", split, name, f"{name}_{k + 1}.png"), "ms3")
+            for k in range(NUM_FRAMES)
+        ]
+        wav = _first_existing(
+            [os.path.join(data, "audio_wav", split, name + ".wav"), os.path.join(data, "audio_wav", name + ".wav")],
+            "audio",
+        )
+        dicts.extend(_frame_dicts(name, frames, masks, wav, labelled, "ms3"))
+    return dicts
+
+
+# ---------------------------------------------------------------------------------- prepare
+def binarize_mask(path):
+    """Official binary mask -> ``H x W`` uint8 {0, 1}: palette PNGs nonzero index, else gray > 127."""
+    with Image.open(path) as im:
+        if im.mode == "P":
+            return (np.asarray(im) != 0).astype(np.uint8)
+        return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+
+
+def prepare_avsbench_object_masks(data_dir, *, overwrite=False):
+    """Write ``<data_dir>/gt_masks_index/**.png`` (0/1) from ``<data_dir>/gt_masks/**.png`` (0/255).
+
+    ``data_dir`` is ``.../s4_data`` or ``.../ms3_data``. Returns the number of files written.
+    """
+    src_root = os.path.join(data_dir, "gt_masks")
+    if not os.path.isdir(src_root):
+        raise FileNotFoundError(f"binary masks not found: {src_root}")
+    dst_root = os.path.join(data_dir, "gt_masks_index")
+    written = 0
+    for dirpath, _dirs, files in sorted(os.walk(src_root)):
+        for fn in sorted(files):
+            if not fn.endswith(".png"):
+                continue
+            src = os.path.join(dirpath, fn)
+            dst = os.path.join(dst_root, os.path.relpath(src, src_root))
+            if os.path.exists(dst) and not overwrite:
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            Image.fromarray(binarize_mask(src), mode="L").save(dst)
+            written += 1
+    return written

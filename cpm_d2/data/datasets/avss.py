@@ -1,0 +1,460 @@
+"""Datasets in the AVSBench-Semantics (AVSS) layout, and the public ``register_avs_dataset``.
+
+Layout (``root`` = e.g. ``$DETECTRON2_DATASETS/AVSBench-semantic``)::
+
+    root/metadata.csv                     columns uid, label (subset folder), split, ...
+    root/label2idx.json                   {"background": 1, "accordion": 2, ...} (71 for AVSS)
+    root/<label>/<uid>/frames/{i}.jpg     i = 0 .. num_frames-1
+    root/<label>/<uid>/audio.wav          the whole clip
+    root/<label>/<uid>/labels_semantic/{i}.png   index PNG (0 = background, 255 = ignore)
+    root/<label>/<uid>/labels_rgb/{i}.png        official colour masks (input of the prepare step)
+
+One dataset dict per *labelled* frame; frame ``i`` of a clip of ``D`` seconds and ``n`` frames is
+paired with the audio window ``[i * D / n, i * D / n + audio_window)`` (AVSBench: ``[i, i+1)`` s).
+
+Palette (AVSBench convention, ``get_v2_pallete`` in the AVSBench/CAVP data loaders): the colour
+of class index ``j`` (0 = background = black) is the PASCAL-VOC bit-interleaved colour map
+entry ``j``: bit ``3k`` / ``3k+1`` / ``3k+2`` of ``j`` set bit ``7-k`` of R / G / B. The official
+``label2idx.json`` numbers the 71 classes from 1 (background = 1); class index = value - 1.
+"""
+import csv
+import json
+import logging
+import os
+from functools import partial
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "AVSS_CLASSES",
+    "avss_palette",
+    "read_label2idx",
+    "color_mask_to_index",
+    "convert_avss_color_labels",
+    "read_metadata_csv",
+    "read_label_map",
+    "label_classes",
+    "image_size",
+    "load_avs_layout",
+    "register_avs_dataset",
+    "register_lazy",
+]
+
+logger = logging.getLogger(__name__)
+
+# The 71 AVSS classes in label2idx.json order (background first), used as stuff_classes when
+# the dataset folder is absent at registration time; the file wins when it exists.
+AVSS_CLASSES = [
+    "background", "accordion", "airplane", "axe", "baby", "bassoon", "bell", "bird", "boat", "boy",
+    "bus", "car", "cat", "cello", "clarinet", "clipper", "clock", "dog", "donkey", "drum", "duck",
+    "elephant", "emergency-car", "erhu", "flute", "frying-food", "girl", "goose", "guitar", "gun",
+    "guzheng", "hair-dryer", "handpan", "harmonica", "harp", "helicopter", "hen", "horse",
+    "keyboard", "leopard", "lion", "man", "marimba", "missile-rocket", "motorcycle", "mower",
+    "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar", "sorna", "squirrel",
+    "tabla", "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba", "ukulele",
+    "utv", "vacuum-cleaner", "violin", "wolf", "woman",
+]
+IGNORE_LABEL = 255
+
+
+# ---------------------------------------------------------------------------------- palette
+def avss_palette(num_classes=71):
+    """``num_classes x 3`` uint8 colours; row j = the VOC bit-interleaved colour of index j."""
+    idx = np.arange(num_classes)
+    pal = np.zeros((num_classes, 3), dtype=np.int64)
+    for k in range(8):  # 8 bits per channel cover indices < 2**24
+        bits = (idx >> (3 * k)) & 7
+        for ch in range(3):
+            pal[:, ch] |= ((bits >> ch) & 1) << (7 - k)
+    return pal.astype(np.uint8)
+
+
+def read_label2idx(path):
+    """``label2idx.json`` -> class names ordered by index (background first).
+
+    Accepts a ``{name: index}`` dict with indices contiguous from 0 or 1 (official AVSS: from 1),
+    or a plain list of names.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class list not found: {path} (a label2idx.json naming the classes)")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(data, list):
+        names = [str(x) for x in data]
+    elif isinstance(data, dict):
+        items = sorted(data.items(), key=lambda kv: int(kv[1]))
+        values = [int(v) for _, v in items]
+        start = values[0] if values else 0
+        if values != list(range(start, start + len(values))) or start not in (0, 1):
+            raise ValueError(f"{path}: indices must be contiguous from 0 or 1, got {values[:5]}...")
+        names = [str(k) for k, _ in items]
+    else:
+        raise ValueError(f"{path}: expected a dict name -> index or a list of names")
+    if not names:
+        raise ValueError(f"{path} names no class")
+    return names
+
+
+def color_mask_to_index(rgb, palette, file_name="<array>"):
+    """``H x W x 3`` colour mask -> ``H x W`` uint8 index map through ``palette`` (K x 3).
+
+    Raises ValueError naming ``file_name`` and the first colour that is not in the palette.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"{file_name}: expected an RGB colour mask, got shape {rgb.shape}")
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    pal = palette.astype(np.int64)
+    pal_codes = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    order = np.argsort(pal_codes)
+    sorted_codes = pal_codes[order]
+    pos = np.clip(np.searchsorted(sorted_codes, codes), 0, len(sorted_codes) - 1)
+    found = sorted_codes[pos] == codes
+    if not found.all():
+        y, x = np.argwhere(~found)[0]
+        colour = tuple(int(c) for c in rgb[y, x, :3])
+        raise ValueError(
+            f"{file_name}: pixel ({y}, {x}) has colour {colour}, which is not in the {len(pal)}-entry "
+            "AVSBench palette"
+        )
+    return order[pos].astype(np.uint8)
+
+
+def convert_avss_color_labels(root, *, overwrite=False, num_classes=None):
+    """Write ``labels_semantic/{i}.png`` from every ``labels_rgb/{i}.png`` under ``root``.
+
+    Returns the number of PNGs written. Existing outputs are kept unless ``overwrite``.
+    """
+    if num_classes is None:
+        num_classes = len(read_label2idx(os.path.join(root, "label2idx.json")))
+    palette = avss_palette(num_classes)
+    written = 0
+    for row in read_metadata_csv(os.path.join(root, "metadata.csv")):
+        clip = os.path.join(root, row["label"], row["uid"])
+        src_dir = os.path.join(clip, "labels_rgb")
+        if not os.path.isdir(src_dir):
+            raise FileNotFoundError(f"colour masks not found: {src_dir}")
+        dst_dir = os.path.join(clip, "labels_semantic")
+        os.makedirs(dst_dir, exist_ok=True)
+        for name in sorted(os.listdir(src_dir)):
+            if not name.endswith(".png"):
+                continue
+            dst = os.path.join(dst_dir, name)
+            if os.path.exists(dst) and not overwrite:
+                continue
+            src = os.path.join(src_dir, name)
+            with Image.open(src) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            Image.fromarray(color_mask_to_index(rgb, palette, src), mode="L").save(dst)
+            written += 1
+    return written
+
+
+# ---------------------------------------------------------------------------------- readers
+def read_metadata_csv(path, required=("uid", "label", "split")):
+    """Rows of ``metadata.csv`` as dicts (file order); checks the required columns."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset metadata not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+
+
+def read_label_map(path):
+    """Index PNG -> ``H x W`` uint8/int array. Errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"label map not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(
+                    f"{path}: label maps must be single-channel index PNGs (got mode {im.mode}); "
+                    "convert colour masks with datasets/prepare_avss.py"
+                )
+            arr = np.asarray(im)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read label map {path}: {e}") from e
+    return arr
+
+
+_CLASS_CACHE = {}
+
+
+def label_classes(path):
+    """Sorted tuple of the classes (excluding 255) in an index PNG; cached by (path, mtime, size)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    hit = _CLASS_CACHE.get(key)
+    if hit is None:
+        values = np.unique(read_label_map(path))
+        hit = tuple(int(v) for v in values if v != IGNORE_LABEL)
+        if len(_CLASS_CACHE) > 500_000:
+            _CLASS_CACHE.clear()
+        _CLASS_CACHE[key] = hit
+    return hit
+
+
+def image_size(path):
+    """``(height, width)`` from the image header (no decode). Errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"frame not found: {path}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return h, w
+
+
+def _require_file(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _wav_duration(path):
+    import soundfile as sf
+
+    _require_file(path, "audio")
+    try:
+        info = sf.info(path)
+    except Exception as e:
+        raise ValueError(f"cannot read audio file {path}: {e}") from e
+    if info.frames <= 0:
+        raise ValueError(f"audio file {path} is empty (0 samples)")
+    return info.frames / float(info.samplerate)
+
+
+# ---------------------------------------------------------------------------------- loader
+def load_avs_layout(
+    root,
+    split,
+    *,
+    subsets=None,
+    audio_window=1.0,
+    labelled_frames=None,
+    clip_duration=None,
+    multi_source=None,
+    source_filter=None,
+):
+    """Dataset dicts of one split of a dataset in the AVSS layout (same list, same order, always).
+
+    Args:
+        root: dataset folder (holds metadata.csv).
+        split: value of the ``split`` column to keep.
+        subsets: keep only rows whose ``label`` is in this list (None: all).
+        audio_window: seconds of audio per frame.
+        labelled_frames: ``f(row, num_frames, label_dir) -> list of frame indices``; default: the
+            frames with a ``labels_semantic/{i}.png`` present.
+        clip_duration: ``f(row, wav_path) -> seconds``; default: the wav length (soundfile.info).
+        multi_source: add the ``multi_source`` key (True if the clip's labelled frames hold more
+            than one non-background class); reads every label map of the split (cached).
+        source_filter: None, "single" (exactly one class in the clip) or "multi" (more than one).
+    Returns:
+        list of dicts, one per labelled frame, in metadata.csv order then frame order.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    rows = read_metadata_csv(os.path.join(root, "metadata.csv"))
+    subsets = None if subsets is None else set(subsets)
+    need_sources = bool(multi_source) or source_filter is not None
+    dicts = []
+    for row in rows:
+        if row["split"] != split or (subsets is not None and row["label"] not in subsets):
+            continue
+        subset, uid = row["label"], row["uid"]
+        clip = os.path.join(root, subset, uid)
+        frame_dir, label_dir = os.path.join(clip, "frames"), os.path.join(clip, "labels_semantic")
+        if not os.path.isdir(frame_dir):
+            raise FileNotFoundError(f"frames folder not found: {frame_dir}")
+        num_frames = sum(1 for n in os.listdir(frame_dir) if os.path.splitext(n)[1].lower() in (".jpg", ".png"))
+        if num_frames == 0:
+            raise FileNotFoundError(f"no frame in {frame_dir}")
+        wav = _require_file(os.path.join(clip, "audio.wav"), "audio")
+        if labelled_frames is None:
+            if not os.path.isdir(label_dir):
+                raise FileNotFoundError(
+                    f"label folder not found: {label_dir} (colour masks are converted to index PNGs by "
+                    "datasets/prepare_avss.py)"
+                )
+            # every labelled frame counts: one without its image raises below (no silent skip)
+            frames = sorted(
+                int(n[:-4]) for n in os.listdir(label_dir) if n.endswith(".png") and n[:-4].isdigit()
+            )
+        else:
+            frames = list(labelled_frames(row, num_frames, label_dir))
+        duration = _wav_duration(wav) if clip_duration is None else float(clip_duration(row, wav))
+        items = []
+        for i in frames:
+            image = os.path.join(frame_dir, f"{i}.jpg")
+            if not os.path.isfile(image) and os.path.isfile(os.path.join(frame_dir, f"{i}.png")):
+                image = os.path.join(frame_dir, f"{i}.png")
+            _require_file(image, "frame")
+            label = os.path.join(label_dir, f"{i}.png")
+            if not os.path.isfile(label):
+                hint = ""
+                if os.path.isfile(os.path.join(clip, "labels_rgb", f"{i}.png")):
+                    hint = " (labels_rgb exists: run `python datasets/prepare_avss.py avss --root ...`)"
+                raise FileNotFoundError(f"label map not found: {label}{hint}")
+            items.append((i, image, label))
+        if not items:
+            continue
+        height, width = image_size(items[0][1])
+        extra = {}
+        if need_sources:
+            classes = set()
+            for _, _, label in items:
+                classes.update(c for c in label_classes(label) if c != 0)
+            if source_filter == "single" and len(classes) != 1:
+                continue
+            if source_filter == "multi" and len(classes) <= 1:
+                continue
+            extra["multi_source"] = len(classes) > 1
+        for i, image, label in items:
+            d = {
+                "file_name": image,
+                "sem_seg_file_name": label,
+                "audio_file_name": wav,
+                "audio_start": i * duration / num_frames,
+                "audio_duration": float(audio_window),
+                "frame_index": i,
+                "num_frames": num_frames,
+                "clip_id": f"{subset}/{uid}",
+                "height": height,
+                "width": width,
+                "subset": subset,
+            }
+            d.update(extra)
+            dicts.append(d)
+    if not dicts:
+        logger.warning(f"no labelled frame for split {split!r} (subsets {subsets}) in {root}")
+    return dicts
+
+
+# ---------------------------------------------------------------------------------- register
+def register_lazy(name, loader, **metadata):
+    """Register ``loader`` (no-arg callable) and set ``metadata``; detectron2 errors on duplicates."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.register(name, loader)
+    meta = {"ignore_label": IGNORE_LABEL, "evaluator_type": "avs"}
+    meta.update(metadata)
+    MetadataCatalog.get(name).set(**meta)
+
+
+def _load_user_dataset(root, split, subsets, audio_window, multi_source):
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    return load_avs_layout(root, split, subsets=subsets, audio_window=audio_window, multi_source=multi_source)
+
+
+def register_avs_dataset(
+    name,
+    root,
+    *,
+    split,
+    class_names=None,
+    subsets=None,
+    audio_window=1.0,
+    audio_channels=1,
+    is_binary=False,
+    **extra_metadata,
+):
+    """Register a dataset in the AVSS layout with detectron2's DatasetCatalog + MetadataCatalog.
+
+    Args:
+        name: dataset name (registering an existing name raises detectron2's error).
+        root: folder with metadata.csv, label2idx.json and ``<subset>/<uid>/...`` clips.
+        split: value of metadata.csv's ``split`` column (e.g. "train").
+        class_names: list of class names, background first; default: ``<root>/label2idx.json``.
+        subsets: keep only these values of the ``label`` column (None: all).
+        audio_window: seconds of audio per frame (1.0 AVSBench, 3.0 VPO).
+        audio_channels: 1 (mono) or 2 (stereo): recorded in the metadata for configs/checks.
+        is_binary: True for 2-class (foreground/background) datasets.
+        **extra_metadata: more MetadataCatalog fields.
+
+    Labelled frames: those with ``labels_semantic/{i}.png``; clip duration from the wav length.
+    Dicts of splits other than "train" carry ``multi_source``. Returns None.
+    """
+    if class_names is None:
+        class_names = read_label2idx(os.path.join(root, "label2idx.json"))
+    class_names = [str(c) for c in class_names]
+    if is_binary and len(class_names) != 2:
+        raise ValueError(f"is_binary datasets have 2 classes, got {len(class_names)} for {name!r}")
+    if audio_channels not in (1, 2):
+        raise ValueError(f"audio_channels must be 1 or 2, got {audio_channels}")
+    subsets = None if subsets is None else list(subsets)
+    loader = partial(_load_user_dataset, root, split, subsets, float(audio_window), split != "train")
+    register_lazy(
+        name,
+        loader,
+        stuff_classes=class_names,
+        audio_channels=int(audio_channels),
+        is_binary=bool(is_binary),
+        root=root,
+        split=split,
+        audio_window=float(audio_window),
+        **extra_metadata,
+    )
+
+
+# ---------------------------------------------------------------------------------- AVSS builtin
+AVSS_SUBSETS = ("v1s", "v1m", "v2")
+_AVSS_DURATION = {"v1s": 5.0, "v1m": 5.0, "v2": 10.0}
+
+
+def _avss_labelled_frames(split, row, num_frames, label_dir):
+    """AVSBench-semantic annotation rule: v1s train -> frame 0; v1s val/test and v1m -> 5; v2 -> 10."""
+    subset = row["label"]
+    if subset == "v1s" and split == "train":
+        return [0]
+    count = 10 if subset == "v2" else 5
+    return list(range(min(count, num_frames)))
+
+
+def _avss_duration(row, wav):
+    subset = row["label"]
+    if subset not in _AVSS_DURATION:
+        raise ValueError(f"unknown AVSS subset {subset!r} for clip {row['uid']} (expected {AVSS_SUBSETS})")
+    return _AVSS_DURATION[subset]
+
+
+def load_avss(root, split, subsets=None, source_filter=None):
+    """AVSBench-semantic dicts (see module docstring). Non-train splits carry ``multi_source``.
+
+    ``source_filter="single"`` keeps the clips whose labelled frames hold exactly one
+    non-background class (the paper's AVSS-SS), ``"multi"`` the clips with more than one
+    (AVSS-MS); clips with no labelled class belong to neither.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"AVSBench-semantic not found: {root} (set DETECTRON2_DATASETS; see datasets/README.md)"
+        )
+    return load_avs_layout(
+        root,
+        split,
+        subsets=subsets,
+        audio_window=1.0,
+        labelled_frames=partial(_avss_labelled_frames, split),
+        clip_duration=_avss_duration,
+        multi_source=split != "train",
+        source_filter=source_filter,
+    )
+
+
+def avss_class_names(root):
+    """Class names from ``root/label2idx.json`` when present, else the built-in 71 AVSS names."""
+    path = os.path.join(root, "label2idx.json")
+    if os.path.isfile(path):
+        try:
+            return read_label2idx(path)
+        except (OSError, ValueError) as e:  # never break `import cpm_d2` over a bad file
+            logger.warning(f"{e}; using the built-in AVSS class names")
+    return list(AVSS_CLASSES)

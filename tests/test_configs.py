@@ -1,0 +1,48 @@
+"""Every shipped config merges onto add_cpm_config, names registered datasets, and builds."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import cpm_d2  # noqa: F401
+from cpm_d2 import add_cpm_config
+from detectron2.config import get_cfg
+
+CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def _load(path):
+    cfg = get_cfg()
+    add_cpm_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).name)
+def test_config_merges_and_is_consistent(path):
+    cfg = _load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "CPM"
+    assert cfg.INPUT.FORMAT == "RGB"
+    # the audio backbone must take as many channels as the front end produces
+    assert cfg.MODEL.AUDIO.IN_CHANNELS == cfg.INPUT.AUDIO.CHANNELS, path
+    # nothing may be fetched at run time
+    assert "://" not in cfg.MODEL.WEIGHTS, f"{path}: MODEL.WEIGHTS must be a local file, got {cfg.MODEL.WEIGHTS}"
+    from detectron2.data import DatasetCatalog
+
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        assert name in DatasetCatalog.list(), f"{path}: dataset {name!r} is not registered"
+
+
+@pytest.mark.slow
+def test_paper_config_builds_r50_model():
+    from detectron2.modeling import build_model
+
+    cfg = _load(str(Path(__file__).resolve().parents[1] / "configs" / "avss_r50.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.backbone.parameters())
+    assert 20e6 < n_params < 30e6  # a ResNet-50 trunk (~23.5M parameters)
+    assert type(model.class_predictor).__name__ == "GMMClassPredictor"
+    assert cfg.MODEL.CPM.ENABLED
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
