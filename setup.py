@@ -24,6 +24,7 @@ setup(
         "Pillow",
         "av",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={"dev": ["pytest>=7"]},
 )

@@ -49,9 +49,25 @@ def patch_pillow(image_module=None):
 
 
 class _MissingCModule(types.ModuleType):
-    """Stand-in for ``detectron2._C``: importable, but every op raises :class:`MissingCompiledOp`."""
+    """Stand-in for ``detectron2._C``: importable, but every op raises :class:`MissingCompiledOp`.
+
+    The version queries ``detectron2.utils.collect_env`` makes (logged by ``default_setup``)
+    answer "not built" instead of raising.
+    """
 
     _is_cpm_d2_stub = True
+
+    @staticmethod
+    def get_compiler_version():
+        return "not built (detectron2 installed without C++ ops; cpm_d2.compat stand-in)"
+
+    @staticmethod
+    def get_cuda_version():
+        return "not built"
+
+    @staticmethod
+    def has_cuda():
+        return False
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -102,6 +118,11 @@ def apply_all():
     global _APPLIED
     if _APPLIED:
         return
+    # detectron2 and fvcore decorate helpers with torch.jit.script at import time; torch >= 2.10
+    # warns on each. The warning is about those libraries, not about anything a user can act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     patch_pillow()
     patch_missing_detectron2_C()
     _APPLIED = True

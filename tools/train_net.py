@@ -1,5 +1,16 @@
 #!/usr/bin/env python
-"""Train / evaluate CPM with detectron2 (skeleton; the Trainer lands with the training issue)."""
+"""Train or evaluate CPM (and its baseline) with detectron2.
+
+    python tools/train_net.py --config-file configs/avss_r50.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/avss_r50.yaml --eval-only MODEL.WEIGHTS model.pth
+    python tools/train_net.py --config-file configs/avss_r50.yaml --resume
+    # a dataset in the AVSS layout, no Python needed:
+    python tools/train_net.py --config-file configs/avss_r50.yaml \\
+        --register-dataset my_train /data/my_avs train --register-dataset my_test /data/my_avs test \\
+        DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
+
+Without a GPU, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
+"""
 import os
 import sys
 
@@ -8,26 +19,75 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
 from cpm_d2 import add_cpm_config  # noqa: E402
 from cpm_d2.compat import launch  # noqa: E402
+from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
+from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
 
 
-def setup(args):
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "ROOT", "SPLIT"),
+        help="register a dataset in the AVSS layout (repeatable); same as DATASETS.AVS_REGISTER",
+    )
+    return parser
+
+
+def build_cfg(args):
+    """The merged, frozen config of these arguments (no side effects)."""
     cfg = get_cfg()
     add_cpm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if args.register_dataset:
+        cfg.DATASETS.AVS_REGISTER = [list(x) for x in cfg.DATASETS.AVS_REGISTER] + [
+            list(x) for x in args.register_dataset
+        ]
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """Config, dataset registration, logging and seeding, in every worker process."""
+    cfg = build_cfg(args)
+    register_avs_datasets_from_cfg(cfg)
     default_setup(cfg, args)
     return cfg
 
 
 def main(args):
-    setup(args)
-    raise NotImplementedError("training lands with the Training issue")
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    args = get_parser().parse_args()
+    print("Command Line Args:", args)
+    if not args.eval_only and args.machine_rank == 0:
+        # Before any worker starts: never write over an earlier run's checkpoints by accident.
+        check_output_dir(build_cfg(args).OUTPUT_DIR, args.resume)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,3 @@
+from .trainer import OutputDirNotEmpty, Trainer, build_optimizer, check_output_dir
+
+__all__ = ["Trainer", "build_optimizer", "check_output_dir", "OutputDirNotEmpty"]

@@ -1,0 +1,335 @@
+"""Training and tools end to end on a tiny generated dataset, through the real command lines.
+
+Every run goes through ``tools/train_net.py`` in a subprocess (as a user would run it), on a
+tiny synthetic dataset registered with ``--register-dataset``: no Python registration needed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cpm_d2  # noqa: F401
+from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_NET = str(REPO / "tools" / "train_net.py")
+TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
+TINY_CPM = str(REPO / "configs" / "synthetic" / "cpm_r18_tiny.yaml")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_avs") / "tiny"
+    generate_synthetic_avs(
+        root, seed=11, clips_per_split={"train": 4, "val": 2, "test": 2}, frames_per_clip=3, image_size=(48, 64)
+    )
+    return str(root)
+
+
+def _common(tiny_root, out, *extra, config=TINY):
+    return [
+        sys.executable,
+        TRAIN_NET,
+        "--config-file",
+        config,
+        "--register-dataset",
+        "tiny_train",
+        tiny_root,
+        "train",
+        "--register-dataset",
+        "tiny_val",
+        tiny_root,
+        "val",
+        *extra,
+        "DATASETS.TRAIN",
+        "('tiny_train',)",
+        "DATASETS.TEST",
+        "('tiny_val',)",
+        "INPUT.FIXED_SIZE",
+        "(48, 64)",
+        "INPUT.RANDOM_FLIP",
+        "none",
+        "INPUT.AUDIO.NOISE_SOURCE",
+        "none",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "0",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "SEED",
+        "7",
+        "OUTPUT_DIR",
+        str(out),
+    ]
+
+
+def _run(cmd, expect_ok=True, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    if expect_ok:
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.json").read_text().splitlines() if line.strip()]
+
+
+def _train_rows(out):
+    return [m for m in _metrics(out) if "total_loss" in m]
+
+
+def test_train_then_eval_only_prints_metrics(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    _run(_common(tiny_root, out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"))
+    assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").is_file()
+    rows = _train_rows(out)
+    assert rows and all(np.isfinite(r["total_loss"]) for r in rows)
+    assert any(k.startswith("loss_ce") for k in rows[-1]) and "lr" in rows[-1]
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written to OUTPUT_DIR"
+
+    proc = _run(_common(tiny_root, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")))
+    log = proc.stdout + proc.stderr
+    assert "copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench" in log
+    values = log.split("copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench")[1].splitlines()[1]
+    numbers = [float(x) for x in values.split("copypaste:")[1].split(",")]
+    assert all(0.0 <= x <= 100.0 for x in numbers)
+
+    # A fresh run must not silently write over that run's checkpoints.
+    proc = _run(_common(tiny_root, out, "SOLVER.MAX_ITER", "2"), expect_ok=False)
+    assert proc.returncode != 0
+    assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "model_final.pth").is_file()
+
+
+def test_seeded_cpu_runs_are_reproducible(tiny_root, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        _run(_common(tiny_root, out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100"))
+        losses.append([r["total_loss"] for r in _train_rows(out)])
+        weights = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+        losses[-1].append(float(sum(v.double().sum() for v in weights.values() if v.is_floating_point())))
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_matches_single_process(tiny_root, tmp_path):
+    """Same total batch (2): 2 gloo processes x 1 image vs 1 process x 2 images."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        _run(
+            _common(
+                tiny_root,
+                out,
+                "--num-gpus",
+                str(n),
+                "SOLVER.MAX_ITER",
+                "3",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "100",
+                "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+                "3072",  # all 12x16 mask points x oversampling: little sampling noise
+            )
+        )
+        results[n] = _train_rows(out)[-1]
+    for key in ("total_loss", "loss_ce", "loss_dice"):
+        a, b = results[1][key], results[2][key]
+        assert abs(a - b) <= 0.1 * abs(a) + 1e-3, (key, a, b)
+
+
+def test_resume_after_kill_continues_at_same_iteration_and_lr(tiny_root, tmp_path):
+    """Kill a run after its iteration-3 checkpoint, resume it, compare with an uninterrupted run."""
+    cfg_args = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.BASE_LR", "0.001"]
+    config = TINY_CPM if Path(TINY_CPM).is_file() else TINY
+    full = tmp_path / "full"
+    _run(_common(tiny_root, full, *cfg_args, config=config))
+
+    killed = tmp_path / "killed"
+    # The same command, but the process dies (os._exit, no cleanup) right after iteration 4.
+    killer = tmp_path / "kill_after_4.py"
+    killer.write_text(
+        "import os, runpy, sys\n"
+        "import cpm_d2  # applies the compat fixes before detectron2 is imported\n"
+        "from detectron2.engine import HookBase, TrainerBase\n"
+        "_register = TrainerBase.register_hooks\n"
+        "class Kill(HookBase):\n"
+        "    def after_step(self):\n"
+        "        if self.trainer.iter == 4:\n"
+        "            os._exit(17)\n"
+        "def register_hooks(self, hooks):\n"
+        "    _register(self, list(hooks) + [Kill()])\n"
+        "TrainerBase.register_hooks = register_hooks\n"
+        f"sys.argv = [{TRAIN_NET!r}] + sys.argv[1:]\n"
+        f"runpy.run_path({TRAIN_NET!r}, run_name='__main__')\n"
+    )
+    cmd = _common(tiny_root, killed, *cfg_args, config=config)
+    proc = _run([cmd[0], str(killer)] + cmd[2:], expect_ok=False)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert (killed / "last_checkpoint").read_text().strip() == "model_0000002.pth"
+    saved = torch.load(killed / "model_0000002.pth", map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 2
+
+    _run(_common(tiny_root, killed, "--resume", *cfg_args, config=config))
+    resumed_rows = _train_rows(killed)
+    full_rows = _train_rows(full)
+    # After resuming, the iterations logged continue at 3..5 with the same learning rates.
+    lr_full = {r["iteration"]: r["lr"] for r in full_rows}
+    lr_resumed = {r["iteration"]: r["lr"] for r in resumed_rows}
+    assert max(lr_resumed) == max(lr_full) == 5
+    assert lr_resumed[5] == pytest.approx(lr_full[5], rel=1e-9)
+    final = torch.load(killed / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 5
+    # Scheduler and optimizer state are checkpointed, so the resumed run continues them.
+    full_final = torch.load(full / "model_final.pth", map_location="cpu", weights_only=False)
+    sched = final["trainer"]["hooks"]["LRScheduler"]
+    assert sched["last_epoch"] == full_final["trainer"]["hooks"]["LRScheduler"]["last_epoch"]
+    assert saved["trainer"]["_trainer"]["optimizer"]["state"], "AdamW moments are in the checkpoint"
+    gmm_keys = [k for k in saved["model"] if "class_predictor" in k and ("bank" in k or "means" in k)]
+    if config == TINY_CPM:
+        assert gmm_keys, "the CPM checkpoint carries the GMM state"
+        # The GMM memory bank kept growing from the checkpointed one (not reset at resume).
+        count_key = next(k for k in saved["model"] if k.endswith("bank_count"))
+        assert final["model"][count_key].sum() >= saved["model"][count_key].sum()
+
+
+def test_nan_loss_names_the_term():
+    from cpm_d2.engine.trainer import AVSSimpleTrainer
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, data):
+            return {"loss_fine": self.w.sum(), "loss_acp": self.w.sum() * float("nan")}
+
+    model = Model()
+    trainer = AVSSimpleTrainer(model, iter([[{}]] * 3), torch.optim.SGD(model.parameters(), lr=0.1))
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as trainer.storage, pytest.raises(FloatingPointError, match=r"loss_acp=nan"):
+        trainer.iter = 0
+        trainer.run_step()
+
+
+def test_optimizer_groups_multiplier_and_no_decay():
+    from cpm_d2 import add_cpm_config
+    from cpm_d2.engine import build_optimizer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    add_cpm_config(cfg)
+    cfg.merge_from_file(TINY)
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.BACKBONE_MULTIPLIER = 1e-3, 0.05, 0.1
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    groups = {g["name"]: g for g in opt.param_groups}
+    backbone = [g for n, g in groups.items() if n.startswith("backbone.")]
+    audio = [g for n, g in groups.items() if n.startswith("audio_backbone.")]
+    head = [g for n, g in groups.items() if n.startswith("transformer_decoder.") and n.endswith("weight")]
+    assert backbone and audio and head
+    assert all(g["lr"] == pytest.approx(1e-4) for g in backbone + audio)
+    norms = [g for n, g in groups.items() if "norm" in n]
+    assert norms and all(g["weight_decay"] == 0.0 for g in norms)
+    embeds = [g for n, g in groups.items() if "query_feat" in n or "query_embed" in n]
+    assert embeds and all(g["weight_decay"] == 0.0 for g in embeds)
+    # full-model clipping: a huge gradient is scaled to CLIP_VALUE in total norm before the step
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
+    assert float(total) == pytest.approx(cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE, rel=1e-4)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def _make_video_with_audio(path, frames=6, fps=3, size=(48, 64), sr=16000):
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        v = container.add_stream("mpeg4", rate=fps)
+        v.width, v.height, v.pix_fmt = size[1], size[0], "yuv420p"
+        a = container.add_stream("aac", rate=sr)
+        a.layout = "mono"
+        for i in range(frames):
+            img = np.full((size[0], size[1], 3), 90, np.uint8)
+            img[10:30, 5 + 5 * i : 25 + 5 * i] = (220, 40, 40)
+            for packet in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in v.encode():
+            container.mux(packet)
+        t = np.arange(int(sr * frames / fps)) / sr
+        wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for start in range(0, len(wave), 1024):
+            chunk = wave[start : start + 1024]
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
+            frame.sample_rate = sr
+            for packet in a.encode(frame):
+                container.mux(packet)
+        for packet in a.encode():
+            container.mux(packet)
+
+
+def test_video_demo_writes_playable_mp4_with_all_frames(tiny_root, tmp_path):
+    import av
+
+    run = tmp_path / "run"
+    _run(_common(tiny_root, run, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100"))
+    video = tmp_path / "clip.mp4"
+    _make_video_with_audio(video, frames=6)
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "demo.py"),
+        "--config-file",
+        TINY,
+        "--weights",
+        str(run / "model_final.pth"),
+        "--video",
+        str(video),
+        "--output",
+        str(out),
+        "--dataset",
+        "synthetic_avs_test",
+        "--save-frames",
+        "INPUT.FIXED_SIZE",
+        "(48, 64)",
+    ]
+    _run(cmd)
+    with av.open(str(out / "overlay.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 6
+    assert len(list(out.glob("frame_*.png"))) == 6
+    assert decoded[0].shape[1] > 2 * 64  # frame | prediction side by side
+
+
+def test_video_without_audio_track_is_a_clear_error(tmp_path):
+    import av
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+
+    path = tmp_path / "silent.mp4"
+    with av.open(str(path), mode="w") as container:
+        v = container.add_stream("mpeg4", rate=2)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        for packet in v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in v.encode():
+            container.mux(packet)
+    with pytest.raises(ValueError, match="no audio track"):
+        demo.decode_audio(str(path), 16000)
