@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -340,3 +341,33 @@ def test_generic_loader_errors_on_labelled_frame_without_image(tmp_path, names):
     os.remove(os.path.join(root, "synthetic", "train_0000", "audio.wav"))
     with pytest.raises(FileNotFoundError, match=r"train_0000.audio\.wav"):
         DatasetCatalog.get(name)
+
+
+def test_builtin_root_resolved_at_load_time(tmp_path, monkeypatch):
+    """DETECTRON2_DATASETS set AFTER `import cpm_d2` (registration) is honoured when loading."""
+    name = "synthetic_avs_train"
+    assert name in DatasetCatalog.list()  # registered at import, before the variable is set
+    saved = MetadataCatalog.get(name).as_dict()
+    generate_synthetic_avs(
+        tmp_path / "synthetic_avs", seed=5, num_classes=3, clips_per_split={"train": 1}, frames_per_clip=2
+    )
+    try:
+        monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+        dicts = DatasetCatalog.get(name)
+        expected_root = os.path.abspath(str(tmp_path / "synthetic_avs"))
+        assert len(dicts) == 2
+        assert all(d["file_name"].startswith(expected_root + os.sep) for d in dicts)
+        meta = MetadataCatalog.get(name)
+        assert meta.root == expected_root
+        assert meta.stuff_classes == read_label2idx(os.path.join(expected_root, "label2idx.json"))
+        assert len(meta.stuff_classes) == 4  # from the loaded folder (3 object classes), not the default 5
+        assert meta.ignore_label == 255 and meta.evaluator_type == "avs" and meta.audio_channels == 1
+        # unset: "datasets" relative to the current directory, also read at load time
+        monkeypatch.delenv("DETECTRON2_DATASETS")
+        monkeypatch.chdir(tmp_path / "synthetic_avs")
+        cwd_default = os.path.join(str(tmp_path), "synthetic_avs", "datasets", "synthetic_avs")
+        with pytest.raises(FileNotFoundError, match=re.escape(cwd_default)):
+            DatasetCatalog.get(name)
+    finally:
+        MetadataCatalog.remove(name)
+        MetadataCatalog.get(name).set(**{k: v for k, v in saved.items() if k != "name"})

@@ -254,3 +254,75 @@ def test_window_length_must_match_config(tmp_path):
         mapper(d)
     out = _mapper([], window_seconds=3.0)(dict(d, audio_duration=3.0))  # 1-s wav tiled to 3 s
     assert out["audio"].shape == (1, 1 + 3 * SR // 160, 257)
+
+
+def test_mute_replaces_window_by_silence_before_features(tmp_path):
+    a = _clip(tmp_path, "a", _label(cls=1), [_tone(500.0, 1.0)])
+    c = _clip(tmp_path, "c", _label(cls=2), [_tone(2000.0, 1.0)])
+    fe = AudioFrontEnd()
+    muted = _mapper([], noise_source="dataset", noise_pool=[a, c], mute=True)(a)
+    assert muted["audio_mag"].shape == (1, 101, 257)
+    assert torch.count_nonzero(muted["audio_mag"]) == 0
+    assert torch.allclose(muted["audio"], torch.full_like(muted["audio"], float(np.log(1e-6))))
+    # the off-screen noise (training only) is untouched: clip c's 2000 Hz window
+    assert muted["noise_clip_id"] == "c"
+    assert torch.allclose(muted["noise_mag"], fe(c["audio_file_name"], 0.0, 1.0)[1])
+    assert int(muted["noise_mag"][0].mean(0).argmax()) == 64  # 2000 Hz / 31.25 Hz per bin
+    # from the config, with its LOG_OFFSET, at test time
+    cfg = get_cfg()
+    cpm_d2.add_cpm_config(cfg)
+    cfg.INPUT.AUDIO.MUTE = True
+    cfg.INPUT.AUDIO.LOG_OFFSET = 1e-3
+    cfg.INPUT.AUDIO.FEATURE = "log_mel"
+    cfg.INPUT.MIN_SIZE_TEST = 0
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    out = AVSDatasetMapper(cfg, is_train=False)(a)
+    assert out["audio"].shape == (1, 1 + SR // round(SR / 96), 64)
+    assert torch.count_nonzero(out["audio_mag"]) == 0
+    assert torch.allclose(out["audio"], torch.full_like(out["audio"], float(np.log(1e-3))))
+    cfg.INPUT.AUDIO.MUTE = False
+    unmuted = AVSDatasetMapper(cfg, is_train=False)(a)
+    assert float(unmuted["audio_mag"].max()) > 1.0  # the same window is loud when not muted
+
+
+def test_train_loader_with_two_workers(tmp_path):
+    import os
+
+    from detectron2.data import build_detection_train_loader
+
+    root = generate_synthetic_avs(
+        tmp_path / "syn", seed=11, clips_per_split={"train": 3}, frames_per_clip=2, image_size=(32, 40)
+    )
+    name = f"test_loader_{uuid.uuid4().hex[:6]}"
+    register_avs_dataset(name, root, split="train")
+    it = None
+    try:
+        cfg = get_cfg()
+        cpm_d2.add_cpm_config(cfg)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cfg.merge_from_file(os.path.join(repo, "configs", "synthetic", "Base-Synthetic.yaml"))
+        cfg.DATASETS.TRAIN = (name,)
+        cfg.INPUT.FIXED_SIZE = (24, 32)
+        cfg.DATALOADER.NUM_WORKERS = 2
+        cfg.SOLVER.IMS_PER_BATCH = 2
+        cfg.INPUT.AUDIO.NOISE_SOURCE = "dataset"
+        loader = build_detection_train_loader(cfg, mapper=AVSDatasetMapper(cfg, is_train=True))
+        torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
+        assert isinstance(torch_loader, torch.utils.data.DataLoader) and torch_loader.num_workers == 2
+        it = iter(loader)
+        batches = [next(it), next(it)]
+        t_bins = 1 + SR // round(SR / 96)  # log_mel, 96 frames per second
+        for batch in batches:
+            assert len(batch) == 2
+            for item in batch:
+                assert item["image"].shape == (3, 24, 32) and item["image"].dtype == torch.uint8
+                assert item["sem_seg"].shape == (24, 32)
+                assert item["audio"].shape == item["audio_mag"].shape == item["noise_mag"].shape == (1, t_bins, 64)
+                assert item["audio_labels"].shape == (5,)
+                assert item["noise_clip_id"] != item["clip_id"]
+                assert not torch.allclose(item["noise_mag"], item["audio_mag"])
+                assert torch.allclose(item["audio"], torch.log(item["audio_mag"] + 1e-6))
+    finally:
+        del it  # shuts the workers down
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

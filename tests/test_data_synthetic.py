@@ -149,3 +149,49 @@ def test_ensure_generates_once_and_never_overwrites(tmp_path):
         ensure_synthetic_avs(root, **kw)
     with pytest.raises(FileExistsError):
         generate_synthetic_avs(root, **kw)
+
+
+def test_audio_alone_decides_labels_and_shuffling_it_breaks_them(mono_root):
+    """Each frame's own audio window predicts its labelled set; another frame's audio does not;
+    the image alone cannot (the same visible objects come with different labelled sets)."""
+    from cpm_d2.data.audio import AudioFrontEnd
+
+    table = _info(mono_root)["classes"]
+    dicts = [d for split in ("train", "val", "test") for d in load_avs_layout(mono_root, split)]
+    assert len(dicts) == 12 * 5
+    fe = AudioFrontEnd()  # the windows the mapper reads: [audio_start, audio_start + audio_duration)
+
+    def sounding_from_audio(d):
+        w = fe.load_window(d["audio_file_name"], d["audio_start"], d["audio_duration"]).numpy()[0]
+        spec = np.abs(np.fft.rfft(w * np.hanning(len(w))))
+        freqs = np.fft.rfftfreq(len(w), 1.0 / 16000)
+        floor = np.median(spec)  # noise floor: a few tones occupy a handful of bins only
+        return frozenset(
+            c for c, cls in enumerate(table, start=1) if spec[np.abs(freqs - cls["f0"]) <= 8.0].max() > 50 * floor
+        )
+
+    def visible_from_image(d):
+        img = np.asarray(Image.open(d["file_name"])).astype(np.int64)
+        return frozenset(
+            c for c, cls in enumerate(table, start=1)
+            if (np.abs(img - np.asarray(cls["rgb"])).sum(-1) < 60).sum() >= 30
+        )
+
+    labelled = [frozenset(np.unique(np.asarray(Image.open(d["sem_seg_file_name"]))).tolist()) - {0} for d in dicts]
+    predicted = [sounding_from_audio(d) for d in dicts]
+    visible = [visible_from_image(d) for d in dicts]
+    assert predicted == labelled  # own audio: exact for every frame
+
+    # pair frame j with the audio of frame perm[j] (a fixed derangement: another clip's frame)
+    perm = np.roll(np.arange(len(dicts)), 7)
+    disagree = np.mean([predicted[perm[j]] != labelled[j] for j in range(len(dicts))])
+    assert disagree > 0.5, disagree
+
+    # images unchanged: the visible set never tells the labelled set
+    assert all(lab <= vis for lab, vis in zip(labelled, visible))
+    assert np.mean([lab < vis for lab, vis in zip(labelled, visible)]) > 0.5  # strictly more visible
+    by_visible = {}
+    for vis, lab in zip(visible, labelled):
+        by_visible.setdefault(vis, set()).add(lab)
+    ambiguous = [v for v, labs in by_visible.items() if len(labs) > 1]
+    assert len(ambiguous) >= 3  # identical visible sets, different labelled sets

@@ -18,6 +18,9 @@ import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
+# Builtin datasets resolve their root from this variable when loaded; default to the repo's
+# datasets/ so the demo works from any working directory.
+os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
 
 import cpm_d2  # noqa: E402,F401
 from cpm_d2 import add_cpm_config  # noqa: E402
@@ -63,7 +66,7 @@ def main(argv=None):
     cfg.freeze()
 
     t0 = time.time()
-    root = os.path.join(os.environ.get("DETECTRON2_DATASETS", os.path.join(REPO, "datasets")), "synthetic_avs")
+    root = os.path.join(os.environ["DETECTRON2_DATASETS"], "synthetic_avs")
     ensure_synthetic_avs(root)
     print(f"[demo] synthetic dataset ready at {root} ({time.time() - t0:.1f}s)")
 

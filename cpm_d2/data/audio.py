@@ -12,7 +12,9 @@ Pipeline (all vectorised, no per-sample Python loops):
 4. slice the window ``[start, start + duration)`` (sample ``round(start * sr)`` on); a window
    that runs past the end is padded by *repeating the available part of the window* (tiling),
    the AVSBench/CAVP convention; a window that starts after the end is moved back to the
-   clip's last ``duration`` seconds;
+   clip's last ``duration`` seconds. A clip shorter than its frames' windows need (e.g. a
+   4.2 s wav for a 5-frame AVSBench clip) logs one warning per file and process, naming the
+   file, its length and the length the window needs;
 5. magnitude on a fixed time-frequency grid, oriented ``Ca x T x F``:
 
    * ``"log_stft"``: ``|STFT|`` (``torchaudio.transforms.Spectrogram``, ``power=1``, Hann
@@ -67,6 +69,24 @@ def _to_channels(wave, channels, path):
             return wave.expand(2, -1).clone()
         return wave[:2].clone()
     raise ValueError(f"audio channels must be 1 or 2, got {channels} (file {path})")
+
+
+_WARNED_SHORT = set()  # files already reported as shorter than their windows (once per process)
+_SHORT_TOLERANCE_SECONDS = 0.01  # shortfalls up to this (rounding, resampling) are not reported
+
+
+def _warn_short_once(path, clip_seconds, start, duration):
+    key = os.path.abspath(path)
+    if key in _WARNED_SHORT:
+        return
+    if len(_WARNED_SHORT) > 100_000:
+        _WARNED_SHORT.clear()
+    _WARNED_SHORT.add(key)
+    logger.warning(
+        f"audio file {path} lasts {clip_seconds:.3f} s, shorter than the {start + duration:.3f} s its frame "
+        f"window [{start:.3f}, {start + duration:.3f}) s needs: windows past the end are padded by repeating "
+        "the audio (warned once per file)"
+    )
 
 
 def slice_window(wave, start_sample, num_samples):
@@ -135,7 +155,10 @@ class AudioConfig:
 class AudioFrontEnd:
     """Callable ``(path, start, duration) -> (features, magnitude)``, both float32 ``Ca x T x F``.
 
-    One instance per data-loader worker (the mapper owns it); the clip cache is per process.
+    ``Ca = config.channels``: 1 averages the file's channels; 2 keeps a stereo file, and a *mono*
+    file is duplicated into two identical channels (no error: e.g. mono noise for a stereo
+    model). One instance per data-loader worker (the mapper owns it); the clip cache is per
+    process.
     """
 
     def __init__(self, config=None, **kwargs):
@@ -186,9 +209,17 @@ class AudioFrontEnd:
         return wave
 
     def load_window(self, path, start, duration):
-        """``channels x round(duration * sr)`` waveform of ``[start, start + duration)`` seconds."""
+        """``channels x round(duration * sr)`` waveform of ``[start, start + duration)`` seconds.
+
+        Past the end of the clip the window is padded by repetition (module docstring, step 4);
+        the first such window of a file logs a warning.
+        """
         sr = self.config.sample_rate
-        return slice_window(self.load_clip(path), int(round(start * sr)), int(round(duration * sr)))
+        wave = self.load_clip(path)
+        start_sample, num_samples = int(round(start * sr)), int(round(duration * sr))
+        if start_sample + num_samples > wave.shape[-1] + _SHORT_TOLERANCE_SECONDS * sr:
+            _warn_short_once(path, wave.shape[-1] / sr, float(start), float(duration))
+        return slice_window(wave, start_sample, num_samples)
 
     # ------------------------------------------------------------------ features
     def magnitude(self, wave):
@@ -201,6 +232,10 @@ class AudioFrontEnd:
         """features = log(magnitude + log_offset)."""
         return torch.log(magnitude + self.config.log_offset)
 
-    def __call__(self, path, start, duration):
-        mag = self.magnitude(self.load_window(path, start, duration))
+    def features(self, wave):
+        """``C x N`` waveform -> (log features, linear magnitude), both ``C x T x F``."""
+        mag = self.magnitude(wave)
         return self.log(mag), mag
+
+    def __call__(self, path, start, duration):
+        return self.features(self.load_window(path, start, duration))

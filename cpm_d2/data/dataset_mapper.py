@@ -18,6 +18,10 @@ Output (the contract in the project's data brief): every key of the dataset dict
 * ``audio_labels``: float32 ``(C,)`` multi-hot of the non-background classes present in the
   (augmented) ``sem_seg``; index 0 is always 0.
 
+``INPUT.AUDIO.MUTE`` (ablation): the frame's audio window is replaced by silence (zeros) before
+the features, so ``audio_mag`` is 0 and ``audio`` is ``log(INPUT.AUDIO.LOG_OFFSET)`` everywhere
+(the wav is still read, so a bad file still raises); ``noise_mag`` is unaffected.
+
 Train geometry (``INPUT.TRAIN_RESIZE_MODE``): ``"resize_crop"`` (ResizeShortestEdge +
 RandomCrop when ``INPUT.CROP.ENABLED``), ``"random_resized_crop"`` (random area in
 ``INPUT.RRC_SCALE``, aspect in [3/4, 4/3], resized to ``INPUT.CROP.SIZE``, which must then be an
@@ -159,6 +163,7 @@ class AVSDatasetMapper:
         noise_dir="",
         noise_retries=8,
         window_seconds=None,
+        mute=False,
     ):
         """
         Args:
@@ -174,6 +179,7 @@ class AVSDatasetMapper:
             noise_retries: candidate clips examined to find one with no shared class.
             window_seconds: if set (``INPUT.AUDIO.WINDOW_SECONDS``), every dict's
                 ``audio_duration`` must equal it (all items of a batch share one audio shape).
+            mute: replace the frame's audio window by silence (``INPUT.AUDIO.MUTE``).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -186,6 +192,7 @@ class AVSDatasetMapper:
         self.noise_source = noise_source if is_train else "none"
         self.noise_retries = max(1, int(noise_retries))
         self.window_seconds = None if window_seconds is None else float(window_seconds)
+        self.mute = bool(mute)
         self._noise_pool = None
         self._noise_files = None
         if self.noise_source == "dataset":
@@ -201,6 +208,8 @@ class AVSDatasetMapper:
             self._noise_files = _list_wavs(noise_dir)
         self._rng, self._rng_seed = None, None
         logger.info(f"[AVSDatasetMapper] is_train={is_train}, augmentations: {self.augmentations}")
+        if self.mute:
+            logger.warning("[AVSDatasetMapper] INPUT.AUDIO.MUTE: every audio window is replaced by silence")
 
     @classmethod
     def from_config(cls, cfg, is_train=True, noise_pool=None):
@@ -220,6 +229,7 @@ class AVSDatasetMapper:
             "noise_pool": noise_pool,
             "noise_dir": cfg.INPUT.AUDIO.NOISE_DIR,
             "window_seconds": cfg.INPUT.AUDIO.WINDOW_SECONDS,
+            "mute": cfg.INPUT.AUDIO.MUTE,
         }
 
     # ------------------------------------------------------------------ randomness
@@ -314,7 +324,10 @@ class AVSDatasetMapper:
                 f"clip {d.get('clip_id')} ({d['audio_file_name']}) has audio_duration {duration} s but "
                 f"INPUT.AUDIO.WINDOW_SECONDS is {self.window_seconds} s (VPO uses 3.0, AVSBench 1.0)"
             )
-        features, magnitude = self.front_end(d["audio_file_name"], float(d["audio_start"]), duration)
+        wave = self.front_end.load_window(d["audio_file_name"], float(d["audio_start"]), duration)
+        if self.mute:
+            wave = torch.zeros_like(wave)
+        features, magnitude = self.front_end.features(wave)
         if flipped and features.shape[0] == 2:
             features, magnitude = features.flip(0), magnitude.flip(0)
         d["audio"], d["audio_mag"] = features, magnitude

@@ -38,6 +38,7 @@ __all__ = [
 
 OBJECT_CLASSES = ["background", "sounding object"]
 CLIP_SECONDS = 5.0
+SPLITS = ("train", "val", "test")
 NUM_FRAMES = 5
 
 
@@ -55,13 +56,23 @@ def _read_rows(csv_path, kind):
     name_col = next((header.index(c) for c in ("name", "video_id", "uid", "vid") if c in header), 0)
     cat_col = header.index("category") if "category" in header else None
     split_col = header.index("split")
-    out = []
-    for r in rows[1:]:
-        if not r:
-            continue
-        out.append((r[name_col].strip(), r[cat_col].strip() if cat_col is not None else "", r[split_col].strip()))
     if kind == "S4" and cat_col is None:
         raise ValueError(f"{csv_path}: S4 metadata needs a 'category' column, header {header}")
+    out = []
+    for line, r in enumerate(rows[1:], start=2):
+        if not r:
+            continue
+        if len(r) <= max(name_col, split_col, cat_col or 0):
+            raise ValueError(f"{csv_path}: line {line} has {len(r)} field(s), the header {len(header)}")
+        name, split = r[name_col].strip(), r[split_col].strip()
+        cat = r[cat_col].strip() if cat_col is not None else ""
+        if not name or (kind == "S4" and not cat):
+            raise ValueError(f"{csv_path}: line {line} has an empty name/category: {r}")
+        if split not in SPLITS:
+            raise ValueError(
+                f"{csv_path}: line {line} (name {name!r}) has split {split!r}; expected one of {list(SPLITS)}"
+            )
+        out.append((name, cat, split))
     return out
 
 

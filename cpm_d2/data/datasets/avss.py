@@ -33,6 +33,7 @@ __all__ = [
     "color_mask_to_index",
     "convert_avss_color_labels",
     "read_metadata_csv",
+    "check_metadata_rows",
     "read_label_map",
     "label_classes",
     "image_size",
@@ -133,7 +134,10 @@ def convert_avss_color_labels(root, *, overwrite=False, num_classes=None):
         num_classes = len(read_label2idx(os.path.join(root, "label2idx.json")))
     palette = avss_palette(num_classes)
     written = 0
-    for row in read_metadata_csv(os.path.join(root, "metadata.csv")):
+    csv_path = os.path.join(root, "metadata.csv")
+    rows = read_metadata_csv(csv_path)
+    check_metadata_rows(csv_path, rows)
+    for row in rows:
         clip = os.path.join(root, row["label"], row["uid"])
         src_dir = os.path.join(clip, "labels_rgb")
         if not os.path.isdir(src_dir):
@@ -165,6 +169,29 @@ def read_metadata_csv(path, required=("uid", "label", "split")):
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
         return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+
+
+def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=None):
+    """Validate ``metadata.csv`` rows; errors name the file, the line, the uid and the bad value.
+
+    Every row needs a non-empty ``uid``, ``split`` and ``label``; with ``allowed_splits`` /
+    ``allowed_subsets`` the values must be among them; a (label, uid) pair may appear once.
+    """
+    seen = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        uid = row.get("uid") or ""
+        where = f"{csv_path}: line {line} (uid {uid!r})"
+        for column in ("uid", "split", "label"):
+            if not row.get(column):
+                raise ValueError(f"{where} has an empty {column!r} value")
+        if allowed_splits is not None and row["split"] not in allowed_splits:
+            raise ValueError(f"{where} has split {row['split']!r}; expected one of {list(allowed_splits)}")
+        if allowed_subsets is not None and row["label"] not in allowed_subsets:
+            raise ValueError(f"{where} has label {row['label']!r}; expected one of {list(allowed_subsets)}")
+        key = (row["label"], uid)
+        if key in seen:
+            raise ValueError(f"{where} repeats label {row['label']!r} / uid {uid!r} of line {seen[key]}")
+        seen[key] = line
 
 
 def read_label_map(path):
@@ -243,6 +270,8 @@ def load_avs_layout(
     clip_duration=None,
     multi_source=None,
     source_filter=None,
+    allowed_splits=None,
+    allowed_subsets=None,
 ):
     """Dataset dicts of one split of a dataset in the AVSS layout (same list, same order, always).
 
@@ -257,20 +286,41 @@ def load_avs_layout(
         multi_source: add the ``multi_source`` key (True if the clip's labelled frames hold more
             than one non-background class); reads every label map of the split (cached).
         source_filter: None, "single" (exactly one class in the clip) or "multi" (more than one).
+        allowed_splits / allowed_subsets: if given, every row's ``split`` / ``label`` must be
+            one of them (official layouts); None accepts any non-empty value.
     Returns:
         list of dicts, one per labelled frame, in metadata.csv order then frame order.
+    Raises:
+        ValueError naming metadata.csv, the row's line and uid: an empty uid/split/label, a
+        value outside ``allowed_*``, a repeated (label, uid), a ``label`` folder that does not
+        exist (rows of the requested split), or a requested ``split`` that no row has.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    rows = read_metadata_csv(os.path.join(root, "metadata.csv"))
+    csv_path = os.path.join(root, "metadata.csv")
+    rows = read_metadata_csv(csv_path)
+    check_metadata_rows(csv_path, rows, allowed_splits, allowed_subsets)
+    if not any(row["split"] == split for row in rows):
+        present = sorted({row["split"] for row in rows})
+        raise ValueError(f"{csv_path}: no row has split {split!r}; the splits present are {present}")
     subsets = None if subsets is None else set(subsets)
     need_sources = bool(multi_source) or source_filter is not None
+    subset_dirs = {}
     dicts = []
-    for row in rows:
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
         if row["split"] != split or (subsets is not None and row["label"] not in subsets):
             continue
         subset, uid = row["label"], row["uid"]
+        if subset not in subset_dirs:
+            subset_dirs[subset] = os.path.isdir(os.path.join(root, subset))
+        if not subset_dirs[subset]:
+            raise ValueError(
+                f"{csv_path}: line {line} (uid {uid!r}) has label {subset!r}, but the folder "
+                f"{os.path.join(root, subset)} does not exist"
+            )
         clip = os.path.join(root, subset, uid)
+        if not os.path.isdir(clip):
+            raise FileNotFoundError(f"clip folder not found: {clip} (listed in {csv_path}, line {line})")
         frame_dir, label_dir = os.path.join(clip, "frames"), os.path.join(clip, "labels_semantic")
         if not os.path.isdir(frame_dir):
             raise FileNotFoundError(f"frames folder not found: {frame_dir}")
@@ -407,6 +457,7 @@ def register_avs_dataset(
 
 # ---------------------------------------------------------------------------------- AVSS builtin
 AVSS_SUBSETS = ("v1s", "v1m", "v2")
+AVSS_SPLITS = ("train", "val", "test")
 _AVSS_DURATION = {"v1s": 5.0, "v1m": 5.0, "v2": 10.0}
 
 
@@ -446,6 +497,8 @@ def load_avss(root, split, subsets=None, source_filter=None):
         clip_duration=_avss_duration,
         multi_source=split != "train",
         source_filter=source_filter,
+        allowed_splits=AVSS_SPLITS,
+        allowed_subsets=AVSS_SUBSETS,
     )
 
 

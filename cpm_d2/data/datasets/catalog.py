@@ -1,8 +1,12 @@
 """Built-in AVS datasets (lazy) and registration from the config.
 
 Every builtin is registered whether or not its folder exists; loading a missing one raises
-FileNotFoundError naming the path. Root: ``$DETECTRON2_DATASETS`` (default ``datasets``),
-read when :func:`register_all_avs_datasets` runs.
+FileNotFoundError naming the path. Root: ``$DETECTRON2_DATASETS`` (default ``datasets``,
+relative to the current directory: the detectron2 convention), read when a dataset is *loaded*
+(``DatasetCatalog.get``), not when it is registered: setting the variable after
+``import cpm_d2`` works. Loading also brings the dataset's metadata up to date: ``root`` (the
+absolute folder loaded) and, where the folder has a ``label2idx.json``, ``stuff_classes``
+(at registration they come from the root of that time, or the built-in defaults).
 
 =================================  ==========================================  =========
 names                              folder under the root                       classes
@@ -61,43 +65,73 @@ def load_synthetic_avs(root, split, stereo=False):
     return load_avs_layout(root, split, audio_window=1.0, multi_source=split != "train")
 
 
-def _builtin_specs(root):
-    """(name, loader, metadata) for every builtin dataset."""
-    specs = []
-    avss_root = os.path.join(root, "AVSBench-semantic")
-    avss_meta = dict(stuff_classes=avss_class_names(avss_root), audio_channels=1, is_binary=False, root=avss_root)
-    for split in SPLITS:
-        specs.append((f"avss_{split}", partial(load_avss, avss_root, split), avss_meta))
-        for subset in AVSS_SUBSETS:
-            specs.append((f"avss_{subset}_{split}", partial(load_avss, avss_root, split, [subset]), avss_meta))
-    specs.append(("avss_ss_test", partial(load_avss, avss_root, "test", None, "single"), avss_meta))
-    specs.append(("avss_ms_test", partial(load_avss, avss_root, "test", None, "multi"), avss_meta))
+def _sync_metadata(name, root, classes_from_file):
+    """Set ``root`` (and ``stuff_classes`` from ``root/label2idx.json``) of ``name`` if they changed."""
+    from detectron2.data import MetadataCatalog
 
-    s4_root = os.path.join(root, "AVSBench-object", "Single-source")
-    ms3_root = os.path.join(root, "AVSBench-object", "Multi-sources")
+    fields = MetadataCatalog.get(name).as_dict()
+    update = {}
+    if fields.get("root") != root:
+        update["root"] = root
+    label_file = os.path.join(root, "label2idx.json")
+    if classes_from_file and os.path.isfile(label_file):
+        names = read_label2idx(label_file)  # a bad file raises here, naming it
+        if list(fields.get("stuff_classes", [])) != names:
+            update["stuff_classes"] = names
+    if update:
+        logger.info(f"dataset {name!r}: metadata {sorted(update)} updated from {root}")
+        fields.update(update)
+        fields.pop("name", None)
+        MetadataCatalog.remove(name)  # detectron2 metadata fields cannot be re-set in place
+        MetadataCatalog.get(name).set(**fields)
+
+
+def _load_builtin(name, folder, classes_from_file, load, *args):
+    """Lazy loader of a builtin: resolves ``<datasets_root()>/<folder>`` now, at load time."""
+    root = os.path.abspath(os.path.join(datasets_root(), folder))
+    _sync_metadata(name, root, classes_from_file)
+    return load(root, *args)
+
+
+def _builtin_specs(root):
+    """(name, loader, metadata) for every builtin dataset; ``root`` only sets the initial metadata."""
+    specs = []
+
+    def add(name, folder, classes_from_file, load, args, meta):
+        loader = partial(_load_builtin, name, folder, classes_from_file, load, *args)
+        specs.append((name, loader, dict(meta, root=os.path.abspath(os.path.join(root, folder)))))
+
+    avss = "AVSBench-semantic"
+    avss_meta = dict(stuff_classes=avss_class_names(os.path.join(root, avss)), audio_channels=1, is_binary=False)
+    for split in SPLITS:
+        add(f"avss_{split}", avss, True, load_avss, (split,), avss_meta)
+        for subset in AVSS_SUBSETS:
+            add(f"avss_{subset}_{split}", avss, True, load_avss, (split, [subset]), avss_meta)
+    add("avss_ss_test", avss, True, load_avss, ("test", None, "single"), avss_meta)
+    add("avss_ms_test", avss, True, load_avss, ("test", None, "multi"), avss_meta)
+
+    s4, ms3 = os.path.join("AVSBench-object", "Single-source"), os.path.join("AVSBench-object", "Multi-sources")
     for split in SPLITS:
         meta = dict(stuff_classes=list(OBJECT_CLASSES), audio_channels=1, is_binary=True)
-        specs.append((f"avsbench_s4_{split}", partial(load_avsbench_s4, s4_root, split), dict(meta, root=s4_root)))
-        specs.append((f"avsbench_ms3_{split}", partial(load_avsbench_ms3, ms3_root, split), dict(meta, root=ms3_root)))
+        add(f"avsbench_s4_{split}", s4, False, load_avsbench_s4, (split,), meta)
+        add(f"avsbench_ms3_{split}", ms3, False, load_avsbench_ms3, (split,), meta)
 
-    vpo_root = os.path.join(root, "VPO")
     for setup in VPO_SETUPS:
         for split in ("train", "test"):
-            meta = dict(stuff_classes=list(VPO_CLASSES), audio_channels=2, is_binary=False, root=vpo_root)
-            specs.append((f"vpo_{setup}_{split}", partial(load_vpo, vpo_root, setup, split), meta))
+            meta = dict(stuff_classes=list(VPO_CLASSES), audio_channels=2, is_binary=False)
+            add(f"vpo_{setup}_{split}", "VPO", False, load_vpo, (setup, split), meta)
 
     for stereo, folder in ((False, "synthetic_avs"), (True, "synthetic_avs_stereo")):
-        syn_root = os.path.join(root, folder)
-        label_file = os.path.join(syn_root, "label2idx.json")
+        label_file = os.path.join(root, folder, "label2idx.json")
         names = synthetic_class_names()
         if os.path.isfile(label_file):
             try:
                 names = read_label2idx(label_file)
             except (OSError, ValueError) as e:  # never break `import cpm_d2` over a bad file
                 logger.warning(f"{e}; using the default synthetic class names")
-        meta = dict(stuff_classes=names, audio_channels=2 if stereo else 1, is_binary=False, root=syn_root)
+        meta = dict(stuff_classes=names, audio_channels=2 if stereo else 1, is_binary=False)
         for split in SPLITS:
-            specs.append((f"{folder}_{split}", partial(load_synthetic_avs, syn_root, split, stereo), meta))
+            add(f"{folder}_{split}", folder, True, load_synthetic_avs, (split, stereo), meta)
     return specs
 
 

@@ -67,9 +67,18 @@ def _read_samples(root, setup):
             raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
         samples = OrderedDict()
         for row in reader:
-            split = row["split"].strip()
+            split = (row["split"] or "").strip()
+            if split not in ("train", "val", "test"):
+                raise ValueError(
+                    f"{path}: line {reader.line_num} (img_Id {row['img_Id']!r}) has split {split!r}; "
+                    "expected train | val | test"
+                )
+            try:
+                img_id = int(float(row["img_Id"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: line {reader.line_num} has img_Id {row['img_Id']!r}, not a number") from None
             split = "test" if split == "val" else split
-            samples.setdefault((split, int(float(row["img_Id"]))), []).append(row)
+            samples.setdefault((split, img_id), []).append(row)
     return samples
 
 
