@@ -14,6 +14,10 @@ The pieces are separate methods so the class-conditional path (CPM, part 2) can 
     class_agnostic_losses(outputs, targets) -> (weighted losses, final-layer indices)
     observe_assignments(outputs, targets, indices) -> class predictor observe/step, last_assignments
     semantic_inference(mask_cls (Q, C+1), mask_pred (Q, H, W)) -> (C, H, W)
+
+With MODEL.CPM.ENABLED, training adds the class-conditional prompting losses (ACP / VCP / PCL,
+paper §3.2) computed by ``prompting.ClassConditionalPrompting`` on the same visual features;
+inference is the class-agnostic path either way.
 """
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -32,6 +36,7 @@ from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
+from .prompting import ClassConditionalPrompting
 
 __all__ = ["CPM"]
 
@@ -48,7 +53,9 @@ class CPM(nn.Module):
 
     Training input: list of mapper dicts (contract in CONTRACTS.md: image, audio, instances, sem_seg
     ...). Returns weighted scalar losses "loss_ce", "loss_mask", "loss_dice" and "<name>_<i>" for
-    the auxiliary layers. Inference returns [{"sem_seg": (C, height, width), "audio_class_probs": (C,)}].
+    the auxiliary layers, plus the CPM losses ("loss_acp", "loss_vcp_*", "loss_pcl") when
+    ``prompting`` is set (MODEL.CPM.ENABLED). Inference returns
+    [{"sem_seg": (C, height, width), "audio_class_probs": (C,)}].
     """
 
     @configurable
@@ -71,6 +78,7 @@ class CPM(nn.Module):
         audio_channels: int = 1,
         audio_log_offset: float = 1e-6,
         deep_supervision: bool = True,
+        prompting: Optional[ClassConditionalPrompting] = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -87,6 +95,10 @@ class CPM(nn.Module):
         self.audio_channels = audio_channels
         self.audio_log_offset = audio_log_offset  # log(mag + offset): for re-encoding mixed magnitudes
         self.deep_supervision = deep_supervision
+        # CPM workflow (training only; no parameters or buffers of its own), None = baseline.
+        self.prompting = prompting
+        if prompting is not None:
+            prompting.check_class_predictor(self.class_predictor)
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("cpm.py: MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -145,6 +157,7 @@ class CPM(nn.Module):
             "audio_channels": cfg.MODEL.AUDIO.IN_CHANNELS,
             "audio_log_offset": cfg.INPUT.AUDIO.LOG_OFFSET,
             "deep_supervision": mf.DEEP_SUPERVISION,
+            "prompting": ClassConditionalPrompting(cfg) if cfg.MODEL.CPM.ENABLED else None,
         }
 
     @property
@@ -273,8 +286,11 @@ class CPM(nn.Module):
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
             losses, indices = self.class_agnostic_losses(outputs, targets)
+            if self.prompting is not None:
+                # Before observe_assignments: prompts come from the class predictor of the last
+                # iteration (paper: "via the GMM model from the last iteration").
+                losses.update(self.prompting(self, batched_inputs, visual, audio_feats, targets))
             self.observe_assignments(outputs, targets, indices)
-            # Class-conditional prompting (MODEL.CPM.*: ACP / VCP / PCL) adds its losses here.
             return losses
 
         return self.inference(outputs, batched_inputs, images)

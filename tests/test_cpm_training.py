@@ -1,0 +1,454 @@
+"""CPM training workflow (ACP / VCP / PCL, cpm_d2/modeling/meta_arch/prompting.py) wired into the
+meta-architecture: loss keys of every ablation config, fixed VCP assignment, ACP target/loss,
+LAMBDA x WEIGHT scaling, inference untouched by CPM, empty batches, a short training run with
+GMM updates, and a checkpoint round trip of the GMM state. Tiny sizes, CPU, one thread."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cpm_d2  # noqa: F401  (compat fixes + registries)
+import cpm_d2.modeling.criterion as criterion_module
+import cpm_d2.modeling.meta_arch.prompting as prompting_module
+from cpm_d2 import add_cpm_config
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "synthetic" / "baseline_r18_tiny.yaml"
+CPM_TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
+ABLATIONS = ROOT / "configs" / "ablations"
+T_AUDIO, F_AUDIO = 32, 24  # audio grid of the test inputs; audio masks are (8, 6)
+LOG_OFFSET = 1e-6
+
+AGN_KEYS = {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}  # 1 audio + 3 visual layers
+VCP_KEYS = {f"loss_vcp_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while these tests run (set per test: other test modules set their own
+    count at import). On the shared 2-core machine two threads made the training test ~15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _load(path):
+    cfg = get_cfg()
+    add_cpm_config(cfg)
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
+def _tiny_sizes(cfg):
+    """Replace the model sizes of ``cfg`` by baseline_r18_tiny.yaml's, keeping its switches and C."""
+    tiny = _load(TINY)
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    predictor = cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR
+    for node in ("RESNETS", "AUDIO", "SEM_SEG_HEAD", "MASK_FORMER"):
+        setattr(cfg.MODEL, node, tiny.MODEL[node].clone())
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = predictor
+    cfg.MODEL.CPM.PCL.NUM_PIXELS = 128
+    cfg.MODEL.CPM.GMM.MEMORY_SIZE = 32
+    return cfg
+
+
+def _cpm_cfg(num_classes=5, **overrides):
+    cfg = _load(CPM_TINY)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+def _build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def _frame(sem, seed, noise="random", name=None):
+    """A mapper-output dict for label map ``sem``; noise: "random", "zero" or None (no noise_mag)."""
+    h, w = sem.shape
+    g = torch.Generator().manual_seed(seed)
+    classes = [c for c in sem.unique().tolist() if c != 255]
+    inst = Instances((h, w))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+    inst.gt_masks = torch.stack([sem == c for c in classes]) if classes else torch.zeros(0, h, w, dtype=torch.bool)
+    mag = torch.rand(1, T_AUDIO, F_AUDIO, generator=g) + 0.05
+    d = {"file_name": name or f"frame_{seed}.jpg", "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+         "sem_seg": sem, "instances": inst, "audio": torch.log(mag + LOG_OFFSET), "audio_mag": mag,
+         "height": h, "width": w}
+    if noise == "random":
+        d["noise_mag"] = torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
+    elif noise == "zero":
+        d["noise_mag"] = torch.zeros(1, T_AUDIO, F_AUDIO)
+    return d
+
+
+def _sem(h=64, w=80, boxes=()):
+    s = torch.zeros(h, w, dtype=torch.long)
+    for c, (y0, y1, x0, x1) in boxes:
+        s[y0:y1, x0:x1] = c
+    return s
+
+
+def _grid_points(src_masks, *args, **kwargs):
+    """Deterministic stand-in for the criterion's random point sampling: one 16x16 grid for every mask."""
+    ys, xs = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    pts = torch.stack([(xs.flatten() + 0.5) / 16, (ys.flatten() + 0.5) / 16], -1)
+    return pts.expand(src_masks.shape[0], -1, -1).to(src_masks)
+
+
+def _fixed_prompts(model, table):
+    """Make the class head return table[label] (deterministic prompts)."""
+    model.class_predictor.sample = lambda labels, generator=None: table[labels.long().cpu()].clone()
+
+
+def _pieces(model, batch):
+    images = model.preprocess_image(batch)
+    return (model.encode_visual(images.tensor), model.encode_audio(model.preprocess_audio(batch)),
+            model.prepare_targets(batch, images))
+
+
+def _cpm_part(losses):
+    return {k: v for k, v in losses.items() if k not in AGN_KEYS}
+
+
+# ------------------------------------------------------------------------------------------ (a) ablations
+# Paper Table 4 / 5 rows: (class predictor, ACP, VCP, PCL, GMM components or None).
+ROWS = {
+    "t4_1_baseline": ("LinearClassPredictor", False, False, False, None),
+    "t4_2_ccdm": ("GMMClassPredictor", False, False, False, 3),
+    "t4_3_ccdm_vcp": ("GMMClassPredictor", False, True, False, 3),
+    "t4_4_ccdm_acp": ("GMMClassPredictor", True, False, False, 3),
+    "t4_5_ccdm_acp_vcp": ("GMMClassPredictor", True, True, False, 3),
+    "t4_6_cpm_full": ("GMMClassPredictor", True, True, True, 3),
+    "t5_point_rep": ("LinearClassPredictor", True, True, True, None),
+    "t5_dist_rep": ("GMMClassPredictor", True, True, True, 3),
+    "t5_gmm_m1": ("GMMClassPredictor", True, True, True, 1),
+    "t5_gmm_m3": ("GMMClassPredictor", True, True, True, 3),
+    "t5_gmm_m5": ("GMMClassPredictor", True, True, True, 5),
+    "t5_gmm_m7": ("GMMClassPredictor", True, True, True, 7),
+}
+
+
+def test_every_ablation_row_has_a_config():
+    files = {p.stem for p in ABLATIONS.glob("*.yaml")} - {"Base-Ablation"}
+    assert files == set(ROWS)
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_ablation_config_loss_keys(row):
+    predictor, acp, vcp, pcl, m = ROWS[row]
+    cfg = _load(ABLATIONS / f"{row}.yaml")
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 71 and cfg.DATASETS.TRAIN == ("avss_train",)
+    model = _build(_tiny_sizes(cfg))
+    assert type(model.class_predictor).__name__ == predictor
+    if m is not None:
+        assert model.class_predictor.num_components == m
+    enabled = acp or vcp or pcl
+    assert (model.prompting is not None) == enabled
+    model.train()
+    batch = [_frame(_sem(boxes=[(5, (4, 30, 4, 40)), (40, (34, 60, 44, 76))]), 1),
+             _frame(_sem(boxes=[(70, (10, 50, 10, 50))]), 2)]
+    losses = model(batch)
+    expected = set(AGN_KEYS)
+    expected |= {"loss_acp"} if acp else set()
+    expected |= VCP_KEYS if vcp else set()
+    expected |= {"loss_pcl"} if pcl else set()
+    assert set(losses) == expected
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    if enabled:
+        assert all(v.item() > 0 for v in _cpm_part(losses).values())  # real prompts: non-trivial terms
+
+
+def test_pcl_needs_matching_audio_and_visual_dims():
+    with pytest.raises(ValueError, match=r"prompting\.py.*MODEL\.AUDIO\.PIXEL_DECODER_DIM.*MODEL\.SEM_SEG_HEAD\.MASK_DIM"):
+        build_model(_cpm_cfg(**{"MODEL.AUDIO.PIXEL_DECODER_DIM": "32"}))
+    build_model(_cpm_cfg(**{"MODEL.AUDIO.PIXEL_DECODER_DIM": "32", "MODEL.CPM.PCL.ENABLED": "False"}))
+    with pytest.raises(ValueError, match="MODEL.CPM.ENABLED"):
+        build_model(_cpm_cfg(**{"MODEL.CPM.ACP.ENABLED": "False", "MODEL.CPM.VCP.ENABLED": "False",
+                                "MODEL.CPM.PCL.ENABLED": "False"}))
+
+
+# ------------------------------------------------------------------------------------------ (b) VCP
+def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
+    monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", _grid_points)
+    model = _build(_cpm_cfg(**{"MODEL.CPM.ACP.ENABLED": "False", "MODEL.CPM.PCL.ENABLED": "False"}))
+    model.train()
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (2, (34, 62, 2, 36)), (3, (10, 50, 44, 78))]), 1),
+             _frame(_sem(boxes=[(4, (10, 40, 20, 60))]), 2)]
+    table = torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        visual, audio, targets = _pieces(model, batch)
+
+    def vcp(order, relabel=None):
+        """Prompts of image 0 in ``order``; prompt vectors table[relabel[label]] (default: own class)."""
+        labels = [torch.tensor(order), torch.tensor([4])]
+        monkeypatch.setattr(model.prompting, "prompt_labels", lambda t: [x.clone() for x in labels])
+        mapping = torch.tensor(relabel or [0, 1, 2, 3, 4, 5])
+        model.class_predictor.sample = lambda lab, generator=None: table[mapping[lab.long().cpu()]].clone()
+        with torch.no_grad():
+            out = model.prompting(model, batch, visual, audio, targets)
+        assert set(out) == VCP_KEYS
+        return out
+
+    ref = vcp([1, 2, 3])
+    permuted = vcp([3, 1, 2])  # the same (prompt, class) pairs in another order
+    for k in VCP_KEYS:
+        assert torch.allclose(ref[k], permuted[k], rtol=1e-5, atol=1e-6), k
+    # Same query set, but every prompt of image 0 is now paired with another class's mask: a loss
+    # that matched prompts to targets would not change; the fixed assignment does.
+    crossed = vcp([1, 2, 3], relabel=[0, 2, 3, 1, 4, 5])
+    assert abs(sum(crossed.values()).item() - sum(ref.values()).item()) > 1e-3
+
+    # Independent: the criterion on the decoded prompts with the pairs written out by hand,
+    # targets restricted to the prompted classes, weighted by weight_dict.
+    with torch.no_grad():
+        q = torch.zeros(2, 3, table.shape[1])
+        q[0] = table[[1, 2, 3]]
+        q[1, 0] = table[4]
+        pad = torch.tensor([[False, False, False], [False, True, True]])
+        out = model.decode(visual, audio, queries=q, query_padding_mask=pad)
+        tg = [{"labels": torch.tensor([1, 2, 3]), "masks": torch.stack([targets[0]["masks"][targets[0]["labels"] == c][0]
+                                                                         for c in (1, 2, 3)])},
+              {"labels": torch.tensor([4]), "masks": targets[1]["masks"][targets[1]["labels"] == 4]}]
+        raw = model.criterion(out, tg, indices=[(torch.arange(3), torch.arange(3)), (torch.arange(1), torch.arange(1))])
+    for k, v in raw.items():
+        expected = v * model.weight_dict[k]
+        assert torch.allclose(ref["loss_vcp_" + k[5:]], expected, rtol=1e-5, atol=1e-6), k
+
+
+def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
+    monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", _grid_points)
+    model = _build(_cpm_cfg())
+    model.train()
+    table = torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(3))
+    _fixed_prompts(model, table)
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 4),
+             _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 5)]
+    with torch.no_grad():
+        visual, audio, targets = _pieces(model, batch)
+        torch.manual_seed(0)
+        unit = model.prompting(model, batch, visual, audio, targets)
+        p = model.prompting
+        p.loss_lambda, p.acp_weight, p.vcp_weight, p.pcl_weight = 2.0, 0.5, 3.0, 0.25
+        torch.manual_seed(0)
+        scaled = model.prompting(model, batch, visual, audio, targets)
+    factor = {"loss_acp": 1.0, "loss_pcl": 0.5, **{k: 6.0 for k in VCP_KEYS}}
+    assert set(scaled) == set(factor)
+    for k, f in factor.items():
+        assert unit[k].item() > 0
+        assert scaled[k].item() == pytest.approx(f * unit[k].item(), rel=1e-5), k
+
+
+# ------------------------------------------------------------------------------------------ (c) inference
+def test_inference_is_the_class_agnostic_path():
+    cpm_cfg = _cpm_cfg()
+    cpm = _build(cpm_cfg, seed=0)
+    cpm.train()
+    cpm([_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 1), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 2)])
+    base_cfg = cpm_cfg.clone()
+    base_cfg.MODEL.CPM.ENABLED = False
+    base = _build(base_cfg, seed=1)
+    assert base.prompting is None and cpm.prompting is not None
+    state = cpm.state_dict()
+    assert set(state) == set(base.state_dict())  # the CPM workflow adds no parameters or buffers
+    base.load_state_dict(state)
+
+    class _Forbidden:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("CPM prompting ran at inference")
+
+    cpm.prompting = _Forbidden()
+    cpm.eval()
+    base.eval()
+    items = [_frame(_sem(48, 64), 8), _frame(_sem(40, 56, boxes=[(3, (5, 20, 5, 30))]), 9, noise=None)]
+    with torch.no_grad():
+        a, b = cpm(items), base(items)
+    for x, y in zip(a, b):
+        assert torch.equal(x["sem_seg"], y["sem_seg"]) and torch.equal(x["audio_class_probs"], y["audio_class_probs"])
+
+
+# ------------------------------------------------------------------------------------------ (d) ACP
+def _block_mean(x, t=4, f=4):
+    """(T, F) numpy -> block averages over t x f cells (area resize to (T/t, F/f))."""
+    T, F_ = x.shape
+    return x.reshape(T // t, t, F_ // f, f).mean((1, 3))
+
+
+def test_acp_target_and_loss_are_wired(monkeypatch):
+    lam, w = 2.0, 1.5
+    model = _build(_cpm_cfg(**{"MODEL.CPM.LAMBDA": str(lam), "MODEL.CPM.ACP.WEIGHT": str(w),
+                               "MODEL.CPM.VCP.ENABLED": "False", "MODEL.CPM.PCL.ENABLED": "False"}))
+    model.train()
+    table = torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(11))
+    _fixed_prompts(model, table)
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 21),
+             _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 22, noise="zero"),
+             _frame(_sem(), 23)]  # background only: no prompt, no ACP term
+    batch[1]["audio_mag"][0, 8:16, 4:12] = 0.0  # silent 2x2 cells of the 8x6 mask grid
+    seen = {}
+    real_target = prompting_module.acp_ratio_target
+
+    def spy(clean, noise, size):
+        seen["target"] = real_target(clean, noise, size)
+        return seen["target"]
+
+    monkeypatch.setattr(prompting_module, "acp_ratio_target", spy)
+    losses = model(batch)
+
+    # target by hand (numpy): block means of a_i over block means of a_i + a_j; 0/0 -> 0
+    targets = []
+    for x in batch:
+        clean = x["audio_mag"][0].numpy().astype(np.float64)
+        mix = clean + x["noise_mag"][0].numpy()
+        cb, mb = _block_mean(clean), _block_mean(mix)
+        targets.append(np.where(mb > 0, cb / np.where(mb > 0, mb, 1), 0.0))
+    targets = np.stack(targets)
+    assert np.allclose(seen["target"].numpy(), targets, atol=1e-6)
+    # noise_mag = 0: the target is 1 wherever audio_mag > 0 and 0 in the silent cells
+    silent = np.zeros((8, 6), dtype=bool)
+    silent[2:4, 1:3] = True
+    assert np.array_equal(seen["target"][1].numpy(), np.where(silent, 0.0, 1.0))
+
+    # loss by hand from an independent decode of the mixture with the same prompts
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        visual = model.encode_visual(images.tensor)
+        mix = torch.stack([x["audio_mag"] + x["noise_mag"] for x in batch])
+        audio = model.encode_audio(torch.log(mix + LOG_OFFSET))
+        q = torch.zeros(3, 2, table.shape[1])
+        q[0] = table[[1, 3]]
+        q[1, 0] = table[2]
+        pad = torch.tensor([[False, False], [False, True], [True, True]])
+        logits = model.decode(visual, audio, queries=q, query_padding_mask=pad)["pred_audio_masks"].double().numpy()
+    per_image = []
+    for i, n in enumerate((2, 1)):
+        s = 1 / (1 + np.exp(-logits[i, :n].sum(0)))
+        per_image.append(((s - targets[i]) ** 2).mean())
+    assert losses["loss_acp"].item() == pytest.approx(lam * w * np.mean(per_image), rel=1e-4)
+
+
+def test_noise_falls_back_to_the_batchs_other_audio():
+    model = _build(_cpm_cfg(**{"MODEL.CPM.VCP.ENABLED": "False", "MODEL.CPM.PCL.ENABLED": "False"}))
+    model.train()
+    _fixed_prompts(model, torch.randn(6, model.transformer_decoder.hidden_dim))
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 31, noise=None),
+             _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 32, noise=None)]
+    with_noise = [dict(batch[0], noise_mag=batch[1]["audio_mag"]), dict(batch[1], noise_mag=batch[0]["audio_mag"])]
+    with torch.no_grad():
+        visual, audio, targets = _pieces(model, batch)
+        rolled = model.prompting(model, batch, visual, audio, targets)["loss_acp"]
+        explicit = model.prompting(model, with_noise, visual, audio, targets)["loss_acp"]
+    assert rolled.item() == pytest.approx(explicit.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"frame_31\.jpg.*noise_mag"):
+        model(batch[:1])
+
+
+# ------------------------------------------------------------------------------------------ (e) training
+COLORS = torch.tensor([[0, 0, 0], [230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=torch.float)
+
+
+def _synthetic_frame(objects, sounding, seed, h=64, w=80):
+    """Coloured squares (class colour), only ``sounding`` ones labelled; each sounding class adds
+    energy in its own frequency band; the noise occupies a band no class uses."""
+    g = torch.Generator().manual_seed(seed)
+    img = 30 + 10 * torch.rand(3, h, w, generator=g)
+    sem = torch.zeros(h, w, dtype=torch.long)
+    mag = 0.01 * torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
+    for c, (y0, x0) in objects:
+        img[:, y0:y0 + h // 3, x0:x0 + w // 3] = COLORS[c][:, None, None]
+        if c in sounding:
+            sem[y0:y0 + h // 3, x0:x0 + w // 3] = c
+            mag[0, :, 6 * (c - 1):6 * c] += 1.0 + 0.2 * torch.rand(T_AUDIO, 6, generator=g)
+    noise = 0.01 * torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
+    noise[0, :, 18:] += 1.0
+    d = _frame(sem, seed)
+    d.update(image=img.to(torch.uint8), audio=torch.log(mag + LOG_OFFSET), audio_mag=mag, noise_mag=noise)
+    return d
+
+
+def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
+    model = _build(_cpm_cfg(num_classes=4))
+    model.train()
+    gmm = model.class_predictor
+    means0, cov0 = gmm.means.clone(), gmm.covariances.clone()
+    batch = [_synthetic_frame([(1, (4, 4)), (2, (32, 40))], {1}, 0),
+             _synthetic_frame([(1, (4, 40)), (2, (32, 4))], {2}, 1),
+             _synthetic_frame([(2, (4, 4)), (3, (32, 40))], {2, 3}, 2),
+             _synthetic_frame([(3, (4, 40)), (1, (32, 4))], {1}, 3)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(30):
+        losses = model(batch)
+        assert {"loss_acp", "loss_pcl"} | VCP_KEYS <= set(losses)
+        for k, v in losses.items():
+            assert torch.isfinite(v), k
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        totals.append(total.item())
+    assert np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5]), totals
+    # memory bank filled (classes 0..3 and no-object 4) and EM ran (UPDATE_INTERVAL 5 -> 6 updates)
+    assert (gmm.bank_count > 0).all() and int(gmm.bank_count.max()) == gmm.memory_size
+    assert gmm.initialized.all()
+    assert ((gmm.means - means0).abs().flatten(1).amax(1) > 1e-3).all()
+    assert not torch.allclose(gmm.covariances, cov0)
+    assert int(model._iter) == 30
+
+
+# ------------------------------------------------------------------------------------------ (f) empty
+def test_batch_without_sounding_classes_gives_zero_cpm_losses_in_the_graph():
+    model = _build(_cpm_cfg())
+    model.train()
+    full = model([_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 41), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 42)])
+    model.zero_grad()
+    empty = model([_frame(_sem(), 43), _frame(torch.full((64, 80), 255, dtype=torch.long), 44)])
+    assert set(empty) == set(full)
+    cpm = _cpm_part(empty)
+    assert set(cpm) == {"loss_acp", "loss_pcl"} | VCP_KEYS
+    for k, v in cpm.items():
+        assert v.item() == 0 and v.requires_grad, k
+    sum(cpm.values()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    # the prompted decode is part of the graph: decoder and audio encoder receive (zero) gradients
+    for prefix in ("transformer_decoder.audio_mask_embed", "transformer_decoder.mask_embed", "audio_backbone."):
+        assert any(n.startswith(prefix) and g is not None for n, g in grads.items()), prefix
+    assert all(g is None or (torch.isfinite(g).all() and g.abs().sum() == 0) for g in grads.values())
+
+
+# ------------------------------------------------------------------------------------------ (g) checkpoint
+def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
+    model = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=0)
+    model.train()
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 51),
+             _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 52)]
+    for _ in range(2):
+        model(batch)  # observe twice, EM at the second iteration
+    gmm = model.class_predictor
+    assert gmm.initialized.any()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("cpm")
+    other = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=1)
+    names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr")
+    assert not all(torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)) for n in names)
+    DetectionCheckpointer(other).load(str(tmp_path / "cpm.pth"))
+    for n in names:
+        assert torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)), n
+    assert int(other._iter) == 2
+    # the restored model draws the same prompts
+    lab = torch.tensor([1, 2, 3])
+    torch.manual_seed(5)
+    z1 = gmm.sample(lab)
+    torch.manual_seed(5)
+    z2 = other.class_predictor.sample(lab)
+    assert torch.equal(z1, z2)
