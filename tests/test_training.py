@@ -333,3 +333,23 @@ def test_video_without_audio_track_is_a_clear_error(tmp_path):
             container.mux(packet)
     with pytest.raises(ValueError, match="no audio track"):
         demo.decode_audio(str(path), 16000)
+
+
+def test_make_demo_job_end_to_end_tiny(tmp_path):
+    """tools/run_demo.py (what `make demo` runs) with 3 iterations: data, training, both evals, overlays."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(REPO / "tools" / "run_demo.py"), "--output", str(out), "--num-overlays", "3",
+           "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (tmp_path / "data" / "synthetic_avs" / "metadata.csv").is_file()
+    results = json.loads((out / "demo_results.json").read_text())
+    assert set(results) == {"synthetic_avs_test", "synthetic_avs_test (audio muted)"}
+    assert "held-out results" in proc.stdout and "audio muted" in proc.stdout
+    assert len(list((out / "overlays").glob("*.png"))) == 3 and (out / "overlays_grid.png").is_file()
+    # A second run resumes the finished run: nothing is retrained or deleted.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "resuming the run" in proc.stdout
+    assert (out / "model_final.pth").is_file()

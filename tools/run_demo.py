@@ -81,7 +81,21 @@ def main(argv=None):
     print(f"[demo] training finished ({time.time() - t1:.0f}s)")
 
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    results = Trainer.test(cfg, model)
+    def by_dataset(res):  # detectron2 returns a single dataset's results without its name
+        return {cfg.DATASETS.TEST[0]: res} if len(cfg.DATASETS.TEST) == 1 else dict(res)
+
+    results = by_dataset(Trainer.test(cfg, model))
+    # The same frames with every audio window silenced: how much of the answer comes from sound.
+    muted_cfg = cfg.clone()
+    muted_cfg.defrost()
+    muted_cfg.INPUT.AUDIO.MUTE = True
+    muted_cfg.freeze()
+    muted_evaluators = [
+        Trainer.build_evaluator(muted_cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference", name + "_audio_muted"))
+        for name in cfg.DATASETS.TEST
+    ]
+    for name, res in by_dataset(Trainer.test(muted_cfg, model, muted_evaluators)).items():
+        results[f"{name} (audio muted)"] = res
     with open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print("\n[demo] held-out results (percent):\n" + _summary_table(results))

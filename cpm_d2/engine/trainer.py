@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import weakref
-from collections import OrderedDict
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -237,9 +236,4 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_deeplab_lr_scheduler(cfg, optimizer)
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        results = super().test(cfg, model, evaluators)
-        return results if isinstance(results, OrderedDict) else OrderedDict(results)
 
