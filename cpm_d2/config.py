@@ -10,7 +10,20 @@ Usage (detectron2 convention)::
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_cpm_config"]
+__all__ = ["add_cpm_config", "setup_cfg"]
+
+
+def setup_cfg(config_file, opts=(), freeze=True):
+    """detectron2's defaults + :func:`add_cpm_config`, then ``config_file`` and ``KEY VALUE`` opts."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_cpm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg
 
 
 def add_cpm_config(cfg):

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cpm_d2  # noqa: E402,F401
-from cpm_d2 import add_cpm_config  # noqa: E402
+from cpm_d2.config import setup_cfg  # noqa: E402
 
 
 def decode_video(path, max_frames=None, fps=None):
@@ -172,14 +172,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cpm_d2.data import register_avs_datasets_from_cfg
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
 
-    cfg = get_cfg()
-    add_cpm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, args.opts)
     register_avs_datasets_from_cfg(cfg)
     metadata = MetadataCatalog.get(args.dataset or cfg.DATASETS.TEST[0])
     path = run(cfg, args.weights, args.video, args.output, metadata, args.max_frames, args.fps, args.save_frames)

@@ -23,9 +23,8 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
 
 import cpm_d2  # noqa: E402,F401
-from cpm_d2 import add_cpm_config  # noqa: E402
+from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.data.datasets.synthetic import ensure_synthetic_avs  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_setup  # noqa: E402
 
 
@@ -59,11 +58,7 @@ def main(argv=None):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import MetadataCatalog
 
-    cfg = get_cfg()
-    add_cpm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["OUTPUT_DIR", args.output] + list(args.opts))
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, ["OUTPUT_DIR", args.output] + list(args.opts))
 
     t0 = time.time()
     root = os.path.join(os.environ["DETECTRON2_DATASETS"], "synthetic_avs")

@@ -17,12 +17,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
-from cpm_d2 import add_cpm_config  # noqa: E402
+from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.compat import launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -43,10 +42,7 @@ def get_parser():
 
 def build_cfg(args):
     """The merged, frozen config of these arguments (no side effects)."""
-    cfg = get_cfg()
-    add_cpm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.register_dataset:
         cfg.DATASETS.AVS_REGISTER = [list(x) for x in cfg.DATASETS.AVS_REGISTER] + [
             list(x) for x in args.register_dataset

@@ -12,11 +12,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cpm_d2  # noqa: E402,F401
-from cpm_d2 import add_cpm_config  # noqa: E402
+from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.data import AVSDatasetMapper, register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.utils.visualization import write_dataset_overlays  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -32,11 +31,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_cpm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = setup_cfg(args.config_file, args.opts)
     register_avs_datasets_from_cfg(cfg)
     if not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file")

@@ -27,6 +27,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 
+from ..pixel_decoder.fpn import fpn_lateral_and_output
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 
 __all__ = ["AUDIO_BACKBONE_REGISTRY", "AudioResNet", "AudioPixelDecoder", "build_audio_backbone",
@@ -119,11 +120,7 @@ class AudioPixelDecoder(nn.Module):
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
         for _, spec in items:
-            lat = Conv2d(spec.channels, conv_dim, 1, bias=not norm, norm=get_norm(norm, conv_dim))
-            out = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=not norm, norm=get_norm(norm, conv_dim),
-                         activation=F.relu)
-            weight_init.c2_xavier_fill(lat)
-            weight_init.c2_xavier_fill(out)
+            lat, out = fpn_lateral_and_output(spec.channels, conv_dim, norm)
             self.lateral_convs.append(lat)
             self.output_convs.append(out)
         self.dense_proj = Conv2d(conv_dim, conv_dim, 1)

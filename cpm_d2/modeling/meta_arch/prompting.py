@@ -32,7 +32,7 @@ Decisions where the paper is silent (also in the docstrings below):
   (local) batch: the labels are semantic classes, so a pixel of class k in another image is a
   valid positive. Features are L2-normalised (cosine similarity, pcl_loss's default).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 

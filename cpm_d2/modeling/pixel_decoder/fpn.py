@@ -11,6 +11,16 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
 from .registry import PIXEL_DECODER_REGISTRY
 
+
+def fpn_lateral_and_output(in_channels: int, conv_dim: int, norm: str) -> Tuple[nn.Module, nn.Module]:
+    """The FPN pair of one level: 1x1 lateral (in_channels -> conv_dim), 3x3 output + ReLU."""
+    lateral = Conv2d(in_channels, conv_dim, 1, bias=not norm, norm=get_norm(norm, conv_dim))
+    output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=not norm, norm=get_norm(norm, conv_dim),
+                    activation=F.relu)
+    weight_init.c2_xavier_fill(lateral)
+    weight_init.c2_xavier_fill(output)
+    return lateral, output
+
 __all__ = ["FPNPixelDecoder"]
 
 
@@ -39,12 +49,9 @@ class FPNPixelDecoder(nn.Module):
                 lateral = None
                 output = Conv2d(spec.channels, conv_dim, 3, padding=1, bias=not norm,
                                 norm=get_norm(norm, conv_dim), activation=F.relu)
+                weight_init.c2_xavier_fill(output)
             else:
-                lateral = Conv2d(spec.channels, conv_dim, 1, bias=not norm, norm=get_norm(norm, conv_dim))
-                output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=not norm,
-                                norm=get_norm(norm, conv_dim), activation=F.relu)
-                weight_init.c2_xavier_fill(lateral)
-            weight_init.c2_xavier_fill(output)
+                lateral, output = fpn_lateral_and_output(spec.channels, conv_dim, norm)
             self.lateral_convs.append(lateral if lateral is not None else nn.Identity())
             self.output_convs.append(output)
         self.mask_features = Conv2d(conv_dim, mask_dim, 3, padding=1)

@@ -14,9 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
+from .fpn import fpn_lateral_and_output
 from .registry import PIXEL_DECODER_REGISTRY
 
 __all__ = ["ms_deform_attn_core", "MSDeformAttn", "MSDeformAttnEncoder", "MSDeformAttnPixelDecoder"]
@@ -201,11 +202,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
         for k in self.fpn_in_features:
-            lat = Conv2d(input_shape[k].channels, conv_dim, 1, bias=not norm, norm=get_norm(norm, conv_dim))
-            out = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=not norm, norm=get_norm(norm, conv_dim),
-                         activation=F.relu)
-            weight_init.c2_xavier_fill(lat)
-            weight_init.c2_xavier_fill(out)
+            lat, out = fpn_lateral_and_output(input_shape[k].channels, conv_dim, norm)
             self.lateral_convs.append(lat)
             self.output_convs.append(out)
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)
