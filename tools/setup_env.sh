@@ -43,7 +43,8 @@ else
     # cpm_d2 uses none of those ops; cpm_d2.compat raises a clear error if something calls one.
     TMP="$(mktemp -d)"
     trap 'rm -rf "$TMP"' EXIT
-    "$PY" -m pip download --no-deps --no-binary :all: -d "$TMP" "$DETECTRON2_FALLBACK"
+    # metadata of the sdist imports torch: build it in this venv, not an isolated one
+    "$PY" -m pip download --no-deps --no-build-isolation --no-binary :all: -d "$TMP" "$DETECTRON2_FALLBACK"
     tar -xzf "$TMP"/*.tar.gz -C "$TMP"
     SRC="$(find "$TMP" -maxdepth 1 -mindepth 1 -type d | head -n1)"
     "$PY" - "$SRC/setup.py" <<'PYPATCH'
