@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--weights", required=True, help="checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="folder for the PNGs (created)")
     parser.add_argument("--max-frames", type=int, default=16)
-    parser.add_argument("--scale", type=int, default=2, help="upscale factor of the panels")
+    parser.add_argument("--scale", type=int, default=4, help="upscale factor of the panels")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 

@@ -53,18 +53,25 @@ def _title(panel, text):
 
 
 def side_by_side(image_rgb, pred_labels, gt_labels, metadata, scale=1):
-    """Frame | prediction overlay | ground-truth overlay, each titled; returns H' x W' x 3 uint8."""
+    """Frame | prediction overlay | ground-truth overlay, each titled; returns H' x W' x 3 uint8.
+
+    ``scale`` enlarges the frame and the label maps (nearest neighbour) *before* drawing, so
+    class names stay legible on small frames.
+    """
     import cv2
 
-    panels = [np.asarray(image_rgb, dtype=np.uint8), overlay_sem_seg(image_rgb, pred_labels, metadata)]
+    def up(x, interp):
+        x = np.asarray(x)
+        if scale == 1:
+            return x
+        return cv2.resize(x, (x.shape[1] * scale, x.shape[0] * scale), interpolation=interp)
+
+    image = up(np.asarray(image_rgb, dtype=np.uint8), cv2.INTER_NEAREST)
+    panels = [image, overlay_sem_seg(image, up(pred_labels.astype(np.uint8), cv2.INTER_NEAREST), metadata)]
     titles = ["frame", "prediction"]
     if gt_labels is not None:
-        panels.append(overlay_sem_seg(image_rgb, gt_labels, metadata))
+        panels.append(overlay_sem_seg(image, up(np.asarray(gt_labels).astype(np.uint8), cv2.INTER_NEAREST), metadata))
         titles.append("ground truth")
-    if scale != 1:
-        panels = [
-            cv2.resize(p, (p.shape[1] * scale, p.shape[0] * scale), interpolation=cv2.INTER_NEAREST) for p in panels
-        ]
     panels = [_title(p, t) for p, t in zip(panels, titles)]
     gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
     row = [panels[0]]
@@ -73,7 +80,7 @@ def side_by_side(image_rgb, pred_labels, gt_labels, metadata, scale=1):
     return np.concatenate(row, axis=1)
 
 
-def write_dataset_overlays(model, data_loader, metadata, out_dir, max_frames=16, scale=2):
+def write_dataset_overlays(model, data_loader, metadata, out_dir, max_frames=16, scale=4):
     """Run ``model`` (eval mode) over ``data_loader`` and write one side-by-side PNG per frame.
 
     Returns the list of written paths. Ground truth comes from each input's ``sem_seg_file_name``.
