@@ -170,6 +170,11 @@ def test_scores_equal_scipy_log_density(cov_type, logit_norm):
     logits = g(torch.from_numpy(x))
     assert logits.shape == (4, 6, 4) and logits.dtype == torch.float32
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # eval mode (inference) always scores with the exact density: eq. 1's posterior
+    exact = expected * D if logit_norm == "per_dim" else expected
+    g.eval()
+    np.testing.assert_allclose(g(torch.from_numpy(x)).numpy(), exact, rtol=1e-5, atol=1e-4)
+    g.train()
     # log_likelihood picks the exact (unscaled) density at the label
     lab = torch.tensor([0, 3, 2, 1, 1, 0])
     ll = g.log_likelihood(torch.from_numpy(x[0]).double(), lab)
