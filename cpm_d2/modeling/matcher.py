@@ -19,32 +19,51 @@ from detectron2.projects.point_rend.point_features import point_sample
 __all__ = ["HungarianMatcher", "batch_dice_cost", "batch_sigmoid_ce_cost", "batch_sigmoid_focal_cost"]
 
 
+def _dice_cost(prob: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    num = 2 * torch.einsum("bqp,bkp->bqk", prob, targets)
+    den = prob.sum(-1)[:, :, None] + targets.sum(-1)[:, None, :]
+    return 1 - (num + 1) / (den + 1)
+
+
 def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """inputs (B, Q, P) logits, targets (B, K, P) in [0, 1] -> (B, Q, K) = 1 - (2|m g| + 1) / (|m| + |g| + 1)."""
-    p = inputs.sigmoid()
-    num = 2 * torch.einsum("bqp,bkp->bqk", p, targets)
-    den = p.sum(-1)[:, :, None] + targets.sum(-1)[:, None, :]
-    return 1 - (num + 1) / (den + 1)
+    return _dice_cost(inputs.sigmoid(), targets)
+
+
+def _pairwise_point_mean(pos: torch.Tensor, neg: torch.Tensor, targets: torch.Tensor, w_pos: float = 1.0,
+                         w_neg: float = 1.0) -> torch.Tensor:
+    """mean_p [w_pos pos t + w_neg neg (1 - t)] of every (query, target) pair: (B, Q, P) x2, (B, K, P) -> (B, Q, K).
+
+    Linear in t, so it is w_pos (pos - (w_neg / w_pos) neg) . t + w_neg sum(neg): one fused pass over
+    (B, Q, P), one batched matmul, and no (1 - t) tensor.
+    """
+    if w_pos != 0:
+        cross = w_pos * torch.einsum("bqp,bkp->bqk", torch.add(pos, neg, alpha=-w_neg / w_pos), targets)
+    else:
+        cross = -w_neg * torch.einsum("bqp,bkp->bqk", neg, targets)
+    return (cross + w_neg * neg.sum(-1)[:, :, None]) / pos.shape[-1]
 
 
 def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean per-point binary cross-entropy of every (query, target) pair: (B, Q, P), (B, K, P) -> (B, Q, K)."""
-    n = inputs.shape[-1]
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (torch.einsum("bqp,bkp->bqk", pos, targets) + torch.einsum("bqp,bkp->bqk", neg, 1 - targets)) / n
+    neg = F.softplus(inputs)  # BCE(x, 0) = -log(1 - sigmoid(x))
+    pos = neg - inputs  # BCE(x, 1) = -log(sigmoid(x)) = softplus(x) - x
+    return _pairwise_point_mean(pos, neg, targets)
+
+
+def _focal_cost(inputs: torch.Tensor, prob: torch.Tensor, targets: torch.Tensor, alpha: float,
+                gamma: float) -> torch.Tensor:
+    neg_ce = F.softplus(inputs)  # BCE(x, 0); BCE(x, 1) = softplus(x) - x, so one softplus serves both
+    pos = (neg_ce - inputs).mul_((1 - prob).pow_(gamma))  # (1 - p)^gamma BCE(x, 1)
+    neg = neg_ce.mul_(prob.pow(gamma))  # p^gamma BCE(x, 0)
+    w_pos, w_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+    return _pairwise_point_mean(pos, neg, targets, w_pos, w_neg)
 
 
 def batch_sigmoid_focal_cost(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
                              gamma: float = 2.0) -> torch.Tensor:
     """Mean per-point sigmoid focal loss of every (query, target) pair: -> (B, Q, K)."""
-    n = inputs.shape[-1]
-    prob = inputs.sigmoid()
-    pos = (prob - 1).abs().pow(gamma) * F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = prob.pow(gamma) * F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    if alpha >= 0:
-        pos, neg = alpha * pos, (1 - alpha) * neg
-    return (torch.einsum("bqp,bkp->bqk", pos, targets) + torch.einsum("bqp,bkp->bqk", neg, 1 - targets)) / n
+    return _focal_cost(inputs, inputs.sigmoid(), targets, alpha, gamma)
 
 
 class HungarianMatcher(nn.Module):
@@ -93,14 +112,15 @@ class HungarianMatcher(nn.Module):
         pred_points = point_sample(pred_masks, coords, align_corners=False)  # (B, Q, P)
         prob = logits.softmax(-1)
         cost = -self.cost_class * torch.gather(prob, 2, labels[:, None, :].expand(-1, q, -1))
+        pred_prob = pred_points.sigmoid()  # shared by the focal and dice costs
         if self.cost_mask:
             if self.mask_cost == "focal":
-                mc = batch_sigmoid_focal_cost(pred_points, tgt_points, self.focal_alpha, self.focal_gamma)
+                mc = _focal_cost(pred_points, pred_prob, tgt_points, self.focal_alpha, self.focal_gamma)
             else:
                 mc = batch_sigmoid_ce_cost(pred_points, tgt_points)
             cost = cost + self.cost_mask * mc
         if self.cost_dice:
-            cost = cost + self.cost_dice * batch_dice_cost(pred_points, tgt_points)
+            cost = cost + self.cost_dice * _dice_cost(pred_prob, tgt_points)
         pad_k = torch.arange(k_max, device=device)[None, :] >= torch.tensor(sizes, device=device)[:, None]
         cost = cost.masked_fill(pad_k[:, None, :], float("inf"))
         pad_q = outputs.get("query_padding_mask")
