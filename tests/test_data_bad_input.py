@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 
 import numpy as np
 import pytest
@@ -17,26 +16,10 @@ from cpm_d2.data import AudioFrontEnd, AudioReadError, AVSDatasetMapper, generat
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_s4
 from cpm_d2.data.datasets.avss import load_avs_layout, load_avss
 from cpm_d2.data.datasets.vpo import load_vpo
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 SR = 16000
 H, W = 24, 32
-
-
-@pytest.fixture
-def names():
-    created = []
-
-    def make(prefix="bad"):
-        created.append(f"{prefix}_{uuid.uuid4().hex[:8]}")
-        return created[-1]
-
-    yield make
-    for n in created:
-        if n in DatasetCatalog.list():
-            DatasetCatalog.remove(n)
-        if n in MetadataCatalog.list():
-            MetadataCatalog.remove(n)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +29,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 H, W = 24, 32
-
-
-@pytest.fixture
-def names():
-    """Unique dataset names, removed from the catalogs afterwards."""
-    created = []
-
-    def make(prefix="t"):
-        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        created.append(name)
-        return name
-
-    yield make
-    for n in created:
-        if n in DatasetCatalog.list():
-            DatasetCatalog.remove(n)
-        if n in MetadataCatalog.list():
-            MetadataCatalog.remove(n)
 
 
 def _wav(path, seconds, channels=1, freq=440.0):
