@@ -452,3 +452,17 @@ def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
     torch.manual_seed(5)
     z2 = other.class_predictor.sample(lab)
     assert torch.equal(z1, z2)
+
+
+def test_cpm_rejects_a_class_head_that_cannot_sample():
+    from cpm_d2.modeling.class_predictor import ClassPredictor
+    from cpm_d2.modeling.meta_arch.prompting import ClassConditionalPrompting
+
+    class SoftmaxOnly(ClassPredictor):  # a head with no class-conditional prompts
+        def forward(self, embeddings):
+            return embeddings
+
+    with pytest.raises(ValueError, match="samples prompts"):
+        ClassConditionalPrompting.check_class_predictor(SoftmaxOnly())
+    with pytest.raises(RuntimeError, match="can_sample is False"):
+        SoftmaxOnly().sample(torch.tensor([1]))

@@ -18,10 +18,12 @@ class ClassPredictor(nn.Module):
         matching with the (detached) embeddings and their assigned labels (C = no object).
     step(iteration): training-only; called once per iteration after ``observe`` (periodic work
         such as EM).
-    sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label.
+    sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label; only
+        predictors with ``can_sample = True`` implement it (CPM's prompting needs one).
     """
 
     num_classes: int  # C, background included; logits have C + 1 entries
+    can_sample: bool = False  # True if sample() draws class-conditional prompts
 
     def observe(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         pass
@@ -30,7 +32,10 @@ class ClassPredictor(nn.Module):
         pass
 
     def sample(self, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} cannot sample class-conditional prompts")
+        raise RuntimeError(
+            f"{type(self).__name__} has no class-conditional prompts to sample (can_sample is False); "
+            "MODEL.CPM.ENABLED needs GMMClassPredictor or LinearClassPredictor"
+        )
 
 
 def build_class_predictor(cfg, num_classes: int, embed_dim: int) -> ClassPredictor:

@@ -79,6 +79,8 @@ class GMMClassPredictor(ClassPredictor):
     EM runs in float64. Autocast is disabled inside the module.
     """
 
+    can_sample = True
+
     @configurable
     def __init__(
         self,

@@ -22,6 +22,8 @@ class LinearClassPredictor(ClassPredictor):
     so the buffers stay identical on every rank.
     """
 
+    can_sample = True
+
     @configurable
     def __init__(self, *, num_classes: int, embed_dim: int, momentum: float = 0.9):
         super().__init__()

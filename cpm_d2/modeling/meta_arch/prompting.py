@@ -38,7 +38,6 @@ import torch
 
 from detectron2.config import configurable
 
-from ..class_predictor import ClassPredictor
 from ..cpm_losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, sample_pixels, vcp_indices
 
 __all__ = ["ClassConditionalPrompting"]
@@ -130,8 +129,8 @@ class ClassConditionalPrompting:
 
     @staticmethod
     def check_class_predictor(class_predictor) -> None:
-        """Raise if the class head cannot draw prompts (it must override ClassPredictor.sample)."""
-        if type(class_predictor).sample is ClassPredictor.sample:
+        """Raise if the class head cannot draw prompts (ClassPredictor.can_sample)."""
+        if not getattr(class_predictor, "can_sample", False):
             raise ValueError(
                 f"{_WHERE}: MODEL.CPM.ENABLED needs a class predictor that samples prompts "
                 f"(GMMClassPredictor or LinearClassPredictor); {type(class_predictor).__name__} does not"
