@@ -15,7 +15,7 @@ from cpm_d2 import add_cpm_config
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "synthetic" / "baseline_r18_tiny.yaml"
@@ -78,10 +78,7 @@ def _frame(sem, seed, noise="random", name=None):
     """A mapper-output dict for label map ``sem``; noise: "random", "zero" or None (no noise_mag)."""
     h, w = sem.shape
     g = torch.Generator().manual_seed(seed)
-    classes = [c for c in sem.unique().tolist() if c != 255]
-    inst = Instances((h, w))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
-    inst.gt_masks = torch.stack([sem == c for c in classes]) if classes else torch.zeros(0, h, w, dtype=torch.bool)
+    inst = instances_from_sem_seg(sem)
     mag = torch.rand(1, T_AUDIO, F_AUDIO, generator=g) + 0.05
     d = {"file_name": name or f"frame_{seed}.jpg", "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
          "sem_seg": sem, "instances": inst, "audio": torch.log(mag + LOG_OFFSET), "audio_mag": mag,

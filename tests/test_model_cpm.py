@@ -13,7 +13,7 @@ from cpm_d2 import add_cpm_config
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 
 torch.set_num_threads(2)
 C = 3  # background + 2 classes
@@ -37,10 +37,7 @@ def _model(seed=0, **overrides):
 def _item(sem, audio_seed=0, height=None, width=None, name="frame.jpg"):
     h, w = sem.shape
     g = torch.Generator().manual_seed(audio_seed)
-    classes = [c for c in sem.unique().tolist() if c != 255]
-    inst = Instances((h, w))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
-    inst.gt_masks = torch.stack([sem == c for c in classes]) if classes else torch.zeros(0, h, w, dtype=torch.bool)
+    inst = instances_from_sem_seg(sem)
     return {"file_name": name, "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
             "sem_seg": sem, "instances": inst, "audio": torch.randn(1, 32, 24, generator=g),
             "height": height or h, "width": width or w}

@@ -52,7 +52,25 @@ from detectron2.structures import Instances
 from .audio import AudioFrontEnd
 from .datasets.avss import IGNORE_LABEL, label_classes, read_label_map
 
-__all__ = ["AVSDatasetMapper", "build_avs_augmentations", "RandomResizedCrop", "count_hflips"]
+__all__ = ["AVSDatasetMapper", "build_avs_augmentations", "RandomResizedCrop", "count_hflips", "instances_from_sem_seg"]
+
+
+def instances_from_sem_seg(sem_seg, ignore_label=255):
+    """H x W label tensor -> Instances with one (gt_classes, gt_masks) per present class.
+
+    Mask2Former's semantic targets: background (0) included when present, ``ignore_label``
+    excluded; gt_masks is a bool tensor (K, H, W), K = 0 when every pixel is ignored.
+    """
+    h, w = sem_seg.shape
+    instances = Instances((h, w))
+    classes = torch.unique(sem_seg)
+    classes = classes[classes != ignore_label]
+    instances.gt_classes = classes.to(torch.int64)
+    if len(classes):
+        instances.gt_masks = sem_seg[None] == classes[:, None, None]
+    else:
+        instances.gt_masks = torch.zeros((0, h, w), dtype=torch.bool)
+    return instances
 
 logger = logging.getLogger(__name__)
 
@@ -261,18 +279,6 @@ class AVSDatasetMapper:
             )
         return image, sem_seg.astype(np.uint8)  # uint8: detectron2 resizes it with PIL (nearest)
 
-    def _instances(self, sem_seg):
-        h, w = sem_seg.shape
-        instances = Instances((h, w))
-        classes = torch.unique(sem_seg)
-        classes = classes[classes != self.ignore_label]
-        instances.gt_classes = classes.to(torch.int64)
-        if len(classes):
-            instances.gt_masks = sem_seg[None] == classes[:, None, None]
-        else:
-            instances.gt_masks = torch.zeros((0, h, w), dtype=torch.bool)
-        return instances
-
     def _dataset_noise(self, own_clip, own_classes, duration):
         pool, rng = self._noise_pool, self.rng
         n = len(pool)
@@ -316,7 +322,7 @@ class AVSDatasetMapper:
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         sem_seg = torch.as_tensor(np.ascontiguousarray(sem_seg).astype(np.int64))
         d["sem_seg"] = sem_seg
-        d["instances"] = self._instances(sem_seg)
+        d["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
 
         duration = float(d["audio_duration"])
         if self.window_seconds is not None and abs(duration - self.window_seconds) > 1e-6:
