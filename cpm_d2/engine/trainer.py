@@ -20,11 +20,10 @@ import os
 import weakref
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -146,12 +145,9 @@ class AVSAMPTrainer(_NamedNonFiniteLossMixin, AMPTrainer):
 
 
 def _wrap_ddp(model):
-    if comm.get_world_size() == 1:
-        return model
+    """detectron2's DDP wrapper, with device_ids=None for CPU processes and unused parameters allowed."""
     device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(
-        model, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
-    )
+    return create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True, device_ids=device_ids)
 
 
 class Trainer(DefaultTrainer):
