@@ -21,7 +21,7 @@ from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.compat import launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -63,7 +63,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AVSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -21,13 +21,14 @@ import weakref
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+
+from cpm_d2.checkpoint import AVSCheckpointer
 
 __all__ = ["Trainer", "build_optimizer", "check_output_dir", "OutputDirNotEmpty"]
 
@@ -168,7 +169,7 @@ class Trainer(DefaultTrainer):
             logger.warning("SOLVER.AMP.ENABLED is set but CUDA is not available: training in fp32.")
         self._trainer = (AVSAMPTrainer if use_amp else AVSSimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AVSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
