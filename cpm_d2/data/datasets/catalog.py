@@ -19,6 +19,8 @@ avsbench_ms3_{train,val,test}      AVSBench-object/Multi-sources               2
 vpo_{ss,ms,msmi}_{train,test}      VPO (stereo)                                22
 synthetic_avs_{train,val,test}     synthetic_avs (mono)                        5 by default
 synthetic_avs_stereo_{split}       synthetic_avs_stereo (stereo)               5 by default
+synthetic_avs_hard_{split}         synthetic_avs_hard (preset "hard")          21
+synthetic_avs_stereo_msmi_{split}  synthetic_avs_stereo_msmi (stereo preset)   7
 =================================  ==========================================  =========
 """
 import logging
@@ -35,7 +37,7 @@ from .avss import (
     register_avs_dataset,
     register_lazy,
 )
-from .synthetic import synthetic_class_names
+from .synthetic import PRESETS, synthetic_class_names
 from .vpo import VPO_CLASSES, VPO_SETUPS, load_vpo
 
 __all__ = [
@@ -54,10 +56,19 @@ def datasets_root():
     return os.environ.get("DETECTRON2_DATASETS", "datasets")
 
 
-def load_synthetic_avs(root, split, stereo=False):
+# (folder, stereo, preset) of the builtin synthetic datasets; names are "<folder>_<split>"
+SYNTHETIC_BUILTINS = (
+    ("synthetic_avs", False, "default"),
+    ("synthetic_avs_stereo", True, "default"),
+    ("synthetic_avs_hard", False, "hard"),
+    ("synthetic_avs_stereo_msmi", True, "stereo_msmi"),
+)
+
+
+def load_synthetic_avs(root, split, stereo=False, preset="default"):
     """Dicts of a generated synthetic dataset; a missing folder says how to generate it."""
     if not os.path.isfile(os.path.join(root, "metadata.csv")):
-        flag = " --stereo" if stereo else ""
+        flag = f" --preset {preset}" if preset != "default" else " --stereo" if stereo else ""
         raise FileNotFoundError(
             f"synthetic AVS dataset not found: {root}; generate it with "
             f"`python datasets/prepare_synthetic_avs.py --root {root}{flag}`"
@@ -121,9 +132,10 @@ def _builtin_specs(root):
             meta = dict(stuff_classes=list(VPO_CLASSES), audio_channels=2, is_binary=False)
             add(f"vpo_{setup}_{split}", "VPO", False, load_vpo, (setup, split), meta)
 
-    for stereo, folder in ((False, "synthetic_avs"), (True, "synthetic_avs_stereo")):
+    for folder, stereo, preset in SYNTHETIC_BUILTINS:
         label_file = os.path.join(root, folder, "label2idx.json")
-        names = synthetic_class_names()
+        spec = PRESETS[preset]
+        names = synthetic_class_names(spec.get("num_classes", 4), spec.get("sound", "separable"))
         if os.path.isfile(label_file):
             try:
                 names = read_label2idx(label_file)
@@ -131,7 +143,7 @@ def _builtin_specs(root):
                 logger.warning(f"{e}; using the default synthetic class names")
         meta = dict(stuff_classes=names, audio_channels=2 if stereo else 1, is_binary=False)
         for split in SPLITS:
-            add(f"{folder}_{split}", folder, True, load_synthetic_avs, (split, stereo), meta)
+            add(f"{folder}_{split}", folder, True, load_synthetic_avs, (split, stereo, preset), meta)
     return specs
 
 

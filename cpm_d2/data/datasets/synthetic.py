@@ -39,6 +39,9 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "PRESETS",
+    "DEFAULT_SCENE",
+    "preset_arguments",
     "generate_synthetic_avs",
     "ensure_synthetic_avs",
     "synthetic_class_table",
@@ -61,8 +64,53 @@ COLOURS = (
     ("orange", (245, 140, 30)),
     ("purple", (120, 50, 170)),
 )
-# P(number of sounding objects in a frame = 0, 1, 2, 3), truncated to the visible count.
-_SOUNDING_COUNT_P = (0.1, 0.5, 0.3, 0.1)
+# How clips are composed (``scene``); the default is the demo set's.
+DEFAULT_SCENE = {
+    "objects": [2, 3],  # distinct visible classes per clip (inclusive range)
+    "class_zipf": 0.0,  # 0: classes drawn uniformly; s > 0: weight 1 / (c + 1)^s (long tail)
+    # P(number of sounding objects in a frame = 0, 1, 2, 3), truncated to the objects that may sound
+    "sounding_count_p": [0.1, 0.5, 0.3, 0.1],
+    "size_range": [0.22, 0.32],  # object box side as a fraction of the short image side
+    "duplicate_prob": 0.0,  # P(clip shows a silent second object of one of its classes)
+    "offscreen_prob": 0.0,  # P(clip's audio holds a class that is not visible, in ~half its frames)
+    # one class shown as several identical instances (stereo multi-instance preset), or None
+    "multi_instance": None,
+}
+
+# Named datasets of the generator (``preset=``); values override generate_synthetic_avs's defaults.
+PRESETS = {
+    # the demo set: 4 classes, separable sounds, 2-3 objects of which usually 1-2 sound
+    "default": {},
+    # AVSS-like statistics where bipartite matching is unstable: 20 long-tailed classes, 2-4 objects
+    # (+ sometimes a silent object of a sounding class), 1-3 sounding, pairs of classes sharing a
+    # pitch, off-screen sources, few clips for the tail classes
+    "hard": {
+        "num_classes": 20,
+        "clips_per_split": {"train": 200, "val": 32, "test": 48},
+        "sound": "overlapping",
+        "scene": {
+            "objects": [2, 4],
+            "class_zipf": 0.6,
+            "sounding_count_p": [0.0, 0.55, 0.35, 0.10],
+            "size_range": [0.2, 0.28],
+            "duplicate_prob": 0.3,
+            "offscreen_prob": 0.3,
+        },
+    },
+    # stereo, several instances of one class (VPO-MSMI-like): 2-3 identical instances of which one
+    # (sometimes two, sometimes none) sounds, panned by x position, plus 0-1 other objects
+    "stereo_msmi": {
+        "num_classes": 6,
+        "clips_per_split": {"train": 96, "val": 16, "test": 32},
+        "image_size": (64, 96),
+        "stereo": True,
+        "scene": {
+            "objects": [1, 2],
+            "size_range": [0.22, 0.3],
+            "multi_instance": {"p_three": 0.25, "sounding_count_p": [0.1, 0.75, 0.15, 0.0], "other_sound_p": 0.4},
+        },
+    },
+}
 
 
 def _fundamentals(num_classes, lo=250.0, hi=3500.0, gap=100.0):
@@ -79,30 +127,57 @@ def _fundamentals(num_classes, lo=250.0, hi=3500.0, gap=100.0):
     return chosen
 
 
-def synthetic_class_table(num_classes):
-    """One dict per object class (label index = position + 1): name, shape, rgb, f0, am_rate."""
+def _overlapping_fundamentals(num_classes, lo=220.0, hi=1100.0):
+    """Pairs of classes share a fundamental (log-spaced in [lo, hi] Hz): class 2j and 2j + 1 sound at
+    the same pitch and differ only in timbre (which harmonic is strong) and modulation rate."""
+    n = (num_classes + 1) // 2
+    if n == 1:
+        return [lo] * num_classes
+    return [round(lo * (hi / lo) ** (j / (n - 1)) / 5.0) * 5.0 for j in range(n) for _ in (0, 1)][:num_classes]
+
+
+def synthetic_class_table(num_classes, sound="separable"):
+    """One dict per object class (label index = position + 1): name, shape, rgb, f0, am_rate, harmonics.
+
+    ``sound="separable"``: every class has its own fundamental, >= 100 Hz from every other
+    fundamental and second harmonic, and the harmonic profile [(1, 1.0), (2, 0.3)].
+    ``sound="overlapping"``: classes come in pairs sharing a fundamental in 220-1100 Hz; the even
+    class of a pair has a strong 2nd harmonic, the odd one a strong 3rd; neighbouring pairs lie
+    ~15% apart, so their bands and harmonics overlap on a 64-bin log-mel grid.
+    """
     if num_classes < 2:
         raise ValueError(f"num_classes (object classes) must be >= 2, got {num_classes}")
-    f0s = _fundamentals(num_classes)
+    if sound not in ("separable", "overlapping"):
+        raise ValueError(f"sound must be 'separable' or 'overlapping', got {sound!r}")
+    if sound == "separable":
+        f0s = _fundamentals(num_classes)
+    else:
+        f0s = _overlapping_fundamentals(num_classes)
     table = []
     for c in range(num_classes):
         shape = SHAPES[c % len(SHAPES)]
         colour_name, rgb = COLOURS[(c + c // len(SHAPES)) % len(COLOURS)]
+        if sound == "separable":
+            harmonics, am_rate = [[1, 1.0], [2, 0.3]], 2.0 + 1.5 * c
+        else:
+            harmonics = [[1, 1.0], [2, 0.6]] if c % 2 == 0 else [[1, 1.0], [3, 0.6]]
+            am_rate = 2.0 + 1.5 * (c % 5) + (2.5 if c % 2 else 0.0)
         table.append(
             {
                 "name": f"{colour_name}_{shape}",
                 "shape": shape,
                 "rgb": list(rgb),
                 "f0": f0s[c],
-                "am_rate": 2.0 + 1.5 * c,
+                "am_rate": am_rate,
+                "harmonics": harmonics,
             }
         )
     return table
 
 
-def synthetic_class_names(num_classes=4):
+def synthetic_class_names(num_classes=4, sound="separable"):
     """stuff_classes of a synthetic dataset: background first."""
-    return ["background"] + [c["name"] for c in synthetic_class_table(num_classes)]
+    return ["background"] + [c["name"] for c in synthetic_class_table(num_classes, sound)]
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -140,11 +215,14 @@ def _background(rng, height, width):
     return base[None, None, :] + ramp[..., None]
 
 
-def _place_objects(rng, n_obj, num_frames, height, width):
-    """Sizes and per-frame centres (non-overlapping boxes in every frame)."""
+def _place_objects(rng, n_obj, num_frames, height, width, size_range=(0.22, 0.32)):
+    """Sizes and per-frame centres (non-overlapping boxes in every frame). Crowded scenes that do
+    not fit shrink the size range by 10% every 250 tries."""
     short = min(height, width)
-    for _ in range(500):
-        sizes = rng.integers(int(round(0.22 * short)), int(round(0.32 * short)) + 1, size=n_obj)
+    for attempt in range(2000):
+        scale = 0.9 ** (attempt // 250)
+        lo, hi = int(round(size_range[0] * scale * short)), int(round(size_range[1] * scale * short))
+        sizes = rng.integers(lo, hi + 1, size=n_obj)
         centres = []
         ok = True
         for s in sizes:
@@ -168,10 +246,12 @@ def _place_objects(rng, n_obj, num_frames, height, width):
 
 
 def _class_tone(rng, cls, t):
-    phase = rng.uniform(0, 2 * np.pi, size=3)
-    carrier = np.sin(2 * np.pi * cls["f0"] * t + phase[0]) + 0.3 * np.sin(2 * np.pi * 2 * cls["f0"] * t + phase[1])
-    am = 1.0 + 0.5 * np.sin(2 * np.pi * cls["am_rate"] * t + phase[2])
-    return carrier * am / (1.3 * 1.5)  # peak <= 1
+    """sum_h a_h sin(2 pi h f0 t + phi_h), amplitude-modulated at am_rate; peak <= 1."""
+    harmonics = cls.get("harmonics", [[1, 1.0], [2, 0.3]])
+    phase = rng.uniform(0, 2 * np.pi, size=len(harmonics) + 1)
+    carrier = sum(a * np.sin(2 * np.pi * h * cls["f0"] * t + phase[i]) for i, (h, a) in enumerate(harmonics))
+    am = 1.0 + 0.5 * np.sin(2 * np.pi * cls["am_rate"] * t + phase[-1])
+    return carrier * am / (sum(a for _, a in harmonics) * 1.5)
 
 
 def _envelope(values, sr, ramp):
@@ -184,18 +264,57 @@ def _envelope(values, sr, ramp):
     return env
 
 
-def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate):
+def _choose_objects(rng, scene, num_classes):
+    """Classes of the clip's objects and whether each may sound (silent duplicates may not)."""
+    lo, hi = scene["objects"]
+    n_cls = int(min(rng.integers(lo, hi + 1), num_classes))
+    weights = None
+    if scene["class_zipf"] > 0:  # long tail: class c drawn with weight 1 / (c + 1)^s
+        weights = 1.0 / np.arange(1, num_classes + 1) ** scene["class_zipf"]
+        weights = weights / weights.sum()
+    classes = [int(c) for c in rng.choice(num_classes, size=n_cls, replace=False, p=weights)]
+    can_sound = [True] * n_cls
+    multi = scene["multi_instance"]
+    if multi:  # one class shown as 2-3 identical instances, any of which may sound
+        extra = 2 if rng.random() < multi["p_three"] else 1
+        classes += [classes[0]] * extra
+        can_sound += [True] * extra
+    if scene["duplicate_prob"] > 0 and rng.random() < scene["duplicate_prob"]:
+        classes.append(classes[int(rng.integers(n_cls))])  # a silent object of a class that may sound
+        can_sound.append(False)
+    return classes, can_sound
+
+
+def _choose_sounding(rng, scene, classes, can_sound, num_frames):
+    """(num_frames, n_obj) bool: which objects sound in each frame's 1-s window."""
+    n_obj = len(classes)
+    sounding = np.zeros((num_frames, n_obj), dtype=bool)
+    multi = scene["multi_instance"]
+    if multi:
+        group = [o for o in range(n_obj) if classes[o] == classes[0]]
+        others = [o for o in range(n_obj) if o not in group and can_sound[o]]
+        p = np.asarray(multi["sounding_count_p"][: len(group) + 1], dtype=np.float64)
+        for i in range(num_frames):
+            k = rng.choice(len(p), p=p / p.sum())
+            sounding[i, rng.choice(group, size=k, replace=False)] = True
+            sounding[i, others] = rng.random(len(others)) < multi["other_sound_p"]
+        return sounding
+    capable = [o for o in range(n_obj) if can_sound[o]]
+    p = np.asarray(scene["sounding_count_p"][: len(capable) + 1], dtype=np.float64)
+    p = p / p.sum()
+    for i in range(num_frames):
+        k = rng.choice(len(p), p=p)
+        sounding[i, np.asarray(capable)[rng.choice(len(capable), size=k, replace=False)]] = True
+    return sounding
+
+
+def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, scene):
     height, width = image_size
     num_classes = len(table)
-    n_obj = int(min(rng.integers(2, 4), num_classes))
-    classes = rng.choice(num_classes, size=n_obj, replace=False)
-    sizes, centres = _place_objects(rng, n_obj, frames_per_clip, height, width)
-    p = np.asarray(_SOUNDING_COUNT_P[: n_obj + 1])
-    p = p / p.sum()
-    sounding = np.zeros((frames_per_clip, n_obj), dtype=bool)
-    for i in range(frames_per_clip):
-        k = rng.choice(len(p), p=p)
-        sounding[i, rng.choice(n_obj, size=k, replace=False)] = True
+    classes, can_sound = _choose_objects(rng, scene, num_classes)
+    n_obj = len(classes)
+    sizes, centres = _place_objects(rng, n_obj, frames_per_clip, height, width, scene["size_range"])
+    sounding = _choose_sounding(rng, scene, classes, can_sound, frames_per_clip)
     background = _background(rng, height, width)
 
     images, labels, frames_info = [], [], []
@@ -228,22 +347,33 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate):
     channels = 2 if stereo else 1
     audio = np.zeros((channels, n))
     ramp = int(0.005 * sample_rate)
-    for o in range(n_obj):
-        tone = 0.25 * _class_tone(rng, table[classes[o]], t)
-        gate = sounding[:, o].astype(np.float64)
-        if stereo:
-            theta = 0.5 * np.pi * np.clip(centres[o][:, 1] / width, 0.0, 1.0)
+
+    def add(tone, gate, x_fraction):
+        if stereo:  # constant-power pan by the source's x position
+            theta = 0.5 * np.pi * np.clip(x_fraction, 0.0, 1.0)
             audio[0] += tone * _envelope(gate * np.cos(theta), sample_rate, ramp)
             audio[1] += tone * _envelope(gate * np.sin(theta), sample_rate, ramp)
         else:
             audio[0] += tone * _envelope(gate, sample_rate, ramp)
+
+    for o in range(n_obj):
+        add(0.25 * _class_tone(rng, table[classes[o]], t), sounding[:, o].astype(np.float64), centres[o][:, 1] / width)
+    if scene["offscreen_prob"] > 0 and rng.random() < scene["offscreen_prob"]:
+        # an off-screen source: a class that is not visible sounds in some frames and is never labelled
+        hidden = [c for c in range(num_classes) if c not in classes]
+        c = int(hidden[int(rng.integers(len(hidden)))])
+        gate = (rng.random(frames_per_clip) < 0.5).astype(np.float64)
+        add(0.25 * _class_tone(rng, table[c], t), gate, np.full(frames_per_clip, rng.random()))
+        for i in range(frames_per_clip):
+            frames_info[i]["offscreen"] = [c + 1] if gate[i] else []
     audio += rng.normal(0.0, 0.003, size=audio.shape)
     return images, labels, np.clip(audio, -1.0, 1.0), frames_info
 
 
 # ---------------------------------------------------------------------------------- public API
-def _params(seed, num_classes, clips_per_split, frames_per_clip, image_size, stereo, sample_rate, audio_subtype):
-    return {
+def _params(seed, num_classes, clips_per_split, frames_per_clip, image_size, stereo, sample_rate, audio_subtype,
+            sound="separable", scene=None, preset="default"):
+    params = {
         "audio_subtype": str(audio_subtype),
         "seed": int(seed),
         "num_classes": int(num_classes),
@@ -253,12 +383,44 @@ def _params(seed, num_classes, clips_per_split, frames_per_clip, image_size, ste
         "stereo": bool(stereo),
         "sample_rate": int(sample_rate),
     }
+    scene = _full_scene(scene)
+    if sound != "separable" or scene != DEFAULT_SCENE or preset != "default":
+        # only datasets other than the original default record these (older info files lack them)
+        params.update(preset=str(preset), sound=str(sound), scene=scene)
+    return params
+
+
+def _full_scene(scene):
+    unknown = set(scene or {}) - set(DEFAULT_SCENE)
+    if unknown:
+        raise ValueError(f"unknown scene key(s) {sorted(unknown)}; known: {sorted(DEFAULT_SCENE)}")
+    full = json.loads(json.dumps(dict(DEFAULT_SCENE, **(scene or {}))))  # plain lists, as read back from JSON
+    return full
+
+
+def preset_arguments(preset="default", **overrides):
+    """generate_synthetic_avs's keyword arguments for ``preset`` with ``overrides`` applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; known: {sorted(PRESETS)}")
+    args = dict(
+        seed=0, num_classes=4, clips_per_split={"train": 48, "val": 8, "test": 16}, frames_per_clip=5,
+        image_size=(64, 80), stereo=False, sample_rate=16000, audio_subtype="PCM_U8", sound="separable", scene=None,
+    )
+    args.update(PRESETS[preset])
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise TypeError(f"unknown synthetic dataset argument(s) {sorted(unknown)}")
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    if preset != "default" and overrides.get("scene"):
+        args["scene"] = dict(PRESETS[preset].get("scene", {}), **overrides["scene"])
+    return args
 
 
 def _write_dataset(root, params):
     import soundfile as sf
 
-    table = synthetic_class_table(params["num_classes"])
+    table = synthetic_class_table(params["num_classes"], params.get("sound", "separable"))
+    scene = _full_scene(params.get("scene"))
     height, width = params["image_size"]
     sr = params["sample_rate"]
     rows, clips_info = [], {}
@@ -267,7 +429,7 @@ def _write_dataset(root, params):
             rng = np.random.default_rng([params["seed"], split_index, k])
             uid = f"{split}_{k:04d}"
             images, labels, audio, frames_info = _make_clip(
-                rng, table, params["frames_per_clip"], (height, width), params["stereo"], sr
+                rng, table, params["frames_per_clip"], (height, width), params["stereo"], sr, scene
             )
             clip = os.path.join(root, SUBSET, uid)
             os.makedirs(os.path.join(clip, "frames"))
@@ -290,21 +452,12 @@ def _write_dataset(root, params):
         json.dump(info, f)
 
 
-def generate_synthetic_avs(
-    root,
-    *,
-    seed=0,
-    num_classes=4,
-    clips_per_split=None,
-    frames_per_clip=5,
-    image_size=(64, 80),
-    stereo=False,
-    sample_rate=16000,
-    audio_subtype="PCM_U8",
-):
+def generate_synthetic_avs(root, *, preset="default", **kwargs):
     """Generate a synthetic AVS dataset at ``root`` (must be absent or empty); returns ``root``.
 
     Args:
+        preset: a name of :data:`PRESETS` ("default": the demo set; "hard": 20 long-tailed
+            classes where matching is unstable; "stereo_msmi": stereo, several instances of a class).
         seed: everything is deterministic from it.
         num_classes: object classes (the label set adds background: num_classes + 1 classes).
         clips_per_split: dict split -> number of clips; default train 48, val 8, test 16.
@@ -312,17 +465,16 @@ def generate_synthetic_avs(
         image_size: (H, W) of the frames.
         stereo: write 2-channel audio panned by object x position.
         audio_subtype: soundfile WAV subtype ("PCM_U8" default, "PCM_16" for more fidelity).
+        sound: "separable" or "overlapping" (see :func:`synthetic_class_table`).
+        scene: overrides of :data:`DEFAULT_SCENE` (on top of the preset's).
     The dataset is written to a temporary sibling folder and renamed into place, so a
     concurrent reader never sees a half-written dataset.
     """
-    if clips_per_split is None:
-        clips_per_split = {"train": 48, "val": 8, "test": 16}
-    unknown = set(clips_per_split) - set(SPLITS)
+    args = preset_arguments(preset, **kwargs)
+    unknown = set(args["clips_per_split"]) - set(SPLITS)
     if unknown:
         raise ValueError(f"clips_per_split keys must be among {SPLITS}, got {sorted(unknown)}")
-    params = _params(
-        seed, num_classes, clips_per_split, frames_per_clip, image_size, stereo, sample_rate, audio_subtype
-    )
+    params = _params(preset=preset, **args)
     root = os.fspath(root)
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(f"{root} already exists and is not empty; choose another --root or delete it")
@@ -345,13 +497,14 @@ def is_complete_synthetic_root(root):
     return os.path.isfile(os.path.join(root, INFO_FILE)) and os.path.isfile(os.path.join(root, "metadata.csv"))
 
 
-def ensure_synthetic_avs(root, **kwargs):
+def ensure_synthetic_avs(root, *, preset="default", **kwargs):
     """Generate the synthetic dataset at ``root`` only if it is missing; returns ``root``.
 
     An existing complete dataset generated with other parameters, or a non-empty folder that is
     not a complete synthetic dataset, raises (never overwritten).
     """
     root = os.fspath(root)
+    wanted = _params(preset=preset, **preset_arguments(preset, **kwargs))
     if not is_complete_synthetic_root(root):
         if os.path.isdir(root) and os.listdir(root):
             raise FileExistsError(
@@ -359,21 +512,10 @@ def ensure_synthetic_avs(root, **kwargs):
                 "delete it or choose another root"
             )
         try:
-            return generate_synthetic_avs(root, **kwargs)
+            return generate_synthetic_avs(root, preset=preset, **kwargs)
         except (FileExistsError, OSError):
             if not is_complete_synthetic_root(root):  # not a concurrent generator that finished first
                 raise
-    defaults = dict(
-        seed=0, num_classes=4, clips_per_split=None, frames_per_clip=5, image_size=(64, 80), stereo=False,
-        sample_rate=16000, audio_subtype="PCM_U8",
-    )
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"ensure_synthetic_avs got unknown argument(s) {sorted(unknown)}")
-    defaults.update(kwargs)
-    if defaults["clips_per_split"] is None:
-        defaults["clips_per_split"] = {"train": 48, "val": 8, "test": 16}
-    wanted = _params(**defaults)
     with open(os.path.join(root, INFO_FILE)) as f:
         found = json.load(f)["params"]
     diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
