@@ -5,15 +5,13 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401
-from cpm_d2 import add_cpm_config
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
 def _load(path):
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file(path)
     return cfg
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
-from cpm_d2.modeling.cpm_losses import (
+from cpm_d2.modeling.cpm.losses import (
     acp_loss,
     acp_ratio_target,
     masked_average_pool,
@@ -41,9 +41,9 @@ def test_acp_ratio_target_by_hand():
     up = acp_ratio_target(torch.ones(1, 1, 3, 2), torch.full((1, 1, 3, 2), 3.0), (5, 4))
     assert up.shape == (1, 5, 4)
     torch.testing.assert_close(up, torch.full((1, 5, 4), 0.25))
-    with pytest.raises(ValueError, match="cpm_losses.py.*negative"):
+    with pytest.raises(ValueError, match="cpm/losses.py.*negative"):
         acp_ratio_target(-clean, noise, (2, 2))
-    with pytest.raises(ValueError, match="cpm_losses.py"):
+    with pytest.raises(ValueError, match="cpm/losses.py"):
         acp_ratio_target(clean, noise[:1], (2, 2))
 
 
@@ -70,7 +70,7 @@ def test_acp_loss_by_hand():
     assert loss2.item() == 0.0
     loss2.backward()
     assert (logits2.grad == 0).all()
-    with pytest.raises(ValueError, match="cpm_losses.py.*prompt_valid"):
+    with pytest.raises(ValueError, match="cpm/losses.py.*prompt_valid"):
         acp_loss(logits2, torch.zeros(2, 2, dtype=torch.bool), torch.rand(2, 2, 2))
 
 
@@ -90,7 +90,7 @@ def test_masked_average_pool_by_hand():
     out.sum().backward()
     # d/dfeat of the three means summed: positions 0, 1 get 1/2 + 1/4, position 2 gets 1/4, 3 gets 1/4 + 1
     torch.testing.assert_close(feats.grad[0, 0, 0], torch.tensor([0.75, 0.75, 0.25, 1.25]))
-    with pytest.raises(ValueError, match="cpm_losses.py"):
+    with pytest.raises(ValueError, match="cpm/losses.py"):
         masked_average_pool(logits, feats[..., :3])
 
 
@@ -127,6 +127,30 @@ def test_pcl_equals_hand_computed_infonce(normalize, tau):
     assert abs(got.item() - expected) < 1e-4 * max(1.0, abs(expected))
     got.backward()
     assert torch.isfinite(a.grad).all() and (a.grad[2] == 0).all() and a.grad[:2].abs().sum() > 0
+
+
+def test_pcl_image_negatives_restrict_pairs_to_the_anchors_image():
+    """PCL.NEGATIVES "image": an anchor's positives and negatives are the pixels of its own image.
+    Equal to the batch-wide loss computed on each image's pixels separately."""
+    rng = np.random.default_rng(1)
+    anchors = rng.normal(size=(3, 4))
+    pixels = rng.normal(size=(8, 4))
+    alabels, aimg = np.array([1, 2, 1]), np.array([0, 0, 1])
+    plabels, pimg = np.array([1, 2, 0, 0, 1, 2, 2, 0]), np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    t = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt)  # noqa: E731
+    got = pcl_loss(t(anchors), t(alabels, torch.long), t(pixels), t(plabels, torch.long), temperature=0.2,
+                   anchor_images=t(aimg, torch.long), pixel_images=t(pimg, torch.long))
+    per_anchor = []  # each anchor against its own image's pixels only, by the numpy reference
+    for i in range(3):
+        keep = pimg == aimg[i]
+        per_anchor.append(_infonce_numpy(anchors[i:i + 1], alabels[i:i + 1], pixels[keep], plabels[keep], 0.2, True))
+    assert got.item() == pytest.approx(np.mean(per_anchor), rel=1e-4)
+    batch = pcl_loss(t(anchors), t(alabels, torch.long), t(pixels), t(plabels, torch.long), temperature=0.2)
+    assert batch.item() == pytest.approx(_infonce_numpy(anchors, alabels, pixels, plabels, 0.2, True), rel=1e-4)
+    assert abs(batch.item() - got.item()) > 1e-5  # the two negative sets differ
+    with pytest.raises(ValueError, match="both"):
+        pcl_loss(t(anchors), t(alabels, torch.long), t(pixels), t(plabels, torch.long),
+                 anchor_images=t(aimg, torch.long))
 
 
 def test_pcl_edge_cases():
@@ -214,5 +238,5 @@ def test_vcp_indices_maps_prompts_to_targets():
     inst.gt_classes = torch.tensor([5, 3, 0])
     (q, t), = vcp_indices([prompts[0]], [inst])
     assert t.tolist() == [1, 2, 0]
-    with pytest.raises(ValueError, match="cpm_losses.py"):
+    with pytest.raises(ValueError, match="cpm/losses.py"):
         vcp_indices(prompts, targets[:1])

@@ -1,7 +1,8 @@
-"""CPM training workflow (ACP / VCP / PCL, cpm_d2/modeling/meta_arch/prompting.py) wired into the
-meta-architecture: loss keys of every ablation config, fixed VCP assignment, ACP target/loss,
-LAMBDA x WEIGHT scaling, inference untouched by CPM, empty batches, a short training run with
-GMM updates, and a checkpoint round trip of the GMM state. Tiny sizes, CPU, one thread."""
+"""CPM training (the meta-architecture's prompt pass + CPMLoss, cpm_d2/modeling/cpm/): loss keys of
+every ablation config, fixed VCP assignment and its normaliser, ACP target/loss, LAMBDA x WEIGHT
+scaling, normalisation statistics untouched by the mixture, inference untouched by CPM, empty
+batches, learnable point prompts, a short training run with GMM updates, and a checkpoint round
+trip of the GMM state. Tiny sizes, CPU, one thread."""
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,10 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401  (compat fixes + registries)
+import cpm_d2.modeling.cpm.cpm_loss as cpm_loss_module
 import cpm_d2.modeling.criterion as criterion_module
-import cpm_d2.modeling.meta_arch.prompting as prompting_module
-from cpm_d2 import add_cpm_config
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 from detectron2.modeling import build_model
 from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 
@@ -22,7 +22,7 @@ TINY = ROOT / "configs" / "synthetic" / "baseline_r18_tiny.yaml"
 CPM_TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
 ABLATIONS = ROOT / "configs" / "ablations"
 T_AUDIO, F_AUDIO = 32, 24  # audio grid of the test inputs; audio masks are (8, 6)
-LOG_OFFSET = 1e-6
+LOG_OFFSET = 1e-6  # MODEL.AUDIO.LOG_OFFSET
 
 AGN_KEYS = {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}  # 1 audio + 3 visual layers
 VCP_KEYS = {f"loss_vcp_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}
@@ -41,7 +41,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------ fixtures
 def _load(path):
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file(str(path))
     return cfg
 
@@ -75,18 +74,17 @@ def _build(cfg, seed=0):
 
 
 def _frame(sem, seed, noise="random", name=None):
-    """A mapper-output dict for label map ``sem``; noise: "random", "zero" or None (no noise_mag)."""
+    """A mapper-output dict for label map ``sem``; noise: "random", "zero" or None (no noise_audio)."""
     h, w = sem.shape
     g = torch.Generator().manual_seed(seed)
     inst = instances_from_sem_seg(sem)
     mag = torch.rand(1, T_AUDIO, F_AUDIO, generator=g) + 0.05
     d = {"file_name": name or f"frame_{seed}.jpg", "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-         "sem_seg": sem, "instances": inst, "audio": torch.log(mag + LOG_OFFSET), "audio_mag": mag,
-         "height": h, "width": w}
+         "sem_seg": sem, "instances": inst, "audio": mag, "height": h, "width": w}
     if noise == "random":
-        d["noise_mag"] = torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
+        d["noise_audio"] = torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
     elif noise == "zero":
-        d["noise_mag"] = torch.zeros(1, T_AUDIO, F_AUDIO)
+        d["noise_audio"] = torch.zeros(1, T_AUDIO, F_AUDIO)
     return d
 
 
@@ -110,9 +108,18 @@ def _fixed_prompts(model, table):
 
 
 def _pieces(model, batch):
+    """What the class-agnostic pass hands the prompt pass: magnitudes, visual and audio encodings,
+    targets and l_agn's mask normaliser."""
     images = model.preprocess_image(batch)
-    return (model.encode_visual(images.tensor), model.encode_audio(model.preprocess_audio(batch)),
-            model.prepare_targets(batch, images))
+    mags = model.preprocess_audio(batch)
+    targets = model.prepare_targets(batch, images)
+    num_masks = model.criterion.num_masks(targets, mags.device)
+    return mags, model.encode_visual(images.tensor), model.encode_audio(model.log_spectrogram(mags)), targets, num_masks
+
+
+def _prompt_losses(model, batch, pieces):
+    mags, visual, audio, targets, num_masks = pieces
+    return model.prompt_losses(batch, mags, visual, audio, targets, num_masks)
 
 
 def _cpm_part(losses):
@@ -152,7 +159,7 @@ def test_ablation_config_loss_keys(row):
     if m is not None:
         assert model.class_predictor.num_components == m
     enabled = acp or vcp or pcl
-    assert (model.prompting is not None) == enabled
+    assert (model.cpm_loss is not None) == enabled
     model.train()
     batch = [_frame(_sem(boxes=[(5, (4, 30, 4, 40)), (40, (34, 60, 44, 76))]), 1),
              _frame(_sem(boxes=[(70, (10, 50, 10, 50))]), 2)]
@@ -167,10 +174,15 @@ def test_ablation_config_loss_keys(row):
         assert all(v.item() > 0 for v in _cpm_part(losses).values())  # real prompts: non-trivial terms
 
 
-def test_pcl_needs_matching_audio_and_visual_dims():
-    with pytest.raises(ValueError, match=r"prompting\.py.*MODEL\.AUDIO\.PIXEL_DECODER_DIM.*MODEL\.SEM_SEG_HEAD\.MASK_DIM"):
-        build_model(_cpm_cfg(**{"MODEL.AUDIO.PIXEL_DECODER_DIM": "32"}))
-    build_model(_cpm_cfg(**{"MODEL.AUDIO.PIXEL_DECODER_DIM": "32", "MODEL.CPM.PCL.ENABLED": "False"}))
+def test_pcl_projects_both_sides_and_needs_no_matching_dims():
+    """PCL compares projections (its own heads), so the audio and pixel widths may differ."""
+    model = build_model(_cpm_cfg(**{"MODEL.AUDIO.PIXEL_DECODER_DIM": "32", "MODEL.CPM.PCL.PROJ_DIM": "16"}))
+    assert model.cpm_loss.pcl_audio_proj[0].in_features == 32 and model.cpm_loss.pcl_audio_proj[-1].out_features == 16
+    assert model.cpm_loss.pcl_pixel_proj[0].in_features == 64 and model.cpm_loss.pcl_pixel_proj[-1].out_features == 16
+    no_pcl = build_model(_cpm_cfg(**{"MODEL.CPM.PCL.ENABLED": "False"}))
+    assert not any("pcl" in k for k in no_pcl.state_dict())
+    with pytest.raises(ValueError, match="PCL.NEGATIVES"):
+        build_model(_cpm_cfg(**{"MODEL.CPM.PCL.NEGATIVES": "everything"}))
     with pytest.raises(ValueError, match="MODEL.CPM.ENABLED"):
         build_model(_cpm_cfg(**{"MODEL.CPM.ACP.ENABLED": "False", "MODEL.CPM.VCP.ENABLED": "False",
                                 "MODEL.CPM.PCL.ENABLED": "False"}))
@@ -185,16 +197,18 @@ def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
              _frame(_sem(boxes=[(4, (10, 40, 20, 60))]), 2)]
     table = torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        visual, audio, targets = _pieces(model, batch)
+        pieces = _pieces(model, batch)
+    mags, visual, audio, targets, num_masks = pieces
+    assert num_masks == 6  # l_agn's normaliser: 4 masks in image 0, 2 in image 1 (backgrounds included)
 
     def vcp(order, relabel=None):
         """Prompts of image 0 in ``order``; prompt vectors table[relabel[label]] (default: own class)."""
         labels = [torch.tensor(order), torch.tensor([4])]
-        monkeypatch.setattr(model.prompting, "prompt_labels", lambda t: [x.clone() for x in labels])
+        monkeypatch.setattr(model, "prompt_labels", lambda t: [x.clone() for x in labels])
         mapping = torch.tensor(relabel or [0, 1, 2, 3, 4, 5])
         model.class_predictor.sample = lambda lab, generator=None: table[mapping[lab.long().cpu()]].clone()
         with torch.no_grad():
-            out = model.prompting(model, batch, visual, audio, targets)
+            out = _prompt_losses(model, batch, pieces)
         assert set(out) == VCP_KEYS
         return out
 
@@ -207,8 +221,9 @@ def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
     crossed = vcp([1, 2, 3], relabel=[0, 2, 3, 1, 4, 5])
     assert abs(sum(crossed.values()).item() - sum(ref.values()).item()) > 1e-3
 
-    # Independent: the criterion on the decoded prompts with the pairs written out by hand,
-    # targets restricted to the prompted classes, weighted by weight_dict.
+    # Independent: the criterion on the decoded prompts with the pairs written out by hand, targets
+    # restricted to the prompted classes, mask terms divided by l_agn's number of masks (6, not the
+    # 4 prompts), weighted by weight_dict.
     with torch.no_grad():
         q = torch.zeros(2, 3, table.shape[1])
         q[0] = table[[1, 2, 3]]
@@ -218,10 +233,14 @@ def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
         tg = [{"labels": torch.tensor([1, 2, 3]), "masks": torch.stack([targets[0]["masks"][targets[0]["labels"] == c][0]
                                                                          for c in (1, 2, 3)])},
               {"labels": torch.tensor([4]), "masks": targets[1]["masks"][targets[1]["labels"] == 4]}]
-        raw = model.criterion(out, tg, indices=[(torch.arange(3), torch.arange(3)), (torch.arange(1), torch.arange(1))])
+        pairs = [(torch.arange(3), torch.arange(3)), (torch.arange(1), torch.arange(1))]
+        raw = model.criterion(out, tg, indices=pairs, num_masks=6.0)
+        per_prompt = model.criterion(out, tg, indices=pairs, num_masks=4.0)
     for k, v in raw.items():
         expected = v * model.weight_dict[k]
         assert torch.allclose(ref["loss_vcp_" + k[5:]], expected, rtol=1e-5, atol=1e-6), k
+        if "ce" not in k:  # normalised by 4 prompts the mask terms would be 1.5x larger
+            assert per_prompt[k].item() == pytest.approx(1.5 * v.item(), rel=1e-5), k
 
 
 def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
@@ -233,13 +252,13 @@ def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 4),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 5)]
     with torch.no_grad():
-        visual, audio, targets = _pieces(model, batch)
+        pieces = _pieces(model, batch)
         torch.manual_seed(0)
-        unit = model.prompting(model, batch, visual, audio, targets)
-        p = model.prompting
+        unit = _prompt_losses(model, batch, pieces)
+        p = model.cpm_loss
         p.loss_lambda, p.acp_weight, p.vcp_weight, p.pcl_weight = 2.0, 0.5, 3.0, 0.25
         torch.manual_seed(0)
-        scaled = model.prompting(model, batch, visual, audio, targets)
+        scaled = _prompt_losses(model, batch, pieces)
     factor = {"loss_acp": 1.0, "loss_pcl": 0.5, **{k: 6.0 for k in VCP_KEYS}}
     assert set(scaled) == set(factor)
     for k, f in factor.items():
@@ -247,7 +266,48 @@ def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
         assert scaled[k].item() == pytest.approx(f * unit[k].item(), rel=1e-5), k
 
 
-# ------------------------------------------------------------------------------------------ (c) inference
+# ------------------------------------------------------------------------------------------ (c) statistics
+def _bn_buffers(module):
+    return {n: b.clone() for n, b in module.named_buffers() if n.split(".")[-1] in
+            ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_acp_mixture_leaves_normalisation_statistics_untouched():
+    """Audio BatchNorm (as the paper configs): the noise-mixed pass must not move the running
+    statistics that test time uses on clean audio; the class-agnostic pass does move them."""
+    model = _build(_cpm_cfg(**{"MODEL.AUDIO.NORM": "BN"}))
+    model.train()
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 61), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 62)]
+    before = _bn_buffers(model)
+    assert len(before) > 20  # the audio backbone's BN layers
+    with torch.no_grad():
+        pieces = _pieces(model, batch)  # the clean class-agnostic encoding: statistics move
+    after_clean = _bn_buffers(model)
+    assert any(not torch.equal(before[n], after_clean[n]) for n in before)
+    with torch.no_grad():
+        losses = _prompt_losses(model, batch, pieces)  # re-encodes a_i + a_j in train mode
+    assert "loss_acp" in losses
+    after_prompt = _bn_buffers(model)
+    for n in before:
+        assert torch.equal(after_clean[n], after_prompt[n]), n
+
+
+def test_frozen_norm_statistics_restores_any_running_statistic():
+    from cpm_d2.modeling.cpm import frozen_norm_statistics
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(3))
+    net.train()
+    ref = _bn_buffers(net)
+    x = torch.randn(2, 1, 5, 5)
+    with frozen_norm_statistics(net):
+        y = net[1](net[0](x))  # train mode: batch statistics, running ones updated then restored
+    assert all(torch.equal(ref[n], b) for n, b in _bn_buffers(net).items())
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)  # normalised with the batch's statistics
+    net[1](net[0](x))
+    assert not torch.equal(ref["1.running_mean"], net[1].running_mean)  # outside the block they move
+
+
+# ------------------------------------------------------------------------------------------ (d) inference
 def test_inference_is_the_class_agnostic_path():
     cpm_cfg = _cpm_cfg()
     cpm = _build(cpm_cfg, seed=0)
@@ -256,16 +316,17 @@ def test_inference_is_the_class_agnostic_path():
     base_cfg = cpm_cfg.clone()
     base_cfg.MODEL.CPM.ENABLED = False
     base = _build(base_cfg, seed=1)
-    assert base.prompting is None and cpm.prompting is not None
+    assert base.cpm_loss is None and cpm.cpm_loss is not None
     state = cpm.state_dict()
-    assert set(state) == set(base.state_dict())  # the CPM workflow adds no parameters or buffers
-    base.load_state_dict(state)
+    # CPM adds only its training-time PCL projection heads to the model's state
+    assert set(state) - set(base.state_dict()) == {k for k in state if k.startswith("cpm_loss.pcl_")}
+    assert set(base.state_dict()) <= set(state)
+    base.load_state_dict({k: v for k, v in state.items() if not k.startswith("cpm_loss.")})
 
-    class _Forbidden:
-        def __call__(self, *args, **kwargs):
-            raise AssertionError("CPM prompting ran at inference")
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CPM prompting ran at inference")
 
-    cpm.prompting = _Forbidden()
+    cpm.prompt_losses = forbidden
     cpm.eval()
     base.eval()
     items = [_frame(_sem(48, 64), 8), _frame(_sem(40, 56, boxes=[(3, (5, 20, 5, 30))]), 9, noise=None)]
@@ -275,7 +336,24 @@ def test_inference_is_the_class_agnostic_path():
         assert torch.equal(x["sem_seg"], y["sem_seg"]) and torch.equal(x["audio_class_probs"], y["audio_class_probs"])
 
 
-# ------------------------------------------------------------------------------------------ (d) ACP
+def test_baseline_does_not_import_cpm_training_code():
+    """MODEL.CPM.ENABLED False: building and training the model never imports cpm_d2.modeling.cpm."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, cpm_d2\n"
+        "from cpm_d2.config import setup_cfg\n"
+        "from detectron2.modeling import build_model\n"
+        f"m = build_model(setup_cfg({str(TINY)!r}, ['MODEL.DEVICE', 'cpu']))\n"
+        "assert 'cpm_d2.modeling.cpm' not in sys.modules, 'imported at build'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ (e) ACP
 def _block_mean(x, t=4, f=4):
     """(T, F) numpy -> block averages over t x f cells (area resize to (T/t, F/f))."""
     T, F_ = x.shape
@@ -292,27 +370,27 @@ def test_acp_target_and_loss_are_wired(monkeypatch):
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 21),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 22, noise="zero"),
              _frame(_sem(), 23)]  # background only: no prompt, no ACP term
-    batch[1]["audio_mag"][0, 8:16, 4:12] = 0.0  # silent 2x2 cells of the 8x6 mask grid
+    batch[1]["audio"][0, 8:16, 4:12] = 0.0  # silent 2x2 cells of the 8x6 mask grid
     seen = {}
-    real_target = prompting_module.acp_ratio_target
+    real_target = cpm_loss_module.acp_ratio_target
 
     def spy(clean, noise, size):
         seen["target"] = real_target(clean, noise, size)
         return seen["target"]
 
-    monkeypatch.setattr(prompting_module, "acp_ratio_target", spy)
+    monkeypatch.setattr(cpm_loss_module, "acp_ratio_target", spy)
     losses = model(batch)
 
     # target by hand (numpy): block means of a_i over block means of a_i + a_j; 0/0 -> 0
     targets = []
     for x in batch:
-        clean = x["audio_mag"][0].numpy().astype(np.float64)
-        mix = clean + x["noise_mag"][0].numpy()
+        clean = x["audio"][0].numpy().astype(np.float64)
+        mix = clean + x["noise_audio"][0].numpy()
         cb, mb = _block_mean(clean), _block_mean(mix)
         targets.append(np.where(mb > 0, cb / np.where(mb > 0, mb, 1), 0.0))
     targets = np.stack(targets)
     assert np.allclose(seen["target"].numpy(), targets, atol=1e-6)
-    # noise_mag = 0: the target is 1 wherever audio_mag > 0 and 0 in the silent cells
+    # noise_audio = 0: the target is 1 wherever audio > 0 and 0 in the silent cells
     silent = np.zeros((8, 6), dtype=bool)
     silent[2:4, 1:3] = True
     assert np.array_equal(seen["target"][1].numpy(), np.where(silent, 0.0, 1.0))
@@ -321,13 +399,14 @@ def test_acp_target_and_loss_are_wired(monkeypatch):
     with torch.no_grad():
         images = model.preprocess_image(batch)
         visual = model.encode_visual(images.tensor)
-        mix = torch.stack([x["audio_mag"] + x["noise_mag"] for x in batch])
+        mix = torch.stack([x["audio"] + x["noise_audio"] for x in batch])
         audio = model.encode_audio(torch.log(mix + LOG_OFFSET))
         q = torch.zeros(3, 2, table.shape[1])
         q[0] = table[[1, 3]]
         q[1, 0] = table[2]
         pad = torch.tensor([[False, False], [False, True], [True, True]])
-        logits = model.decode(visual, audio, queries=q, query_padding_mask=pad)["pred_audio_masks"].double().numpy()
+        out = model.decode(visual, audio, queries=q, query_padding_mask=pad, audio_masks=True)
+        logits = out["pred_audio_masks"].double().numpy()
     per_image = []
     for i, n in enumerate((2, 1)):
         s = 1 / (1 + np.exp(-logits[i, :n].sum(0)))
@@ -341,17 +420,19 @@ def test_noise_falls_back_to_the_batchs_other_audio():
     _fixed_prompts(model, torch.randn(6, model.transformer_decoder.hidden_dim))
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 31, noise=None),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 32, noise=None)]
-    with_noise = [dict(batch[0], noise_mag=batch[1]["audio_mag"]), dict(batch[1], noise_mag=batch[0]["audio_mag"])]
+    with_noise = [dict(batch[0], noise_audio=batch[1]["audio"]), dict(batch[1], noise_audio=batch[0]["audio"])]
     with torch.no_grad():
-        visual, audio, targets = _pieces(model, batch)
-        rolled = model.prompting(model, batch, visual, audio, targets)["loss_acp"]
-        explicit = model.prompting(model, with_noise, visual, audio, targets)["loss_acp"]
+        pieces = _pieces(model, batch)
+        rolled = _prompt_losses(model, batch, pieces)["loss_acp"]
+        explicit = _prompt_losses(model, with_noise, pieces)["loss_acp"]
     assert rolled.item() == pytest.approx(explicit.item(), rel=1e-6)
-    with pytest.raises(ValueError, match=r"frame_31\.jpg.*noise_mag"):
+    with pytest.raises(ValueError, match=r"frame_31\.jpg.*noise_audio"):
         model(batch[:1])
+    with pytest.raises(ValueError, match=r"frame_32\.jpg.*all or none"):
+        model([with_noise[0], batch[1]])
 
 
-# ------------------------------------------------------------------------------------------ (e) training
+# ------------------------------------------------------------------------------------------ (f) training
 COLORS = torch.tensor([[0, 0, 0], [230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=torch.float)
 
 
@@ -370,7 +451,7 @@ def _synthetic_frame(objects, sounding, seed, h=64, w=80):
     noise = 0.01 * torch.rand(1, T_AUDIO, F_AUDIO, generator=g)
     noise[0, :, 18:] += 1.0
     d = _frame(sem, seed)
-    d.update(image=img.to(torch.uint8), audio=torch.log(mag + LOG_OFFSET), audio_mag=mag, noise_mag=noise)
+    d.update(image=img.to(torch.uint8), audio=mag, noise_audio=noise)
     return d
 
 
@@ -402,9 +483,27 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
     assert ((gmm.means - means0).abs().flatten(1).amax(1) > 1e-3).all()
     assert not torch.allclose(gmm.covariances, cov0)
     assert int(model._iter) == 30
+    # entries are stamped with their iteration: per step 40 queries, 9 matched to targets, 31 to
+    # no-object; its 64 slots hold iterations 29, 28 (31 each) and 27 (2) -> at 30 the mean age is
+    # (31 x 1 + 31 x 2 + 2 x 3) / 64
+    assert gmm.bank_age(30)[4].item() == pytest.approx(99 / 64)
 
 
-# ------------------------------------------------------------------------------------------ (f) empty
+def test_point_prompts_are_learned_through_the_prompt_losses():
+    """Table 5's "Point Rep.": the softmax head's (C+1) x D prompt embedding is trained by VCP/ACP/PCL."""
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor"}))
+    model.train()
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 71),
+             _frame(_sem(boxes=[(3, (10, 40, 20, 60))]), 72)]
+    losses = model(batch)
+    sum(_cpm_part(losses).values()).backward()
+    grad = model.class_predictor.prompts.weight.grad
+    norms = grad.norm(dim=1)
+    assert norms[1] > 0 and norms[3] > 0  # the prompted classes
+    assert norms[0] == 0 and norms[2] == 0 and norms[4] == 0 and norms[5] == 0  # never prompted
+
+
+# ------------------------------------------------------------------------------------------ (g) empty
 def test_batch_without_sounding_classes_gives_zero_cpm_losses_in_the_graph():
     model = _build(_cpm_cfg())
     model.train()
@@ -424,7 +523,7 @@ def test_batch_without_sounding_classes_gives_zero_cpm_losses_in_the_graph():
     assert all(g is None or (torch.isfinite(g).all() and g.abs().sum() == 0) for g in grads.values())
 
 
-# ------------------------------------------------------------------------------------------ (g) checkpoint
+# ------------------------------------------------------------------------------------------ (h) checkpoint
 def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
     model = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=0)
     model.train()
@@ -436,7 +535,7 @@ def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
     assert gmm.initialized.any()
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("cpm")
     other = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=1)
-    names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr")
+    names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
     assert not all(torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)) for n in names)
     DetectionCheckpointer(other).load(str(tmp_path / "cpm.pth"))
     for n in names:
@@ -453,13 +552,17 @@ def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
 
 def test_cpm_rejects_a_class_head_that_cannot_sample():
     from cpm_d2.modeling.class_predictor import ClassPredictor
-    from cpm_d2.modeling.meta_arch.prompting import ClassConditionalPrompting
 
     class SoftmaxOnly(ClassPredictor):  # a head with no class-conditional prompts
         def forward(self, embeddings):
             return embeddings
 
-    with pytest.raises(ValueError, match="samples prompts"):
-        ClassConditionalPrompting.check_class_predictor(SoftmaxOnly())
     with pytest.raises(RuntimeError, match="can_sample is False"):
         SoftmaxOnly().sample(torch.tensor([1]))
+    model = _build(_cpm_cfg())
+    model.transformer_decoder.class_predictor = SoftmaxOnly()
+    with pytest.raises(ValueError, match="samples prompts"):
+        type(model)(**{k: getattr(model, k) for k in (
+            "backbone", "pixel_decoder", "audio_backbone", "audio_pixel_decoder", "transformer_decoder",
+            "criterion", "weight_dict", "num_classes", "num_queries", "size_divisibility")},
+            pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0), cpm_loss=model.cpm_loss)

@@ -61,9 +61,9 @@ def test_stft_grid_and_tone_peak_match_numpy(tmp_path):
     x = _tone(1000.0, 2.0)
     path = _write(tmp_path / "tone.wav", x)
     fe = AudioFrontEnd()
-    feats, mag = fe(path, 0.0, 1.0)
-    assert feats.shape == mag.shape == (1, 101, 257)
-    assert feats.dtype == mag.dtype == torch.float32
+    mag = fe(path, 0.0, 1.0)
+    assert mag.shape == (1, 101, 257)
+    assert mag.dtype == torch.float32
     # 1000 Hz at 16 kHz with n_fft 512: bin 1000 / (16000 / 512) = 32.
     assert int(mag[0].mean(0).argmax()) == 32
     # Frame 50 against a numpy STFT: periodic Hann(400) centred in 512, frame centred at 50*160.
@@ -72,15 +72,19 @@ def test_stft_grid_and_tone_peak_match_numpy(tmp_path):
     win[56:456] = 0.5 - 0.5 * np.cos(2 * np.pi * n / 400)
     ref = np.abs(np.fft.rfft(x[50 * 160 - 256: 50 * 160 + 256] * win))
     np.testing.assert_allclose(mag[0, 50].numpy(), ref, atol=1e-3)
-    np.testing.assert_allclose(feats.numpy(), np.log(mag.numpy() + 1e-6), rtol=1e-5, atol=1e-5)
 
 
-def test_log_mel_grid_and_peak(tmp_path):
+def test_old_feature_names_say_they_were_renamed():
+    with pytest.raises(ValueError, match="'log_mel' was renamed 'mel'.*model takes the log"):
+        AudioFrontEnd(feature="log_mel")
+
+
+def test_mel_grid_and_peak(tmp_path):
     path = _write(tmp_path / "tone.wav", _tone(1000.0, 2.0))
-    fe = AudioFrontEnd(feature="log_mel")
-    feats, mag = fe(path, 0.0, 1.0)
+    fe = AudioFrontEnd(feature="mel")
+    mag = fe(path, 0.0, 1.0)
     hop = round(SR / 96)
-    assert feats.shape == mag.shape == (1, 1 + SR // hop, 64)
+    assert mag.shape == (1, 1 + SR // hop, 64)
     assert fe.config.grid_shape(1.0) == (1 + SR // hop, 64)
 
     def mel(f):
@@ -101,8 +105,8 @@ def test_channels_mono_mix_and_stereo_duplicate(tmp_path):
     dup = st.load_clip(mono_path).numpy()
     np.testing.assert_allclose(dup[0], left, atol=1e-6)
     np.testing.assert_allclose(dup[1], left, atol=1e-6)
-    feats, mag = st(stereo_path, 0.0, 1.0)
-    assert feats.shape == (2, 101, 257)
+    mag = st(stereo_path, 0.0, 1.0)
+    assert mag.shape == (2, 101, 257)
 
 
 def test_corrupt_empty_and_missing_audio_errors_name_the_file(tmp_path):

@@ -141,7 +141,7 @@ def _frame(tmp_path, name, label, wav_seconds=1.0, channels=1, size=(H, W)):
 def _mapper(channels=1, num_classes=4, is_train=False, **kw):
     return AVSDatasetMapper(
         is_train=is_train, augmentations=[], image_format="RGB", audio_front_end=AudioFrontEnd(channels=channels),
-        num_classes=num_classes, noise_source="none", **kw,
+        num_classes=num_classes, **kw,
     )
 
 
@@ -192,10 +192,10 @@ def test_short_wav_padded_by_repetition_and_warned_once_per_file(tmp_path, audio
     tail = wave[4 * SR:]
     assert len(tail) == int(0.2 * SR)
     fe = AudioFrontEnd()
-    expected_log, expected_mag = fe.features(torch.from_numpy(np.tile(tail, 5)[None]))
-    assert torch.allclose(outs[4]["audio_mag"], expected_mag, atol=1e-4)
+    expected_mag = fe.magnitude(torch.from_numpy(np.tile(tail, 5)[None]))
+    assert torch.allclose(outs[4]["audio"], expected_mag, atol=1e-4)
     for i in range(4):
-        assert torch.allclose(outs[i]["audio_mag"], fe.features(torch.from_numpy(wave[None, i * SR:(i + 1) * SR]))[1])
+        assert torch.allclose(outs[i]["audio"], fe.magnitude(torch.from_numpy(wave[None, i * SR:(i + 1) * SR])))
     # a wav exactly as long as its windows: no warning
     full = _frame(tmp_path, "full", lab, wav_seconds=5.0)
     for i in range(5):
@@ -216,7 +216,7 @@ def test_stereo_requested_on_mono_duplicates_the_channel(tmp_path):
     stereo = _mapper(channels=2)(d)
     mono = _mapper(channels=1)(d)
     assert stereo["audio"].shape == (2,) + tuple(mono["audio"].shape[1:])
-    assert torch.equal(stereo["audio_mag"][0], stereo["audio_mag"][1])
-    assert torch.allclose(stereo["audio_mag"][0], mono["audio_mag"][0])
+    assert torch.equal(stereo["audio"][0], stereo["audio"][1])
+    assert torch.allclose(stereo["audio"][0], mono["audio"][0])
     # 750 Hz tone: bin 750 / 31.25 = 24 on both channels
-    assert [int(stereo["audio_mag"][c].mean(0).argmax()) for c in (0, 1)] == [24, 24]
+    assert [int(stereo["audio"][c].mean(0).argmax()) for c in (0, 1)] == [24, 24]

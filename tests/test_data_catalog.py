@@ -23,7 +23,7 @@ from cpm_d2.data.datasets.avsbench_objects import load_avsbench_ms3, load_avsben
 from cpm_d2.data.datasets.avss import avss_palette, load_avss, read_label2idx
 from cpm_d2.data.datasets.catalog import load_synthetic_avs
 from cpm_d2.data.datasets.vpo import load_vpo, prepare_vpo
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,6 @@ def test_register_from_cfg(tmp_path, names):
     root = generate_synthetic_avs(tmp_path / "syn", seed=2, clips_per_split={"train": 2}, frames_per_clip=2)
     name = names("cfg_ds")
     cfg = get_cfg()
-    cpm_d2.add_cpm_config(cfg)
     cfg.DATASETS.AVS_REGISTER = [[name, root, "train"]]
     register_avs_datasets_from_cfg(cfg)
     register_avs_datasets_from_cfg(cfg)  # same name, same root: skipped

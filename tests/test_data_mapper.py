@@ -9,7 +9,8 @@ from PIL import Image
 
 import cpm_d2
 from cpm_d2.data import AudioFrontEnd, AVSDatasetMapper, generate_synthetic_avs, register_avs_dataset
-from detectron2.config import get_cfg
+from cpm_d2.data.offscreen_noise import DatasetNoise, FolderNoise
+from cpm_d2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 
@@ -55,17 +56,23 @@ def _label(cls=1, box=(10, 18, 4, 12)):
     return lab
 
 
-def _mapper(augs, channels=1, noise_source="none", noise_pool=None, num_classes=4, **kw):
+def _mapper(augs, channels=1, noise_sampler=None, num_classes=4, **kw):
     return AVSDatasetMapper(
         is_train=True,
         augmentations=augs,
         image_format="RGB",
         audio_front_end=AudioFrontEnd(channels=channels),
         num_classes=num_classes,
-        noise_source=noise_source,
-        noise_pool=noise_pool,
+        noise_sampler=noise_sampler,
         **kw,
     )
+
+
+def _cpm_cfg():
+    """Defaults with CPM's ACP on: only then does the mapper draw off-screen noise."""
+    cfg = get_cfg()
+    cfg.MODEL.CPM.ENABLED = True
+    return cfg
 
 
 def _band_energy(mag, channel, bin_):
@@ -83,22 +90,20 @@ def test_forced_flip_mirrors_image_label_and_swaps_stereo(tmp_path):
         x_obj = 7 if not flipped else W - 1 - 7
         assert tuple(out["image"][:, 14, x_obj].tolist()) == RED
         assert out["image"][:, 14, W - 1 - x_obj].tolist() == [128, 128, 128]
-        left, right = _band_energy(out["audio_mag"], 0, 16), _band_energy(out["audio_mag"], 1, 16)
+        left, right = _band_energy(out["audio"], 0, 16), _band_energy(out["audio"], 1, 16)
         if flipped:
             assert right > 100 * left
         else:
             assert left > 100 * right
-        assert torch.allclose(out["audio"], torch.log(out["audio_mag"] + 1e-6))
+        assert float(out["audio"].min()) >= 0.0  # linear magnitudes: the model takes the log
 
 
 def test_config_flip_consistent_between_image_label_and_channels(tmp_path):
     cfg = get_cfg()
-    cpm_d2.add_cpm_config(cfg)
     cfg.INPUT.TRAIN_RESIZE_MODE = "fixed"
     cfg.INPUT.FIXED_SIZE = (H, W)
     cfg.INPUT.RANDOM_FLIP = "horizontal"
     cfg.INPUT.AUDIO.CHANNELS = 2
-    cfg.INPUT.AUDIO.NOISE_SOURCE = "none"
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
     lab = _label()
     d = _clip(tmp_path, "a", lab, [_tone(500.0, 1.0), np.zeros(SR, np.float32)])
@@ -109,7 +114,7 @@ def test_config_flip_consistent_between_image_label_and_channels(tmp_path):
         out = mapper(d)
         flipped = np.array_equal(out["sem_seg"].numpy(), np.fliplr(lab))
         assert flipped or np.array_equal(out["sem_seg"].numpy(), lab)
-        louder_right = _band_energy(out["audio_mag"], 1, 16) > _band_energy(out["audio_mag"], 0, 16)
+        louder_right = _band_energy(out["audio"], 1, 16) > _band_energy(out["audio"], 0, 16)
         assert louder_right == flipped
         seen.add(flipped)
     assert seen == {True, False}
@@ -166,22 +171,42 @@ def test_noise_from_other_clip_without_shared_class(tmp_path):
     a = _clip(tmp_path, "a", _label(cls=1), [_tone(500.0, 1.0)])
     b = _clip(tmp_path, "b", _label(cls=1), [_tone(1000.0, 1.0)])
     c = _clip(tmp_path, "c", _label(cls=2), [_tone(2000.0, 1.0)])
-    mapper = _mapper([], noise_source="dataset", noise_pool=[a, b, c], noise_retries=8)
+    mapper = _mapper([], noise_sampler=DatasetNoise([a, b, c], retries=8))
     fe = AudioFrontEnd()
     for _ in range(5):
         out = mapper(a)
         assert out["noise_clip_id"] == "c"
-        assert torch.allclose(out["noise_mag"], fe(c["audio_file_name"], 0.0, 1.0)[1])
-        assert out["noise_mag"].shape == out["audio_mag"].shape
+        assert torch.allclose(out["noise_audio"], fe(c["audio_file_name"], 0.0, 1.0))
+        assert out["noise_audio"].shape == out["audio"].shape
     # no clip without a shared class: still another clip, never this one
-    mapper2 = _mapper([], noise_source="dataset", noise_pool=[a, b], noise_retries=8)
+    mapper2 = _mapper([], noise_sampler=DatasetNoise([a, b], retries=8))
     assert {mapper2(a)["noise_clip_id"] for _ in range(5)} == {"b"}
     # no noise at test time
     test_mapper = AVSDatasetMapper(
         is_train=False, augmentations=[], image_format="RGB", audio_front_end=fe, num_classes=4,
-        noise_source="dataset", noise_pool=[a, b, c],
+        noise_sampler=DatasetNoise([a, b, c]),
     )
-    assert "noise_mag" not in test_mapper(a)
+    assert "noise_audio" not in test_mapper(a)
+
+
+def test_noise_sampler_only_with_cpm_acp(tmp_path):
+    """The class-agnostic baseline never decodes a second wav: no sampler unless CPM's ACP is on."""
+    from cpm_d2.data.offscreen_noise import build_offscreen_noise_sampler
+
+    a = _clip(tmp_path, "a", _label(cls=1), [_tone(500.0, 1.0)])
+    b = _clip(tmp_path, "b", _label(cls=2), [_tone(1000.0, 1.0)])
+    cfg = get_cfg()
+    assert build_offscreen_noise_sampler(cfg, [a, b]) is None  # baseline
+    cfg = _cpm_cfg()
+    assert isinstance(build_offscreen_noise_sampler(cfg, [a, b]), DatasetNoise)
+    cfg.MODEL.CPM.ACP.ENABLED = False
+    assert build_offscreen_noise_sampler(cfg, [a, b]) is None  # VCP/PCL only: no mixture
+    cfg = _cpm_cfg()
+    cfg.INPUT.AUDIO.NOISE_SOURCE = "batch"
+    assert build_offscreen_noise_sampler(cfg, [a, b]) is None  # the model rolls the batch
+    cfg.INPUT.AUDIO.NOISE_SOURCE = "nope"
+    with pytest.raises(ValueError, match="NOISE_SOURCE"):
+        build_offscreen_noise_sampler(cfg, [a, b])
 
 
 def test_folder_noise_and_missing_folder(tmp_path):
@@ -189,11 +214,13 @@ def test_folder_noise_and_missing_folder(tmp_path):
     noise_dir = tmp_path / "noise"
     noise_dir.mkdir()
     with pytest.raises(FileNotFoundError, match="no .wav"):
-        _mapper([], noise_source="folder", noise_dir=str(noise_dir))
+        FolderNoise(str(noise_dir))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        FolderNoise(str(tmp_path / "missing"))
     sf.write(str(noise_dir / "n.wav"), _tone(3000.0, 3.0), SR, subtype="FLOAT")
-    out = _mapper([], noise_source="folder", noise_dir=str(noise_dir))(a)
-    assert out["noise_mag"].shape == out["audio_mag"].shape
-    assert int(out["noise_mag"][0].mean(0).argmax()) == 96  # 3000 Hz / 31.25 Hz per bin
+    out = _mapper([], noise_sampler=FolderNoise(str(noise_dir)))(a)
+    assert out["noise_audio"].shape == out["audio"].shape
+    assert int(out["noise_audio"][0].mean(0).argmax()) == 96  # 3000 Hz / 31.25 Hz per bin
 
 
 def test_missing_frame_and_bad_label_errors_name_the_file(tmp_path):
@@ -217,8 +244,7 @@ def test_from_config_on_synthetic_dataset(tmp_path):
     name = f"test_syn_{uuid.uuid4().hex[:6]}"
     register_avs_dataset(name, root, split="train", audio_channels=2)
     try:
-        cfg = get_cfg()
-        cpm_d2.add_cpm_config(cfg)
+        cfg = _cpm_cfg()
         cfg.DATASETS.TRAIN = (name,)
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
         cfg.INPUT.MIN_SIZE_TRAIN = (64,)
@@ -227,7 +253,7 @@ def test_from_config_on_synthetic_dataset(tmp_path):
         cfg.INPUT.CROP.TYPE = "absolute"
         cfg.INPUT.CROP.SIZE = (48, 48)
         cfg.INPUT.AUDIO.CHANNELS = 2
-        cfg.INPUT.AUDIO.FEATURE = "log_mel"
+        cfg.INPUT.AUDIO.FEATURE = "mel"
         mapper = AVSDatasetMapper(cfg, is_train=True)
         dicts = DatasetCatalog.get(name)
         for d in dicts[:6]:
@@ -235,13 +261,13 @@ def test_from_config_on_synthetic_dataset(tmp_path):
             for key in d:
                 assert out[key] == d[key]
             assert out["image"].shape == (3, 48, 48)
-            assert out["audio"].shape == out["audio_mag"].shape == out["noise_mag"].shape == (2, 96, 64)
+            assert out["audio"].shape == out["noise_audio"].shape == (2, 96, 64)
             assert out["noise_clip_id"] != d["clip_id"]
             present = set(out["sem_seg"].unique().tolist()) - {0, 255}
             assert {i for i, v in enumerate(out["audio_labels"].tolist()) if v} == present
         test_mapper = AVSDatasetMapper(cfg, is_train=False)
         out = test_mapper(dicts[0])
-        assert "noise_mag" not in out and out["image"].shape[1] == cfg.INPUT.MIN_SIZE_TEST
+        assert "noise_audio" not in out and out["image"].shape[1] == cfg.INPUT.MIN_SIZE_TEST
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -260,29 +286,25 @@ def test_mute_replaces_window_by_silence_before_features(tmp_path):
     a = _clip(tmp_path, "a", _label(cls=1), [_tone(500.0, 1.0)])
     c = _clip(tmp_path, "c", _label(cls=2), [_tone(2000.0, 1.0)])
     fe = AudioFrontEnd()
-    muted = _mapper([], noise_source="dataset", noise_pool=[a, c], mute=True)(a)
-    assert muted["audio_mag"].shape == (1, 101, 257)
-    assert torch.count_nonzero(muted["audio_mag"]) == 0
-    assert torch.allclose(muted["audio"], torch.full_like(muted["audio"], float(np.log(1e-6))))
+    muted = _mapper([], noise_sampler=DatasetNoise([a, c]), mute=True)(a)
+    assert muted["audio"].shape == (1, 101, 257)
+    assert torch.count_nonzero(muted["audio"]) == 0
     # the off-screen noise (training only) is untouched: clip c's 2000 Hz window
     assert muted["noise_clip_id"] == "c"
-    assert torch.allclose(muted["noise_mag"], fe(c["audio_file_name"], 0.0, 1.0)[1])
-    assert int(muted["noise_mag"][0].mean(0).argmax()) == 64  # 2000 Hz / 31.25 Hz per bin
-    # from the config, with its LOG_OFFSET, at test time
+    assert torch.allclose(muted["noise_audio"], fe(c["audio_file_name"], 0.0, 1.0))
+    assert int(muted["noise_audio"][0].mean(0).argmax()) == 64  # 2000 Hz / 31.25 Hz per bin
+    # from the config, at test time
     cfg = get_cfg()
-    cpm_d2.add_cpm_config(cfg)
     cfg.INPUT.AUDIO.MUTE = True
-    cfg.INPUT.AUDIO.LOG_OFFSET = 1e-3
-    cfg.INPUT.AUDIO.FEATURE = "log_mel"
+    cfg.INPUT.AUDIO.FEATURE = "mel"
     cfg.INPUT.MIN_SIZE_TEST = 0
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
     out = AVSDatasetMapper(cfg, is_train=False)(a)
     assert out["audio"].shape == (1, 1 + SR // round(SR / 96), 64)
-    assert torch.count_nonzero(out["audio_mag"]) == 0
-    assert torch.allclose(out["audio"], torch.full_like(out["audio"], float(np.log(1e-3))))
+    assert torch.count_nonzero(out["audio"]) == 0
     cfg.INPUT.AUDIO.MUTE = False
     unmuted = AVSDatasetMapper(cfg, is_train=False)(a)
-    assert float(unmuted["audio_mag"].max()) > 1.0  # the same window is loud when not muted
+    assert float(unmuted["audio"].max()) > 1.0  # the same window is loud when not muted
 
 
 def test_train_loader_with_two_workers(tmp_path):
@@ -298,30 +320,30 @@ def test_train_loader_with_two_workers(tmp_path):
     it = None
     try:
         cfg = get_cfg()
-        cpm_d2.add_cpm_config(cfg)
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         cfg.merge_from_file(os.path.join(repo, "configs", "synthetic", "Base-Synthetic.yaml"))
         cfg.DATASETS.TRAIN = (name,)
         cfg.INPUT.FIXED_SIZE = (24, 32)
         cfg.DATALOADER.NUM_WORKERS = 2
         cfg.SOLVER.IMS_PER_BATCH = 2
+        cfg.MODEL.CPM.ENABLED = True  # ACP on: the loader also draws off-screen noise
         cfg.INPUT.AUDIO.NOISE_SOURCE = "dataset"
         loader = build_detection_train_loader(cfg, mapper=AVSDatasetMapper(cfg, is_train=True))
         torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
         assert isinstance(torch_loader, torch.utils.data.DataLoader) and torch_loader.num_workers == 2
         it = iter(loader)
         batches = [next(it), next(it)]
-        t_bins = 1 + SR // round(SR / 96)  # log_mel, 96 frames per second
+        t_bins = 1 + SR // round(SR / 96)  # mel, 96 frames per second
         for batch in batches:
             assert len(batch) == 2
             for item in batch:
                 assert item["image"].shape == (3, 24, 32) and item["image"].dtype == torch.uint8
                 assert item["sem_seg"].shape == (24, 32)
-                assert item["audio"].shape == item["audio_mag"].shape == item["noise_mag"].shape == (1, t_bins, 64)
+                assert item["audio"].shape == item["noise_audio"].shape == (1, t_bins, 64)
                 assert item["audio_labels"].shape == (5,)
                 assert item["noise_clip_id"] != item["clip_id"]
-                assert not torch.allclose(item["noise_mag"], item["audio_mag"])
-                assert torch.allclose(item["audio"], torch.log(item["audio_mag"] + 1e-6))
+                assert not torch.allclose(item["noise_audio"], item["audio"])
+                assert float(item["audio"].min()) >= 0.0
     finally:
         del it  # shuts the workers down
         DatasetCatalog.remove(name)

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 import cpm_d2  # noqa: F401  (applies the detectron2 compatibility fixes first)
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 from detectron2.data import MetadataCatalog
 
-from cpm_d2 import add_cpm_config
 from cpm_d2.evaluation import AVSEvaluator, build_avs_evaluator, coverage_score
 from cpm_d2.evaluation import metrics as M
 
@@ -285,7 +284,6 @@ def test_subsets_equal_evaluating_only_those_frames(semantic_frames, tmp_path):
 
 def test_build_from_config_reads_subsets(semantic_frames):
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_list(["TEST.AVS.SUBSETS", "[['SS', 'multi_source', False]]"])
     ev = build_avs_evaluator(cfg, register(SEM_CLASSES), None)
     res = run(ev, semantic_frames)

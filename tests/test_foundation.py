@@ -94,9 +94,8 @@ def test_train_net_help():
 
 
 def test_add_cpm_config_keys():
-    from detectron2.config import get_cfg
+    from cpm_d2.config import get_cfg
 
     cfg = get_cfg()
-    cpm_d2.add_cpm_config(cfg)
     assert cfg.MODEL.CPM.GMM.NUM_COMPONENTS == 3
     assert cfg.INPUT.AUDIO.N_FFT == 512 and cfg.INPUT.AUDIO.HOP_LENGTH == 160

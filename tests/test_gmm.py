@@ -303,6 +303,45 @@ def test_ring_buffer_keeps_the_most_recent_per_class():
     assert g.bank_valid_mask().sum(1).tolist() == [S, S, 2]
 
 
+def test_bank_age_and_max_age():
+    """Entries carry the iteration they were stored at; bank_age is their mean age; with max_age,
+    EM fits only the fresh ones (stale entries are ignored, not deleted)."""
+    g = _gmm(memory_size=8, max_age=5)
+    old = torch.tensor([[10.0, 10.0], [10.0, 11.0], [11.0, 10.0]])
+    new = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    g.observe(old, torch.zeros(3, dtype=torch.long), iteration=0)
+    g.observe(new, torch.zeros(4, dtype=torch.long), iteration=10)
+    assert g.bank_iter[0, :7].tolist() == [0, 0, 0, 10, 10, 10, 10]
+    # at iteration 12: ages 12 (x3) and 2 (x4) -> 44 / 7; class 1 (no object here) is empty -> NaN
+    age = g.bank_age(12)
+    assert age[0].item() == pytest.approx(44 / 7) and torch.isnan(age[1])
+    assert g.bank_valid_mask(12)[0, :7].tolist() == [False] * 3 + [True] * 4
+    assert g.bank_valid_mask()[0, :7].all()  # without an iteration: every stored entry
+    assert g.update(12)
+    # the fit sees only the 4 fresh points around (0.5, 0.5), never the stale ones near (10, 10)
+    assert (g.means[0].abs() < 2).all()
+    fresh_only = _gmm(memory_size=8, max_age=0)
+    fresh_only.observe(old, torch.zeros(3, dtype=torch.long), iteration=0)
+    fresh_only.observe(new, torch.zeros(4, dtype=torch.long), iteration=10)
+    fresh_only.update(12)
+    assert (fresh_only.means[0] > 4).any()  # max_age 0: the stale points pull a component away
+    # a class whose every entry is stale keeps its parameters
+    g2 = _gmm(memory_size=8, max_age=5)
+    g2.observe(old, torch.zeros(3, dtype=torch.long), iteration=0)
+    before = g2.means.clone()
+    assert not g2.update(20) and torch.equal(g2.means, before)
+
+
+def test_checkpoints_without_bank_iter_still_load():
+    g = _gmm()
+    g.observe(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), iteration=7)
+    state = g.state_dict()
+    del state["bank_iter"]  # a checkpoint written before entries were stamped
+    other = _gmm()
+    other.load_state_dict(state)
+    assert torch.equal(other.bank, g.bank) and int(other.bank_iter.max()) == 0
+
+
 def test_bad_input_raises_clear_errors():
     g = _gmm(num_classes=2, embed_dim=3)
     with pytest.raises(ValueError, match="gmm.py.*labels must lie in"):
@@ -314,10 +353,9 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_built_from_config():
-    from detectron2.config import get_cfg
+    from cpm_d2.config import get_cfg
 
     cfg = get_cfg()
-    cpm_d2.add_cpm_config(cfg)
     cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
     cfg.MODEL.CPM.GMM.NUM_COMPONENTS = 2
     cfg.MODEL.CPM.GMM.COVARIANCE = "full"

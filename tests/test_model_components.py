@@ -1,5 +1,5 @@
 """Model pieces in isolation: matcher, loss arithmetic, deformable attention, audio backbone,
-class predictor prototypes. Expected values are derived by hand (arithmetic in the comments) or
+class predictor prompts. Expected values are derived by hand (arithmetic in the comments) or
 by an independent computation (brute force over permutations, numpy)."""
 import itertools
 import math
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2 imports)
-from cpm_d2 import add_cpm_config
-from cpm_d2.modeling.backbone import AudioPixelDecoder, AudioResNet, load_audio_backbone_weights
+from cpm_d2.modeling.pixel_decoder import AudioPixelDecoder
+from cpm_d2.modeling.backbone import AudioResNet, load_audio_backbone_weights
 from cpm_d2.modeling.class_predictor import build_class_predictor
 from cpm_d2.modeling.criterion import SetCriterion, dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
 from cpm_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost, batch_sigmoid_focal_cost
 from cpm_d2.modeling.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder, ms_deform_attn_core
 from cpm_d2.modeling.transformer_decoder import PositionEmbeddingSine
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
 torch.set_num_threads(2)
@@ -23,7 +23,6 @@ torch.set_num_threads(2)
 
 def _cfg():
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file("configs/synthetic/baseline_r18_tiny.yaml")
     return cfg
 
@@ -177,7 +176,8 @@ def test_criterion_given_indices_skips_matching_and_zero_targets_are_differentia
     logits = torch.randn(1, 4, 4, requires_grad=True)
     masks = torch.randn(1, 4, 8, 8, requires_grad=True)
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}]
-    losses, idx = crit2({"pred_logits": logits, "pred_masks": masks}, empty, return_indices=True)
+    losses, idx, num_masks = crit2({"pred_logits": logits, "pred_masks": masks}, empty, return_indices=True)
+    assert num_masks == 1  # clamped to >= 1
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
     expected_ce = -torch.log_softmax(logits.detach(), -1)[0, :, 3].mean()
     assert losses["loss_ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
@@ -262,20 +262,24 @@ def test_position_encoding_values():
 
 
 # ---------------------------------------------------------------------------------- class predictor
-def test_linear_class_predictor_prototypes_follow_observe():
+def test_linear_class_predictor_point_prompts_are_learnable():
+    """Without CPM the softmax head has no prompts; with CPM ("Point Rep.") it samples rows of a
+    learnable (C+1) x D embedding, and gradients of the prompt losses reach that embedding."""
     cfg = _cfg()
     cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "LinearClassPredictor"
-    cfg.MODEL.CPM.GMM.MOMENTUM = 0.9
+    plain = build_class_predictor(cfg, num_classes=3, embed_dim=2)
+    assert plain(torch.randn(5, 7, 2)).shape == (5, 7, 4)
+    assert not plain.can_sample and not any("prompts" in k for k in plain.state_dict())
+    with pytest.raises(RuntimeError, match="can_sample"):
+        plain.sample(torch.tensor([1]))
+    cfg.MODEL.CPM.ENABLED = True
     pred = build_class_predictor(cfg, num_classes=3, embed_dim=2)
-    assert pred(torch.randn(5, 7, 2)).shape == (5, 7, 4)
-    e1 = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
-    pred.observe(e1, torch.tensor([1, 1, 3]))
-    # first observation sets the prototype to the mean: class 1 -> (2, 1); no-object (3) -> (5, 5)
-    assert pred.sample(torch.tensor([1, 3])).tolist() == [[2.0, 1.0], [5.0, 5.0]]
-    pred.observe(torch.tensor([[12.0, 11.0], [0.0, 0.0]]), torch.tensor([1, 0]))
-    # class 1: .9 * (2, 1) + .1 * (12, 11) = (3, 2); class 0 first seen -> (0, 0); class 3 unchanged
-    got = pred.sample(torch.tensor([1, 0, 3, 2]))
-    assert torch.allclose(got, torch.tensor([[3.0, 2.0], [0.0, 0.0], [5.0, 5.0], [0.0, 0.0]]))
-    assert pred.prototype_seen.tolist() == [True, True, False, True]
+    assert pred.can_sample
+    z = pred.sample(torch.tensor([1, 3, 1]))
+    assert torch.equal(z[0], pred.prompts.weight[1]) and torch.equal(z[0], z[2])
+    assert torch.equal(z[1], pred.prompts.weight[3])
+    (z * torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).sum().backward()
+    # d/dW[1] = (1, 2) + (5, 6); d/dW[3] = (3, 4); untouched rows get 0
+    assert pred.prompts.weight.grad.tolist() == [[0.0, 0.0], [6.0, 8.0], [0.0, 0.0], [3.0, 4.0]]
     with pytest.raises(ValueError, match="linear.py"):
-        pred.observe(torch.zeros(1, 2), torch.tensor([4]))
+        pred.sample(torch.tensor([4]))

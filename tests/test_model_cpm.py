@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 import cpm_d2  # noqa: F401
 import cpm_d2.modeling  # noqa: F401  (registers CPM and its pieces)
-from cpm_d2 import add_cpm_config
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+from cpm_d2.config import get_cfg
 from detectron2.modeling import build_model
 from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 
@@ -21,7 +20,6 @@ C = 3  # background + 2 classes
 
 def _cfg(**overrides):
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file("configs/synthetic/baseline_r18_tiny.yaml")
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = C
     for k, v in overrides.items():
@@ -39,7 +37,7 @@ def _item(sem, audio_seed=0, height=None, width=None, name="frame.jpg"):
     g = torch.Generator().manual_seed(audio_seed)
     inst = instances_from_sem_seg(sem)
     return {"file_name": name, "image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-            "sem_seg": sem, "instances": inst, "audio": torch.randn(1, 32, 24, generator=g),
+            "sem_seg": sem, "instances": inst, "audio": torch.rand(1, 32, 24, generator=g),
             "height": height or h, "width": width or w}
 
 
@@ -84,16 +82,18 @@ def test_class_agnostic_losses_exposes_final_indices_and_weights():
     model.train()
     batch = _batch()
     images = model.preprocess_image(batch)
-    outputs = model.decode(model.encode_visual(images.tensor), model.encode_audio(model.preprocess_audio(batch)))
+    outputs = model.decode(model.encode_visual(images.tensor),
+                           model.encode_audio(model.log_spectrogram(model.preprocess_audio(batch))))
     targets = model.prepare_targets(batch, images)
     # targets are padded to the padded image size; sem_seg padding is ignore
     hp, wp = images.tensor.shape[-2:]
     assert hp % 32 == 0 and wp % 32 == 0
     assert targets[1]["masks"].shape == (1, hp, wp) and not targets[1]["masks"][:, 57:, :].any()
     assert (targets[1]["sem_seg"][57:, :] == 255).all() and (targets[1]["sem_seg"][:57, :77] == 0).all()
-    losses, indices = model.class_agnostic_losses(outputs, targets)
+    losses, indices, num_masks = model.class_agnostic_losses(outputs, targets)
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
     assert [len(i[0]) for i in indices] == [3, 1, 0]
+    assert num_masks == 4  # every target mask of the batch, background included
     torch.manual_seed(3)
     raw = model.criterion({k: v for k, v in outputs.items() if k != "aux_outputs"}, targets, indices=indices)
     w = model.weight_dict
@@ -103,8 +103,9 @@ def test_class_agnostic_losses_exposes_final_indices_and_weights():
         assert assigned[b, src].tolist() == targets[b]["labels"][tgt].tolist()
 
 
-def test_inference_at_unseen_size_matches_semantic_formula():
-    model = _model()
+@pytest.mark.parametrize("rule", ["soft_sum", "argmax_query"])
+def test_inference_at_unseen_size_matches_semantic_formula(rule):
+    model = _model(**{"MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE": rule})
     model.eval()
     sem = torch.zeros(45, 71, dtype=torch.long)
     item = _item(sem, 5, height=90, width=142)
@@ -112,13 +113,21 @@ def test_inference_at_unseen_size_matches_semantic_formula():
         out = model([item])[0]
         # independent recomputation from the decoder outputs
         images = model.preprocess_image([item])
-        o = model.decode(model.encode_visual(images.tensor), model.encode_audio(model.preprocess_audio([item])))
+        o = model.decode(model.encode_visual(images.tensor),
+                         model.encode_audio(model.log_spectrogram(model.preprocess_audio([item]))))
     assert out["sem_seg"].shape == (C, 90, 142)
     assert (out["sem_seg"] >= 0).all() and torch.isfinite(out["sem_seg"]).all()
     m = F.interpolate(o["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
-    m = F.interpolate(m[:, :, :45, :71], size=(90, 142), mode="bilinear", align_corners=False)[0]
-    p = o["pred_logits"][0].softmax(-1)[:, :C]
-    expected = (p[:, :, None, None] * m.sigmoid()[:, None]).sum(0)
+    m = F.interpolate(m[:, :, :45, :71], size=(90, 142), mode="bilinear", align_corners=False)[0].sigmoid()
+    p = o["pred_logits"][0].softmax(-1)  # (Q, C + 1)
+    if rule == "soft_sum":
+        expected = (p[:, :C, None, None] * m[:, None]).sum(0)
+    else:  # per class, the best p_i(c_i) m_i over the queries whose most likely class c_i is c
+        score, cls = p.max(-1)
+        expected = torch.zeros(C, 90, 142)
+        for i in range(p.shape[0]):
+            if cls[i] < C:
+                expected[cls[i]] = torch.maximum(expected[cls[i]], score[i] * m[i])
     assert torch.allclose(out["sem_seg"], expected, atol=1e-5)
     ap = out["audio_class_probs"]
     assert ap.shape == (C,)
@@ -132,15 +141,18 @@ def test_custom_queries_with_padding():
     with torch.no_grad():
         images = model.preprocess_image(batch)
         vis = model.encode_visual(images.tensor)
-        aud = model.encode_audio(model.preprocess_audio(batch))
+        aud = model.encode_audio(model.log_spectrogram(model.preprocess_audio(batch)))
         d = model.transformer_decoder.hidden_dim
         q = torch.randn(2, 4, d)
         pos = torch.randn(2, 4, d)
         pad = torch.tensor([[False, False, True, True], [False, False, False, True]])
-        o1 = model.decode(vis, aud, queries=q, query_pos=pos, query_padding_mask=pad)
+        o1 = model.decode(vis, aud, queries=q, query_pos=pos, query_padding_mask=pad, audio_masks=True)
         q2 = q.clone()
         q2[pad] = 100 * torch.randn(int(pad.sum()), d)  # change only the padded queries
-        o2 = model.decode(vis, aud, queries=q2, query_pos=pos, query_padding_mask=pad)
+        o2 = model.decode(vis, aud, queries=q2, query_pos=pos, query_padding_mask=pad, audio_masks=True)
+        plain = model.decode(vis, aud, queries=q, query_pos=pos, query_padding_mask=pad)
+    assert "pred_audio_masks" not in plain and all("pred_audio_masks" not in a for a in plain["aux_outputs"])
+    assert torch.equal(plain["pred_masks"], o1["pred_masks"])  # audio masks are a read-out only
     assert o1["pred_logits"].shape == (2, 4, C + 1) and o1["pred_audio_masks"].shape[:2] == (2, 4)
     assert o1["query_embeddings"].shape == (2, 4, d)
     assert torch.equal(o1["query_padding_mask"], pad)
@@ -154,7 +166,7 @@ def test_custom_queries_with_padding():
 def test_checkpoint_roundtrip_is_bit_identical(tmp_path):
     model = _model(seed=0)
     model.train()
-    model(_batch())  # moves _iter and the class predictor's prototypes
+    model(_batch())  # moves _iter
     model.eval()
     item = _item(torch.zeros(50, 70, dtype=torch.long), 9)
     with torch.no_grad():
@@ -167,7 +179,6 @@ def test_checkpoint_roundtrip_is_bit_identical(tmp_path):
         got = other([item])[0]
     assert torch.equal(ref["sem_seg"], got["sem_seg"]) and torch.equal(ref["audio_class_probs"], got["audio_class_probs"])
     assert int(other._iter) == 1
-    assert torch.equal(other.class_predictor.prototypes, model.class_predictor.prototypes)
 
 
 def test_model_weights_load_detectron2_resnet_into_backbone(tmp_path):
@@ -191,7 +202,7 @@ def test_bad_inputs_raise_clear_errors():
     model = _model()
     model.train()
     batch = _batch()
-    batch[1]["audio"] = torch.randn(2, 32, 24)
+    batch[1]["audio"] = torch.rand(2, 32, 24)
     with pytest.raises(ValueError, match="frame.jpg.*MODEL.AUDIO.IN_CHANNELS"):
         model(batch)
     with pytest.raises(ValueError, match="INPUT.FORMAT"):

@@ -225,13 +225,11 @@ def test_nan_loss_names_the_term():
 
 
 def test_optimizer_groups_multiplier_and_no_decay():
-    from cpm_d2 import add_cpm_config
-    from cpm_d2.engine import build_optimizer
-    from detectron2.config import get_cfg
+        from cpm_d2.engine import build_optimizer
+    from cpm_d2.config import get_cfg
     from detectron2.modeling import build_model
 
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file(TINY)
     cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.BACKBONE_MULTIPLIER = 1e-3, 0.05, 0.1
     model = build_model(cfg)

@@ -1,4 +1,4 @@
-"""Audio front end: wav file -> (log-magnitude features, linear magnitude) of one time window.
+"""Audio front end: wav file -> magnitude spectrogram of one time window (the model takes the log).
 
 Pipeline (all vectorised, no per-sample Python loops):
 
@@ -17,14 +17,14 @@ Pipeline (all vectorised, no per-sample Python loops):
    file, its length and the length the window needs;
 5. magnitude on a fixed time-frequency grid, oriented ``Ca x T x F``:
 
-   * ``"log_stft"``: ``|STFT|`` (``torchaudio.transforms.Spectrogram``, ``power=1``, Hann
+   * ``"stft"``: ``|STFT|`` (``torchaudio.transforms.Spectrogram``, ``power=1``, Hann
      window, ``center=True``): ``F = n_fft // 2 + 1`` (257), ``T = 1 + samples // hop`` (101 for
      1 s at 16 kHz with hop 160);
-   * ``"log_mel"`` (CAVP recipe): mel-filtered magnitude (``MelSpectrogram(power=1)``, 64 bins,
-     125-3800 Hz, hop ``round(sr / frames_per_second)``): ``F = n_mels``;
+   * ``"mel"`` (CAVP recipe): mel-filtered magnitude (``MelSpectrogram(power=1)``, 64 bins,
+     125-3800 Hz, hop ``round(sr / frames_per_second)``): ``F = n_mels``.
 
-   features = ``log(magnitude + log_offset)``. ACP mixes the *linear* magnitudes (a mel
-   filterbank is linear, so mixing commutes with it).
+   The output is the *linear* magnitude: the model takes ``log(magnitude + MODEL.AUDIO.LOG_OFFSET)``,
+   and CPM's ACP mixes linear magnitudes (a mel filterbank is linear, so mixing commutes with it).
 """
 import logging
 import os
@@ -110,7 +110,7 @@ class AudioConfig:
 
     sample_rate: int = 16000
     channels: int = 1
-    feature: str = "log_stft"  # or "log_mel"
+    feature: str = "stft"  # or "mel"
     n_fft: int = 512
     win_length: int = 400
     hop_length: int = 160
@@ -118,7 +118,6 @@ class AudioConfig:
     f_min: float = 125.0
     f_max: float = 3800.0
     mel_frames_per_second: int = 96
-    log_offset: float = 1e-6
     max_cached_clips: int = 16
 
     @classmethod
@@ -135,25 +134,24 @@ class AudioConfig:
             f_min=float(a.F_MIN),
             f_max=float(a.F_MAX),
             mel_frames_per_second=int(a.MEL_FRAMES_PER_SECOND),
-            log_offset=float(a.LOG_OFFSET),
         )
 
     @property
     def hop(self):
         """Hop (samples) of the time axis of the chosen feature."""
-        if self.feature == "log_mel":
+        if self.feature == "mel":
             return int(round(self.sample_rate / self.mel_frames_per_second))
         return self.hop_length
 
     def grid_shape(self, duration):
         """``(T, F)`` of a window of ``duration`` seconds."""
         samples = int(round(duration * self.sample_rate))
-        freq = self.n_mels if self.feature == "log_mel" else self.n_fft // 2 + 1
+        freq = self.n_mels if self.feature == "mel" else self.n_fft // 2 + 1
         return 1 + samples // self.hop, freq
 
 
 class AudioFrontEnd:
-    """Callable ``(path, start, duration) -> (features, magnitude)``, both float32 ``Ca x T x F``.
+    """Callable ``(path, start, duration) -> magnitude``, float32 ``Ca x T x F``.
 
     ``Ca = config.channels``: 1 averages the file's channels; 2 keeps a stereo file, and a *mono*
     file is duplicated into two identical channels (no error: e.g. mono noise for a stereo
@@ -166,12 +164,15 @@ class AudioFrontEnd:
             config = AudioConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either an AudioConfig or keyword settings, not both")
-        if config.feature not in ("log_stft", "log_mel"):
-            raise ValueError(f"INPUT.AUDIO.FEATURE must be 'log_stft' or 'log_mel', got {config.feature!r}")
+        if config.feature in ("log_stft", "log_mel"):
+            raise ValueError(f"INPUT.AUDIO.FEATURE {config.feature!r} was renamed {config.feature[4:]!r}: the "
+                             "mapper ships magnitudes and the model takes the log (MODEL.AUDIO.LOG_OFFSET)")
+        if config.feature not in ("stft", "mel"):
+            raise ValueError(f"INPUT.AUDIO.FEATURE must be 'stft' or 'mel', got {config.feature!r}")
         if config.channels not in (1, 2):
             raise ValueError(f"INPUT.AUDIO.CHANNELS must be 1 or 2, got {config.channels}")
         self.config = config
-        if config.feature == "log_stft":
+        if config.feature == "stft":
             self._transform = torchaudio.transforms.Spectrogram(
                 n_fft=config.n_fft, win_length=config.win_length, hop_length=config.hop_length, power=1.0
             )
@@ -228,14 +229,6 @@ class AudioFrontEnd:
             mag = self._transform(wave.float())  # C x F x T
         return mag.transpose(-1, -2).contiguous()
 
-    def log(self, magnitude):
-        """features = log(magnitude + log_offset)."""
-        return torch.log(magnitude + self.config.log_offset)
-
-    def features(self, wave):
-        """``C x N`` waveform -> (log features, linear magnitude), both ``C x T x F``."""
-        mag = self.magnitude(wave)
-        return self.log(mag), mag
-
     def __call__(self, path, start, duration):
-        return self.features(self.load_window(path, start, duration))
+        """Magnitude ``Ca x T x F`` of the window ``[start, start + duration)`` of ``path``."""
+        return self.magnitude(self.load_window(path, start, duration))

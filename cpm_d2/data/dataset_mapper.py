@@ -7,20 +7,19 @@ Output (the contract in the project's data brief): every key of the dataset dict
 * ``instances``: ``Instances(image_size=(H, W))`` with ``gt_classes`` (K,) int64 and ``gt_masks``
   bool ``K x H x W``: one per class present in ``sem_seg`` *including* background 0, excluding
   255 (Mask2Former's semantic mapper);
-* ``audio`` / ``audio_mag``: float32 ``Ca x T x F`` log-magnitude / linear magnitude of the
-  frame's audio window ``[audio_start, audio_start + audio_duration)``
-  (:class:`~cpm_d2.data.audio.AudioFrontEnd`); ``audio_duration`` must equal
-  ``INPUT.AUDIO.WINDOW_SECONDS`` so every item of a batch has the same audio shape;
-* ``noise_mag`` (train, ``NOISE_SOURCE != "none"``): float32 ``Ca x T x F`` linear magnitude of
-  an off-screen noise window (``"dataset"``: the same-length window of another training clip,
-  preferring one with no class in common with this frame; ``"folder"``: a random window of a
-  random wav under ``NOISE_DIR``); ``noise_clip_id`` names its source;
+* ``audio``: float32 ``Ca x T x F`` *linear* magnitude spectrogram of the frame's audio window
+  ``[audio_start, audio_start + audio_duration)`` (:class:`~cpm_d2.data.audio.AudioFrontEnd`;
+  the model takes the log); ``audio_duration`` must equal ``INPUT.AUDIO.WINDOW_SECONDS`` so every
+  item of a batch has the same audio shape;
+* ``noise_audio`` (training, only with an injected ``noise_sampler``, i.e. CPM's ACP on): float32
+  ``Ca x T x F`` magnitude of an off-screen noise window
+  (:mod:`cpm_d2.data.offscreen_noise`); ``noise_clip_id`` names its source;
 * ``audio_labels``: float32 ``(C,)`` multi-hot of the non-background classes present in the
   (augmented) ``sem_seg``; index 0 is always 0.
 
 ``INPUT.AUDIO.MUTE`` (ablation): the frame's audio window is replaced by silence (zeros) before
-the features, so ``audio_mag`` is 0 and ``audio`` is ``log(INPUT.AUDIO.LOG_OFFSET)`` everywhere
-(the wav is still read, so a bad file still raises); ``noise_mag`` is unaffected.
+the spectrogram, so ``audio`` is 0 everywhere (the wav is still read, so a bad file still
+raises); ``noise_audio`` is unaffected.
 
 Train geometry (``INPUT.TRAIN_RESIZE_MODE``): ``"resize_crop"`` (ResizeShortestEdge +
 RandomCrop when ``INPUT.CROP.ENABLED``), ``"random_resized_crop"`` (random area in
@@ -30,10 +29,11 @@ absolute size) or ``"fixed"`` (``INPUT.FIXED_SIZE``); then a random flip per
 so the left source becomes the right one). Test: ``INPUT.TEST_RESIZE_MODE`` ``"short_edge"`` or
 ``"fixed"``.
 
+With ``INPUT.SIZE_DIVISIBILITY`` > 0, training images (value 0) and label maps (ignore value)
+are padded on the bottom/right to a multiple of it (Mask2Former's semantic mapper).
+
 Randomness: detectron2 augmentations use ``np.random`` (seeded per worker by detectron2); the
-noise choice uses a ``np.random.default_rng`` seeded from ``torch.initial_seed()``, re-created
-when that seed changes (i.e. once in each data-loader worker), so workers differ and seeded
-runs reproduce.
+noise sampler has its own seeded generator (see :mod:`cpm_d2.data.offscreen_noise`).
 """
 import copy
 import logging
@@ -50,7 +50,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .audio import AudioFrontEnd
-from .datasets.avss import IGNORE_LABEL, label_classes, read_label_map
+from .offscreen_noise import build_offscreen_noise_sampler
+from .datasets.avss import IGNORE_LABEL, read_label_map
 
 __all__ = ["AVSDatasetMapper", "build_avs_augmentations", "RandomResizedCrop", "count_hflips", "instances_from_sem_seg"]
 
@@ -152,17 +153,6 @@ def count_hflips(transform):
     return int(isinstance(transform, T.HFlipTransform))
 
 
-def _list_wavs(folder):
-    if not folder or not os.path.isdir(folder):
-        raise FileNotFoundError(f"INPUT.AUDIO.NOISE_DIR is not a folder: {folder!r}")
-    wavs = []
-    for dirpath, _dirs, files in os.walk(folder):
-        wavs.extend(os.path.join(dirpath, f) for f in files if f.lower().endswith(".wav"))
-    if not wavs:
-        raise FileNotFoundError(f"INPUT.AUDIO.NOISE_DIR {folder} holds no .wav file")
-    return sorted(wavs)
-
-
 class AVSDatasetMapper:
     """Callable mapping an AVS dataset dict to the model input (see module docstring)."""
 
@@ -176,28 +166,24 @@ class AVSDatasetMapper:
         audio_front_end,
         num_classes,
         ignore_label=IGNORE_LABEL,
-        noise_source="none",
-        noise_pool=None,
-        noise_dir="",
-        noise_retries=8,
+        noise_sampler=None,
         window_seconds=None,
         mute=False,
+        size_divisibility=-1,
     ):
         """
         Args:
-            is_train: training mode (noise only in training).
+            is_train: training mode (noise and padding only in training).
             augmentations: detectron2 augmentations (list or AugmentationList).
             image_format: e.g. "RGB".
             audio_front_end: an :class:`AudioFrontEnd`.
             num_classes: C, background included (length of ``audio_labels``).
-            noise_source: "dataset" | "folder" | "none".
-            noise_pool: dataset dicts to draw "dataset" noise from (keys clip_id,
-                sem_seg_file_name, audio_file_name, audio_start).
-            noise_dir: folder of wavs for "folder" noise.
-            noise_retries: candidate clips examined to find one with no shared class.
+            noise_sampler: off-screen noise for CPM's ACP (:mod:`cpm_d2.data.offscreen_noise`),
+                or None (no ``noise_audio``).
             window_seconds: if set (``INPUT.AUDIO.WINDOW_SECONDS``), every dict's
                 ``audio_duration`` must equal it (all items of a batch share one audio shape).
             mute: replace the frame's audio window by silence (``INPUT.AUDIO.MUTE``).
+            size_divisibility: > 0: pad training images / label maps to a multiple of it.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -205,37 +191,18 @@ class AVSDatasetMapper:
         self.front_end = audio_front_end
         self.num_classes = int(num_classes)
         self.ignore_label = int(ignore_label)
-        if noise_source not in ("dataset", "folder", "none"):
-            raise ValueError(f"INPUT.AUDIO.NOISE_SOURCE must be dataset | folder | none, got {noise_source!r}")
-        self.noise_source = noise_source if is_train else "none"
-        self.noise_retries = max(1, int(noise_retries))
+        self.noise_sampler = noise_sampler if is_train else None
         self.window_seconds = None if window_seconds is None else float(window_seconds)
         self.mute = bool(mute)
-        self._noise_pool = None
-        self._noise_files = None
-        if self.noise_source == "dataset":
-            if not noise_pool:
-                raise ValueError("NOISE_SOURCE 'dataset' needs a non-empty noise pool (cfg.DATASETS.TRAIN)")
-            self._noise_pool = [
-                (str(d["clip_id"]), d["sem_seg_file_name"], d["audio_file_name"], float(d["audio_start"]))
-                for d in noise_pool
-            ]
-            if len({p[0] for p in self._noise_pool}) < 2:
-                logger.warning("the off-screen noise pool holds a single clip: noise will come from the same clip")
-        elif self.noise_source == "folder":
-            self._noise_files = _list_wavs(noise_dir)
-        self._rng, self._rng_seed = None, None
-        logger.info(f"[AVSDatasetMapper] is_train={is_train}, augmentations: {self.augmentations}")
+        self.size_divisibility = int(size_divisibility) if is_train else -1
+        noise = type(self.noise_sampler).__name__ if self.noise_sampler is not None else None
+        logger.info(f"[AVSDatasetMapper] is_train={is_train}, augmentations: {self.augmentations}, "
+                    f"off-screen noise: {noise}")
         if self.mute:
             logger.warning("[AVSDatasetMapper] INPUT.AUDIO.MUTE: every audio window is replaced by silence")
 
     @classmethod
     def from_config(cls, cfg, is_train=True, noise_pool=None):
-        noise_source = cfg.INPUT.AUDIO.NOISE_SOURCE if is_train else "none"
-        if is_train and noise_source == "dataset" and noise_pool is None:
-            from detectron2.data import DatasetCatalog
-
-            noise_pool = [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
         return {
             "is_train": is_train,
             "augmentations": build_avs_augmentations(cfg, is_train),
@@ -243,20 +210,11 @@ class AVSDatasetMapper:
             "audio_front_end": AudioFrontEnd.from_config(cfg),
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "noise_source": noise_source,
-            "noise_pool": noise_pool,
-            "noise_dir": cfg.INPUT.AUDIO.NOISE_DIR,
+            "noise_sampler": build_offscreen_noise_sampler(cfg, noise_pool) if is_train else None,
             "window_seconds": cfg.INPUT.AUDIO.WINDOW_SECONDS,
             "mute": cfg.INPUT.AUDIO.MUTE,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
         }
-
-    # ------------------------------------------------------------------ randomness
-    @property
-    def rng(self):
-        seed = torch.initial_seed()
-        if self._rng is None or seed != self._rng_seed:
-            self._rng, self._rng_seed = np.random.default_rng(seed), seed
-        return self._rng
 
     # ------------------------------------------------------------------ pieces
     def _read_inputs(self, d):
@@ -279,34 +237,15 @@ class AVSDatasetMapper:
             )
         return image, sem_seg.astype(np.uint8)  # uint8: detectron2 resizes it with PIL (nearest)
 
-    def _dataset_noise(self, own_clip, own_classes, duration):
-        pool, rng = self._noise_pool, self.rng
-        n = len(pool)
-        candidates = rng.choice(n, size=min(self.noise_retries, n), replace=False)
-        chosen = None
-        for idx in candidates:
-            clip_id, label_file, _, _ = pool[idx]
-            if clip_id == own_clip:
-                continue
-            if chosen is None:
-                chosen = idx
-            if not own_classes.intersection(c for c in label_classes(label_file) if c != 0):
-                chosen = idx
-                break
-        if chosen is None:  # every candidate came from this clip: scan for another clip
-            offset = int(rng.integers(n))
-            chosen = next((j % n for j in range(offset, offset + n) if pool[j % n][0] != own_clip), int(candidates[0]))
-        clip_id, _, wav, start = pool[chosen]
-        return self.front_end(wav, start, duration)[1], clip_id
-
-    def _folder_noise(self, duration):
-        rng = self.rng
-        path = self._noise_files[int(rng.integers(len(self._noise_files)))]
-        wave = self.front_end.load_clip(path)
-        sr = self.front_end.config.sample_rate
-        span = wave.shape[-1] - int(round(duration * sr))
-        start = int(rng.integers(span + 1)) / sr if span > 0 else 0.0
-        return self.front_end(path, start, duration)[1], path
+    def _pad(self, image, sem_seg):
+        """Pad H x W (x 3) image (0) and label map (ignore) on the bottom/right to size_divisibility."""
+        h, w = sem_seg.shape
+        div = self.size_divisibility
+        ph, pw = (div - h % div) % div, (div - w % div) % div
+        if ph or pw:
+            image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+            sem_seg = np.pad(sem_seg, ((0, ph), (0, pw)), constant_values=self.ignore_label)
+        return image, sem_seg
 
     # ------------------------------------------------------------------ call
     def __call__(self, dataset_dict):
@@ -318,6 +257,8 @@ class AVSDatasetMapper:
         transforms = self.augmentations(aug_input)
         image, sem_seg = aug_input.image, aug_input.sem_seg
         flipped = count_hflips(transforms) % 2 == 1
+        if self.size_divisibility > 0:
+            image, sem_seg = self._pad(image, sem_seg)
 
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         sem_seg = torch.as_tensor(np.ascontiguousarray(sem_seg).astype(np.int64))
@@ -333,15 +274,12 @@ class AVSDatasetMapper:
         wave = self.front_end.load_window(d["audio_file_name"], float(d["audio_start"]), duration)
         if self.mute:
             wave = torch.zeros_like(wave)
-        features, magnitude = self.front_end.features(wave)
-        if flipped and features.shape[0] == 2:
-            features, magnitude = features.flip(0), magnitude.flip(0)
-        d["audio"], d["audio_mag"] = features, magnitude
-
-        if self.noise_source == "dataset":
-            d["noise_mag"], d["noise_clip_id"] = self._dataset_noise(str(d["clip_id"]), own_classes, duration)
-        elif self.noise_source == "folder":
-            d["noise_mag"], d["noise_clip_id"] = self._folder_noise(duration)
+        magnitude = self.front_end.magnitude(wave)
+        if flipped and magnitude.shape[0] == 2:
+            magnitude = magnitude.flip(0)  # a mirrored scene: the left source is now on the right
+        d["audio"] = magnitude
+        if self.noise_sampler is not None:
+            d["noise_audio"], d["noise_clip_id"] = self.noise_sampler(d, own_classes, duration, self.front_end)
 
         labels = torch.zeros(self.num_classes, dtype=torch.float32)
         present = d["instances"].gt_classes

@@ -14,16 +14,18 @@ clamped to >= 1. Auxiliary outputs get the same losses with suffix "_<layer inde
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from detectron2.utils import comm
 
 from detectron2.projects.point_rend.point_features import (
     get_uncertain_point_coords_with_randomness,
     point_sample,
 )
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss", "sigmoid_ce_loss", "dice_loss", "calculate_uncertainty"]
+__all__ = ["SetCriterion", "build_set_criterion", "loss_weight_dict", "sigmoid_focal_loss", "sigmoid_ce_loss",
+           "dice_loss", "calculate_uncertainty"]
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, alpha: float = 0.25,
@@ -60,10 +62,6 @@ def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return -torch.abs(logits)
 
 
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class SetCriterion(nn.Module):
     """forward(outputs, targets, indices=None, return_indices=False) -> losses [, final-layer indices].
 
@@ -73,6 +71,9 @@ class SetCriterion(nn.Module):
     indices: optional per image (query_idx, target_idx): skip matching and use these pairs for the
         final layer AND every aux layer (used for class-conditional prompts, which are tied to their
         target by construction).
+    num_masks: optional normaliser of the mask losses (default: this batch's target masks,
+        averaged over ranks); CPM's VCP passes the class-agnostic pass's, so a prompted mask
+        weighs what a matched class-agnostic mask weighs.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, eos_coef: float, num_points: int,
@@ -135,9 +136,9 @@ class SetCriterion(nn.Module):
     def num_masks(targets, device) -> float:
         """Target masks per rank, averaged over ranks, >= 1."""
         n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if _world_size() > 1:
-            dist.all_reduce(n)
-        return torch.clamp(n / _world_size(), min=1).item()
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        return torch.clamp(n / comm.get_world_size(), min=1).item()
 
     def _layer_losses(self, outputs, targets, indices, num_masks):
         losses = self.loss_labels(outputs, targets, indices, num_masks)
@@ -146,14 +147,15 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: Dict, targets: List[Dict],
                 indices: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                return_indices: bool = False):
+                return_indices: bool = False, num_masks: Optional[float] = None):
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"criterion.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         fixed = indices is not None
         pad = outputs.get("query_padding_mask")
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         final_indices = list(indices) if fixed else self.matcher(main, targets)
-        num_masks = self.num_masks(targets, outputs["pred_logits"].device)
+        if num_masks is None:
+            num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         losses = self._layer_losses(main, targets, final_indices, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             if pad is not None and "query_padding_mask" not in aux:
@@ -161,9 +163,46 @@ class SetCriterion(nn.Module):
             aux_indices = final_indices if fixed else self.matcher(aux, targets)
             losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets, aux_indices, num_masks).items()})
         if return_indices:
-            return losses, final_indices
+            return losses, final_indices, num_masks
         return losses
 
     def __repr__(self):
         return (f"SetCriterion(num_classes={self.num_classes}, eos_coef={self.eos_coef}, mask_loss={self.mask_loss}, "
                 f"num_points={self.num_points}, matcher={self.matcher!r})")
+
+
+def build_set_criterion(cfg) -> SetCriterion:
+    """The Hungarian matcher + SetCriterion of ``cfg.MODEL.MASK_FORMER`` (Mask2Former's settings)."""
+    from .matcher import HungarianMatcher
+
+    mf = cfg.MODEL.MASK_FORMER
+    matcher = HungarianMatcher(
+        cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
+        num_points=mf.TRAIN_NUM_POINTS, mask_cost="focal" if mf.MASK_LOSS == "focal" else "bce",
+        focal_alpha=mf.FOCAL_ALPHA, focal_gamma=mf.FOCAL_GAMMA,
+    )
+    return SetCriterion(
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher, eos_coef=mf.NO_OBJECT_WEIGHT,
+        num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
+        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO, mask_loss=mf.MASK_LOSS,
+        focal_alpha=mf.FOCAL_ALPHA, focal_gamma=mf.FOCAL_GAMMA,
+    )
+
+
+def num_predictions(cfg) -> int:
+    """Predictions per decoder pass: one per audio layer (or one of the raw queries) + one per
+    masked-attention layer (MASK_FORMER.DEC_LAYERS - 1 of them, Mask2Former's count)."""
+    mf = cfg.MODEL.MASK_FORMER
+    return max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
+
+
+def loss_weight_dict(cfg) -> Dict[str, float]:
+    """{"loss_ce": CLASS_WEIGHT, "loss_mask": MASK_WEIGHT, "loss_dice": DICE_WEIGHT} and, with
+    DEEP_SUPERVISION, the same for "<key>_<i>" of every auxiliary prediction i."""
+    mf = cfg.MODEL.MASK_FORMER
+    base = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
+    weights = dict(base)
+    if mf.DEEP_SUPERVISION:
+        for i in range(num_predictions(cfg) - 1):
+            weights.update({f"{k}_{i}": v for k, v in base.items()})
+    return weights

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.profiler import record_function
 
 from detectron2.projects.point_rend.point_features import point_sample
 
@@ -129,6 +130,7 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
+    @record_function("cpm.matcher")
     def forward(self, outputs: Dict, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"matcher.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")

@@ -1,5 +1,3 @@
-from .audio_resnet import (AUDIO_BACKBONE_REGISTRY, AudioPixelDecoder, AudioResNet, build_audio_backbone,
-                           load_audio_backbone_weights)
+from .audio_resnet import AUDIO_BACKBONE_REGISTRY, AudioResNet, build_audio_backbone, load_audio_backbone_weights
 
-__all__ = ["AUDIO_BACKBONE_REGISTRY", "AudioResNet", "AudioPixelDecoder", "build_audio_backbone",
-           "load_audio_backbone_weights"]
+__all__ = ["AUDIO_BACKBONE_REGISTRY", "AudioResNet", "build_audio_backbone", "load_audio_backbone_weights"]

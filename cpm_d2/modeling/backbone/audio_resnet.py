@@ -1,22 +1,15 @@
-"""Audio backbone (a BasicBlock ResNet over the spectrogram) and the small audio pixel decoder.
+"""Audio backbone: a BasicBlock ResNet over the log-magnitude spectrogram.
 
 AudioResNet: input (B, Ca, T, F) log-magnitude spectrogram, Ca in {1, 2}. Layout and parameter
 names follow torchvision's ResNet-18/34 (``conv1``, ``bn1``, ``layer1..4`` with BasicBlock), so an
 ImageNet ``resnet18``/``resnet34`` ``.pth`` can initialise it (MODEL.AUDIO.WEIGHTS; the RGB stem
 is averaged over colour and repeated over Ca). Strides: stem /4, res2 /4, res3 /8, res4 /16,
 res5 /32 over (T, F).
-
-AudioPixelDecoder: FPN top-down over res2..res5 ->
-    feature_map u_a  (B, D_a, T/4, F/4)  the fused stride-4 map (the audio feature space of PCL),
-    dense ũ_a        (B, D_a, T/4, F/4)  a 1x1 projection of u_a; audio masks are <embedding, ũ_a>,
-    tokens           (B, L, D_q)         res5 projected to the decoder width, L = T/32 * F/32,
-    tokens_pos       (B, L, D_q)         2-D sine positional encoding of the tokens (keys only).
 """
 import logging
 import pickle
 from typing import Dict
 
-import fvcore.nn.weight_init as weight_init
 import numpy as np
 import torch
 from torch import nn
@@ -24,14 +17,11 @@ from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 
-from ..pixel_decoder.fpn import fpn_lateral_and_output
-from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 
-__all__ = ["AUDIO_BACKBONE_REGISTRY", "AudioResNet", "AudioPixelDecoder", "build_audio_backbone",
-           "load_audio_backbone_weights"]
+__all__ = ["AUDIO_BACKBONE_REGISTRY", "AudioResNet", "build_audio_backbone", "load_audio_backbone_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,48 +97,6 @@ class AudioResNet(nn.Module):
             x = getattr(self, f"layer{i + 1}")(x)
             out[f"res{i + 2}"] = x
         return out
-
-
-class AudioPixelDecoder(nn.Module):
-    """FPN over the audio stages -> dict(tokens, tokens_pos, dense, feature_map) (see module doc)."""
-
-    @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, token_dim: int, norm: str = "GN"):
-        super().__init__()
-        items = sorted(input_shape.items(), key=lambda kv: -kv[1].stride)  # coarse -> fine
-        self.in_features = [k for k, _ in items]
-        self.lateral_convs = nn.ModuleList()
-        self.output_convs = nn.ModuleList()
-        for _, spec in items:
-            lat, out = fpn_lateral_and_output(spec.channels, conv_dim, norm)
-            self.lateral_convs.append(lat)
-            self.output_convs.append(out)
-        self.dense_proj = Conv2d(conv_dim, conv_dim, 1)
-        weight_init.c2_xavier_fill(self.dense_proj)
-        self.token_proj = nn.Linear(items[0][1].channels, token_dim)
-        self.token_norm = nn.LayerNorm(token_dim)
-        self.pe_layer = PositionEmbeddingSine(token_dim // 2, normalize=True)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {
-            "input_shape": input_shape,
-            "conv_dim": cfg.MODEL.AUDIO.PIXEL_DECODER_DIM,
-            "token_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
-            "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
-        }
-
-    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        y = None
-        for idx, k in enumerate(self.in_features):
-            lat = self.lateral_convs[idx](features[k])
-            if y is not None:
-                lat = lat + F.interpolate(y, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-            y = self.output_convs[idx](lat)
-        coarse = features[self.in_features[0]]
-        tokens = self.token_norm(self.token_proj(coarse.flatten(2).transpose(1, 2)))
-        tokens_pos = self.pe_layer(coarse).flatten(2).transpose(1, 2)
-        return {"tokens": tokens, "tokens_pos": tokens_pos, "dense": self.dense_proj(y), "feature_map": y}
 
 
 def build_audio_backbone(cfg) -> nn.Module:

@@ -11,11 +11,11 @@ p(c | q~); index C is "no object". Built by name from cfg.MODEL.MASK_FORMER.CLAS
 
 
 class ClassPredictor(nn.Module):
-    """Interface of a class predictor (the "head registry" of DESIGN §3).
+    """Interface of a class predictor (the head registry).
 
     forward(embeddings (..., D)) -> logits (..., C+1); softmax(logits) = p(c | q~).
-    observe(embeddings (K, D), labels (K,) in [0, C]): training-only; called after Hungarian
-        matching with the (detached) embeddings and their assigned labels (C = no object).
+    observe(embeddings (K, D), labels (K,) in [0, C], iteration): training-only; called after
+        Hungarian matching with the (detached) embeddings and their assigned labels (C = no object).
     step(iteration): training-only; called once per iteration after ``observe`` (periodic work
         such as EM).
     sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label; only
@@ -25,7 +25,7 @@ class ClassPredictor(nn.Module):
     num_classes: int  # C, background included; logits have C + 1 entries
     can_sample: bool = False  # True if sample() draws class-conditional prompts
 
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
         pass
 
     def step(self, iteration: int) -> None:

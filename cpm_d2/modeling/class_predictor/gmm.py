@@ -17,8 +17,10 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from detectron2.config import configurable
+from detectron2.utils import comm
 
 from .base import CLASS_PREDICTOR_REGISTRY, ClassPredictor
 
@@ -33,12 +35,6 @@ _DEAD = 1e-6  # a component whose responsibility mass is below this keeps its me
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.where with ``mask`` (C1,) broadcast over the trailing dims of ``a``/``b``."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-
-def _dist_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 @CLASS_PREDICTOR_REGISTRY.register()
@@ -69,7 +65,13 @@ class GMMClassPredictor(ClassPredictor):
     Gradients flow into the embeddings only; the GMM has no ``nn.Parameter``. Buffers:
         weights (C+1, M), means (C+1, M, D), covariances (C+1, M, D) for "diag" or
         (C+1, M, D, D) for "full", initialized (C+1,) bool, bank (C+1, S, D), bank_count (C+1,),
-        bank_ptr (C+1,) with S = memory_size.
+        bank_ptr (C+1,), bank_iter (C+1, S) (the training iteration each entry was stored at) with
+        S = memory_size.
+
+    Freshness: the prompts follow the embedding space only as closely as the bank and the
+    parameters do. ``bank_age(it)`` is the mean age of a class's entries in iterations (logged by
+    the meta-architecture as ``gmm_bank_age``); with ``max_age`` > 0, EM ignores older entries.
+    EM every K iterations blended with momentum m adds a lag of about K / (1 - m) iterations.
 
     Numerics: diagonal log-densities are evaluated in float64 through the expansion
     sum((x - mu)^2 / v) = x^2.(1/v) - 2 x.(mu/v) + mu^2.(1/v) (matrix products, no (K, C+1, M, D)
@@ -97,6 +99,7 @@ class GMMClassPredictor(ClassPredictor):
         logit_norm: str = "per_dim",
         init_std: float = 1.0,
         seed: int = 0,
+        max_age: int = 0,
     ):
         """
         Args:
@@ -113,6 +116,7 @@ class GMMClassPredictor(ClassPredictor):
             logit_norm: "per_dim" (log-density / D) or "none" (exact log-density); see class doc.
             init_std: std of the random initial means (unit initial variances).
             seed: seeds the initial means and the EM initialisation draws (same on every rank).
+            max_age: > 0: EM uses only bank entries stored at most this many iterations ago.
         """
         super().__init__()
         where = "cpm_d2/modeling/class_predictor/gmm.py"
@@ -146,6 +150,9 @@ class GMMClassPredictor(ClassPredictor):
         self.eps = float(eps)
         self.logit_norm = logit_norm
         self.seed = int(seed)
+        if int(max_age) != max_age or max_age < 0:
+            raise ValueError(f"{where}: max_age must be an integer >= 0, got {max_age!r}")
+        self.max_age = int(max_age)
 
         C1, M, D, S = self.num_classes + 1, self.num_components, self.embed_dim, self.memory_size
         gen = torch.Generator().manual_seed(self.seed)
@@ -159,6 +166,7 @@ class GMMClassPredictor(ClassPredictor):
         self.register_buffer("bank", torch.zeros(C1, S, D))
         self.register_buffer("bank_count", torch.zeros(C1, dtype=torch.long))
         self.register_buffer("bank_ptr", torch.zeros(C1, dtype=torch.long))
+        self.register_buffer("bank_iter", torch.zeros(C1, S, dtype=torch.long))
         self._factor_cache = None  # full covariance: (key, L, L^-1, log|Sigma|)
         self._diag_cache = None  # diagonal covariance: (key, 1/var, mu/var, sum mu^2/var, log-normaliser + log pi)
 
@@ -176,7 +184,8 @@ class GMMClassPredictor(ClassPredictor):
             "momentum": g.MOMENTUM,
             "eps": g.EPS,
             # MODEL.CPM.GMM.LOGIT_NORM: "per_dim" | "none" (see the class docstring).
-            "logit_norm": g.get("LOGIT_NORM", "per_dim"),
+            "logit_norm": g.LOGIT_NORM,
+            "max_age": g.MAX_AGE,
         }
 
     def extra_repr(self) -> str:
@@ -185,7 +194,7 @@ class GMMClassPredictor(ClassPredictor):
             f"num_components={self.num_components}, covariance={self.covariance}, "
             f"memory_size={self.memory_size}, update_interval={self.update_interval}, "
             f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, "
-            f"logit_norm={self.logit_norm}"
+            f"logit_norm={self.logit_norm}, max_age={self.max_age}"
         )
 
     # ------------------------------------------------------------------------------ densities
@@ -277,6 +286,7 @@ class GMMClassPredictor(ClassPredictor):
             out = torch.logsumexp(comp, dim=-1)
         return out.to(out_dtype).reshape(*lead, self.num_classes + 1)
 
+    @record_function("cpm.class_head")
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale."""
         logp = self.log_prob(embeddings)
@@ -300,7 +310,7 @@ class GMMClassPredictor(ClassPredictor):
     @staticmethod
     def _all_gather_rows(emb: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Concatenate (K_r, D) / (K_r,) from every rank, in rank order (variable K_r: pad to max)."""
-        world = _dist_world_size()
+        world = comm.get_world_size()
         if world == 1:
             return emb, labels
         size = torch.tensor([labels.numel()], dtype=torch.long, device=emb.device)
@@ -322,7 +332,7 @@ class GMMClassPredictor(ClassPredictor):
         return emb, labels
 
     @torch.no_grad()
-    def _push(self, emb: torch.Tensor, labels: torch.Tensor) -> None:
+    def _push(self, emb: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
         """Write (K, D) embeddings into the class ring buffers, newest last, without Python loops."""
         K = labels.numel()
         if K == 0:
@@ -337,12 +347,15 @@ class GMMClassPredictor(ClassPredictor):
         keep = rank >= counts[lab] - S  # only the newest S of a class survive this batch
         slot = (self.bank_ptr[lab] + rank) % S  # distinct for the kept ones
         self.bank[lab[keep], slot[keep]] = emb[keep]
+        self.bank_iter[lab[keep], slot[keep]] = int(iteration)
         self.bank_ptr.copy_((self.bank_ptr + counts) % S)
         self.bank_count.copy_((self.bank_count + counts).clamp_max(S))
 
     @torch.no_grad()
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Store detached matched embeddings (K, D) with labels (K,) in [0, C] (C = no object).
+    @record_function("gmm.observe")
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
+        """Store detached matched embeddings (K, D) with labels (K,) in [0, C] (C = no object),
+        stamped with the training ``iteration``.
 
         When torch.distributed is initialised this is a collective: every rank must call it (with
         K possibly 0); the rows of all ranks are gathered in rank order so every rank's bank is the same.
@@ -361,12 +374,30 @@ class GMMClassPredictor(ClassPredictor):
         emb = embeddings.detach().to(device=self.bank.device, dtype=self.bank.dtype)
         lab = labels.detach().to(device=self.bank.device, dtype=torch.long)
         emb, lab = self._all_gather_rows(emb, lab)
-        self._push(emb, lab)
+        self._push(emb, lab, iteration)
 
-    def bank_valid_mask(self) -> torch.Tensor:
-        """(C+1, S) bool: which bank slots hold an embedding (slots fill from 0 before wrapping)."""
+    def bank_valid_mask(self, iteration: Optional[int] = None) -> torch.Tensor:
+        """(C+1, S) bool: which bank slots hold an embedding (slots fill from 0 before wrapping) and,
+        with ``max_age`` > 0 and ``iteration`` given, were stored at most ``max_age`` iterations ago."""
         slots = torch.arange(self.memory_size, device=self.bank.device)
-        return slots[None, :] < self.bank_count[:, None]
+        valid = slots[None, :] < self.bank_count[:, None]
+        if self.max_age > 0 and iteration is not None:
+            valid &= self.bank_iter >= int(iteration) - self.max_age
+        return valid
+
+    @torch.no_grad()
+    def bank_age(self, iteration: int) -> torch.Tensor:
+        """(C+1,) mean age in iterations of each class's stored entries (NaN for an empty bank)."""
+        valid = self.bank_valid_mask()
+        age = (int(iteration) - self.bank_iter).to(torch.float64) * valid
+        return (age.sum(1) / valid.sum(1)).to(torch.float32)  # 0 / 0 = NaN where empty
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before bank_iter existed: their entries' ages are unknown (taken as 0)
+        key = prefix + "bank_iter"
+        if prefix + "bank" in state_dict and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.bank_iter)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ EM
     def _paired_log_normal(self, x: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -454,20 +485,21 @@ class GMMClassPredictor(ClassPredictor):
         return w_new, mu_new, cov_new
 
     @torch.no_grad()
+    @record_function("gmm.em")
     def update(self, iteration: int = 0) -> bool:
         """Run EM on the banks now (vectorised over classes and components); returns whether it did.
 
-        Classes with fewer than max(M, 2) stored samples keep their parameters. A class estimated
+        Classes with fewer than max(M, 2) stored (and, with ``max_age``, fresh) samples keep their parameters. A class estimated
         for the first time is seeded by k-means++ on its bank and takes the EM estimate as is;
         afterwards EM starts from the current parameters and the estimate is blended with
         ``momentum`` (means, covariance matrices and weights; weights renormalised).
         """
-        n = self.bank_count
+        valid = self.bank_valid_mask(iteration)
+        n = valid.sum(1)
         eligible = n >= max(self.num_components, 2)
         if not bool(eligible.any()):
             return False
         X = self.bank.double()
-        valid = self.bank_valid_mask()
         w_old, mu_old, cov_old = self.weights.double(), self.means.double(), self.covariances.double()
         w, mu, cov = w_old, mu_old, cov_old
         fresh = eligible & ~self.initialized
@@ -487,7 +519,7 @@ class GMMClassPredictor(ClassPredictor):
         self.means.copy_(mu)
         self.covariances.copy_(cov)
         self.initialized |= eligible
-        if _dist_world_size() > 1:
+        if comm.get_world_size() > 1:
             # Same bank + same draws give the same result everywhere; broadcasting rank 0's copy
             # also removes any last-bit differences between devices' reductions.
             for buf in (self.weights, self.means, self.covariances):
@@ -503,6 +535,7 @@ class GMMClassPredictor(ClassPredictor):
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
+    @record_function("gmm.sample")
     def sample(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Draw one class-conditional prompt per label: labels (K,) -> (K, D) on the buffers' device.
 

@@ -19,7 +19,7 @@ __all__ = [
     "vcp_indices",
 ]
 
-_WHERE = "cpm_d2/modeling/cpm_losses.py"
+_WHERE = "cpm_d2/modeling/cpm/losses.py"
 
 
 def _resize_2d(x: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
@@ -186,7 +186,7 @@ def _sample_pixel_indices(sem_seg, shape, num_pixels, generator, ignore_value, d
     return image_index, idx[keep], labels
 
 
-def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperature, normalize):
+def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperature, normalize, same_image):
     a = anchors.float()
     p = pixel_feats.float()
     if normalize:
@@ -194,9 +194,12 @@ def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperatur
         p = F.normalize(p, dim=-1)
     logits = a @ p.t() / temperature  # (A, P)
     pos = anchor_labels.to(logits.device)[:, None] == pixel_labels.to(logits.device)[None, :]
+    neg = ~pos
+    if same_image is not None:  # pairs across images are neither positives nor negatives
+        pos, neg = pos & same_image, neg & same_image
     very_negative = torch.finfo(logits.dtype).min  # finite, so rows without negatives give no NaN grads
-    neg_lse = torch.logsumexp(logits.masked_fill(pos, very_negative), dim=1, keepdim=True)  # (A, 1)
-    has_neg = (~pos).any(1, keepdim=True)
+    neg_lse = torch.logsumexp(logits.masked_fill(~neg, very_negative), dim=1, keepdim=True)  # (A, 1)
+    has_neg = neg.any(1, keepdim=True)
     neg_lse = torch.where(has_neg, neg_lse, torch.full_like(neg_lse, float("-inf")))
     # -log(e^s / (e^s + sum_n e^n)) = logaddexp(s, lse_n) - s, for every (anchor, positive) pair
     per_pair = torch.logaddexp(logits, neg_lse) - logits
@@ -215,6 +218,8 @@ def pcl_loss(
     pixel_labels: torch.Tensor,
     temperature: float = 0.1,
     normalize: bool = True,
+    anchor_images: Optional[torch.Tensor] = None,
+    pixel_images: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Eq. 9: supervised InfoNCE between audio anchors and visual pixel features.
 
@@ -226,6 +231,9 @@ def pcl_loss(
         temperature: tau.
         normalize: L2-normalise anchors and pixels first (cosine similarity; standard for InfoNCE
             with tau = 0.1). False uses the raw dot product f . f_p as written in eq. 9.
+        anchor_images, pixel_images: optional (A,) / (P,) image index of each anchor / pixel: an
+            anchor's positives and negatives are then the pixels of its own image only ("image"
+            negatives). Without them every pixel of the batch takes part ("batch" negatives).
     Returns:
         scalar: for each anchor f with at least one positive (pixel of the same class),
         mean over its positives p of -log(e^{f.p/tau} / (e^{f.p/tau} + sum_n e^{f.n/tau})) with n
@@ -244,8 +252,17 @@ def pcl_loss(
         )
     if temperature <= 0:
         raise ValueError(f"{_WHERE}: pcl_loss temperature must be > 0, got {temperature}")
+    if (anchor_images is None) != (pixel_images is None):
+        raise ValueError(f"{_WHERE}: pcl_loss needs both anchor_images and pixel_images, or neither")
+    same_image = None
+    if anchor_images is not None:
+        if anchor_images.shape != anchor_labels.shape or pixel_images.shape != pixel_labels.shape:
+            raise ValueError(f"{_WHERE}: anchor_images / pixel_images must be (A,) / (P,), got "
+                             f"{tuple(anchor_images.shape)} and {tuple(pixel_images.shape)}")
+        same_image = anchor_images.to(anchors.device)[:, None] == pixel_images.to(anchors.device)[None, :]
     with torch.autocast(device_type=anchors.device.type, enabled=False):
-        return _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, float(temperature), normalize)
+        return _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, float(temperature), normalize,
+                              same_image)
 
 
 # ------------------------------------------------------------------------------------------ VCP

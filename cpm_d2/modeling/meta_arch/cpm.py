@@ -1,23 +1,34 @@
-"""Meta-architecture "CPM": an audio-visual Mask2Former (the class-agnostic path of the paper's §3.1).
+"""Meta-architecture "CPM": an audio-visual Mask2Former trained with class-conditional prompting.
 
-    images  --backbone--> {res2..res5} --pixel decoder--> ũ_v (B, MASK_DIM, H/4, W/4) + 3 scales
-    audio   --audio backbone--> {res2..res5} --audio pixel decoder--> tokens, ũ_a, u_a
+    images  --backbone--> {res2..res5} --pixel decoder--> u~_v (B, MASK_DIM, H/4, W/4) + 3 scales
+    audio magnitude --log--> audio backbone --> {res2..res5} --audio pixel decoder--> tokens, u~_a, u_a
     N learnable queries --AudioVisualTransformerDecoder--> per-layer class logits / masks
 
-The pieces are separate methods so the class-conditional path (CPM, part 2) can reuse them:
+Training = l_agn (the class-agnostic path of the paper's §3.1: Hungarian matching, CE + focal +
+dice at every prediction) and, with MODEL.CPM.ENABLED, CPM's prompt pass (§3.2), run here:
+
+    prompts      z^k = class_predictor.sample(k) for each image's ground-truth classes (GMM: drawn
+                 from the class's mixture; linear head: the learnable "Point Rep." embedding)
+    ACP audio    a_p = a_i + a_j (a_j off-screen noise from the mapper, or the next clip of the batch),
+                 re-encoded with every normalisation statistic left as it was
+    decode       the same visual features, the (mixed) audio, queries = the prompts
+    losses       CPMLoss (ACP, VCP, PCL; modeling/cpm/), from those tensors
+
+Inference is the class-agnostic path either way, so CPM costs nothing at test time. With
+MODEL.CPM.ENABLED False the model is the plain audio-visual Mask2Former (the baseline) and the
+CPM package is not imported.
+
+Pieces (separate methods, reused by tools and tests):
     preprocess_image(batched_inputs) -> ImageList (normalised, padded to size_divisibility)
-    preprocess_audio(batched_inputs, key="audio") -> (B, Ca, T, F)
-    encode_visual(images (B, 3, H, W)) -> (mask_features ũ_v, multi_scale_features [3])
-    encode_audio(audio (B, Ca, T, F)) -> dict(tokens, tokens_pos, dense ũ_a, feature_map u_a)
-    decode(visual, audio, queries=None, query_pos=None, query_padding_mask=None) -> outputs
+    preprocess_audio(batched_inputs, key="audio") -> (B, Ca, T, F) magnitudes; log_spectrogram(mag)
+    encode_visual(images (B, 3, H, W)) -> (mask_features u~_v, multi_scale_features [3])
+    encode_audio(log-magnitude (B, Ca, T, F)) -> dict(tokens, tokens_pos, dense u~_a, feature_map u_a)
+    decode(visual, audio, queries=None, query_pos=None, query_padding_mask=None, audio_masks=False)
     prepare_targets(batched_inputs, images) -> [{"labels", "masks", "sem_seg"}] (padded)
-    class_agnostic_losses(outputs, targets) -> (weighted losses, final-layer indices)
+    class_agnostic_losses(outputs, targets) -> (weighted losses, final-layer indices, num_masks)
+    prompt_losses(batched_inputs, magnitudes, visual, audio, targets, num_masks) -> CPM losses
     observe_assignments(outputs, targets, indices) -> class predictor observe/step, last_assignments
     semantic_inference(mask_cls (Q, C+1), mask_pred (Q, H, W)) -> (C, H, W)
-
-With MODEL.CPM.ENABLED, training adds the class-conditional prompting losses (ACP / VCP / PCL,
-paper §3.2) computed by ``prompting.ClassConditionalPrompting`` on the same visual features;
-inference is the class-agnostic path either way.
 """
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -25,22 +36,24 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 
-from ..backbone import AudioPixelDecoder, build_audio_backbone
-from ..criterion import SetCriterion
-from ..matcher import HungarianMatcher
-from ..pixel_decoder import build_pixel_decoder
+from ..backbone import build_audio_backbone
+from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
+from ..pixel_decoder import AudioPixelDecoder, build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
-from .prompting import ClassConditionalPrompting
 
 __all__ = ["CPM"]
 
 logger = logging.getLogger(__name__)
+
+SEMANTIC_INFERENCE = ("argmax_query", "soft_sum")
 
 
 def _where(x: dict) -> str:
@@ -49,12 +62,12 @@ def _where(x: dict) -> str:
 
 @META_ARCH_REGISTRY.register()
 class CPM(nn.Module):
-    """Audio-visual Mask2Former; see the module docstring.
+    """Audio-visual Mask2Former with CPM training; see the module docstring.
 
-    Training input: list of mapper dicts (contract in CONTRACTS.md: image, audio, instances, sem_seg
-    ...). Returns weighted scalar losses "loss_ce", "loss_mask", "loss_dice" and "<name>_<i>" for
-    the auxiliary layers, plus the CPM losses ("loss_acp", "loss_vcp_*", "loss_pcl") when
-    ``prompting`` is set (MODEL.CPM.ENABLED). Inference returns
+    Training input: list of mapper dicts (image, audio magnitude, instances, sem_seg [, noise_audio]).
+    Returns weighted scalar losses "loss_ce", "loss_mask", "loss_dice" and "<name>_<i>" for the
+    auxiliary predictions, plus the CPM losses ("loss_acp", "loss_vcp_*", "loss_pcl") when
+    ``cpm_loss`` is set (MODEL.CPM.ENABLED). Inference returns
     [{"sem_seg": (C, height, width), "audio_class_probs": (C,)}].
     """
 
@@ -78,9 +91,13 @@ class CPM(nn.Module):
         audio_channels: int = 1,
         audio_log_offset: float = 1e-6,
         deep_supervision: bool = True,
-        prompting: Optional[ClassConditionalPrompting] = None,
+        semantic_inference: str = "argmax_query",
+        cpm_loss: Optional[nn.Module] = None,
     ):
         super().__init__()
+        if semantic_inference not in SEMANTIC_INFERENCE:
+            raise ValueError(f"cpm.py: MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE must be one of {SEMANTIC_INFERENCE}, "
+                             f"got {semantic_inference!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.audio_backbone = audio_backbone
@@ -93,17 +110,21 @@ class CPM(nn.Module):
         self.size_divisibility = size_divisibility
         self.ignore_value = ignore_value
         self.audio_channels = audio_channels
-        self.audio_log_offset = audio_log_offset  # log(mag + offset): for re-encoding mixed magnitudes
+        self.audio_log_offset = audio_log_offset
         self.deep_supervision = deep_supervision
-        # CPM workflow (training only; no parameters or buffers of its own), None = baseline.
-        self.prompting = prompting
-        if prompting is not None:
-            prompting.check_class_predictor(self.class_predictor)
+        self.semantic_inference_rule = semantic_inference
+        # CPM's prompting losses (training only), None = the class-agnostic baseline.
+        self.cpm_loss = cpm_loss
+        if cpm_loss is not None and not getattr(self.class_predictor, "can_sample", False):
+            raise ValueError(
+                "cpm.py: MODEL.CPM.ENABLED needs a class predictor that samples prompts "
+                f"(GMMClassPredictor or LinearClassPredictor); {type(self.class_predictor).__name__} does not"
+            )
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("cpm.py: MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        # Training iteration counter (checkpointed): passed to class_predictor.step().
+        # Training iteration counter (checkpointed): passed to class_predictor.observe()/step().
         self.register_buffer("_iter", torch.zeros((), dtype=torch.long))
         # Class id assigned to each class-agnostic query by the last matching (CPU, (B, N)).
         self.last_assignments: Optional[torch.Tensor] = None
@@ -115,39 +136,21 @@ class CPM(nn.Module):
                              f"got {cfg.INPUT.FORMAT!r}")
         mf = cfg.MODEL.MASK_FORMER
         backbone = build_backbone(cfg)
-        pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         audio_backbone = build_audio_backbone(cfg)
-        audio_pixel_decoder = AudioPixelDecoder(cfg, audio_backbone.output_shape())
-        transformer_decoder = build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
-        matcher = HungarianMatcher(
-            cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
-            num_points=mf.TRAIN_NUM_POINTS, mask_cost="focal" if mf.MASK_LOSS == "focal" else "bce",
-            focal_alpha=mf.FOCAL_ALPHA, focal_gamma=mf.FOCAL_GAMMA,
-        )
-        criterion = SetCriterion(
-            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher, eos_coef=mf.NO_OBJECT_WEIGHT,
-            num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO, mask_loss=mf.MASK_LOSS,
-            focal_alpha=mf.FOCAL_ALPHA, focal_gamma=mf.FOCAL_GAMMA,
-        )
-        base_weights = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
-        weight_dict = dict(base_weights)
-        if mf.DEEP_SUPERVISION:
-            # one prediction per audio layer (or one of the raw queries) + every visual layer but the last
-            num_aux = max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
-            for i in range(num_aux):
-                weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
-        size_div = cfg.INPUT.SIZE_DIVISIBILITY
-        if size_div <= 0:
-            size_div = mf.SIZE_DIVISIBILITY if mf.SIZE_DIVISIBILITY > 0 else backbone.size_divisibility
+        size_div = mf.SIZE_DIVISIBILITY if mf.SIZE_DIVISIBILITY > 0 else backbone.size_divisibility
+        cpm_loss = None
+        if cfg.MODEL.CPM.ENABLED:
+            from ..cpm import CPMLoss  # CPM's training code is imported only when it is used
+
+            cpm_loss = CPMLoss(cfg)
         return {
             "backbone": backbone,
-            "pixel_decoder": pixel_decoder,
+            "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
             "audio_backbone": audio_backbone,
-            "audio_pixel_decoder": audio_pixel_decoder,
-            "transformer_decoder": transformer_decoder,
-            "criterion": criterion,
-            "weight_dict": weight_dict,
+            "audio_pixel_decoder": AudioPixelDecoder(cfg, audio_backbone.output_shape()),
+            "transformer_decoder": build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM),
+            "criterion": build_set_criterion(cfg),
+            "weight_dict": loss_weight_dict(cfg),
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "num_queries": mf.NUM_OBJECT_QUERIES,
             "size_divisibility": size_div,
@@ -155,9 +158,10 @@ class CPM(nn.Module):
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "audio_channels": cfg.MODEL.AUDIO.IN_CHANNELS,
-            "audio_log_offset": cfg.INPUT.AUDIO.LOG_OFFSET,
+            "audio_log_offset": cfg.MODEL.AUDIO.LOG_OFFSET,
             "deep_supervision": mf.DEEP_SUPERVISION,
-            "prompting": ClassConditionalPrompting(cfg) if cfg.MODEL.CPM.ENABLED else None,
+            "semantic_inference": mf.TEST.SEMANTIC_INFERENCE,
+            "cpm_loss": cpm_loss,
         }
 
     @property
@@ -182,7 +186,7 @@ class CPM(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def preprocess_audio(self, batched_inputs: List[dict], key: str = "audio") -> torch.Tensor:
-        """Stack ``x[key]`` (Ca, T, F) of every input into (B, Ca, T, F) float32 on the model device."""
+        """Stack the magnitude spectrograms ``x[key]`` (Ca, T, F) into (B, Ca, T, F) float32 on the device."""
         audios = []
         for x in batched_inputs:
             a = x.get(key)
@@ -224,42 +228,52 @@ class CPM(nn.Module):
             targets.append(t)
         return targets
 
+    def log_spectrogram(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """The audio backbone's input: log(magnitude + MODEL.AUDIO.LOG_OFFSET), same shape."""
+        return torch.log(magnitude + self.audio_log_offset)
+
     # ------------------------------------------------------------------------------ encoders / decoder
+    # record_function labels name the pieces for torch.profiler (tools/benchmark.py reads them)
+    @record_function("cpm.encode_visual")
     def encode_visual(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """images (B, 3, Hp, Wp) normalised -> (ũ_v (B, MASK_DIM, Hp/4, Wp/4), 3 maps coarsest first)."""
+        """images (B, 3, Hp, Wp) normalised -> (u~_v (B, MASK_DIM, Hp/4, Wp/4), 3 maps coarsest first)."""
         return self.pixel_decoder(self.backbone(images))
 
-    def encode_audio(self, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """audio (B, Ca, T, F) log-magnitude -> dict(tokens (B, L, D), tokens_pos (B, L, D),
-        dense ũ_a (B, D_a, T', F'), feature_map u_a (B, D_a, T', F')), T' = ceil(T/4), F' = ceil(F/4)."""
-        return self.audio_pixel_decoder(self.audio_backbone(audio))
+    @record_function("cpm.encode_audio")
+    def encode_audio(self, log_spectrogram: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(B, Ca, T, F) log-magnitude -> dict(tokens (B, L, D), tokens_pos (B, L, D),
+        dense u~_a (B, D_a, T', F'), feature_map u_a (B, D_a, T', F')), T' = ceil(T/4), F' = ceil(F/4)."""
+        return self.audio_pixel_decoder(self.audio_backbone(log_spectrogram))
 
+    @record_function("cpm.decode")
     def decode(self, visual: Tuple[torch.Tensor, List[torch.Tensor]], audio: Dict[str, torch.Tensor],
                queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
-               query_padding_mask: Optional[torch.Tensor] = None) -> Dict:
+               query_padding_mask: Optional[torch.Tensor] = None, audio_masks: bool = False) -> Dict:
         """Run the query decoder. ``queries=None``: the N learnable class-agnostic queries; otherwise
         custom (B, Q, D) queries (with optional (B, Q, D) ``query_pos`` and (B, Q) bool
         ``query_padding_mask``, True = padding). Returns pred_logits (B, Q, C+1), pred_masks
-        (B, Q, Hp/4, Wp/4), pred_audio_masks (B, Q, T', F'), query_embeddings (B, Q, D),
-        audio_pred_logits (B, Q, C+1), aux_outputs [per-layer dicts] (+ query_padding_mask)."""
+        (B, Q, Hp/4, Wp/4), query_embeddings (B, Q, D), audio_pred_logits (B, Q, C+1), aux_outputs
+        [per-layer dicts] (+ query_padding_mask; + pred_audio_masks (B, Q, T', F') with ``audio_masks``)."""
         mask_features, multi_scale = visual
         return self.transformer_decoder(multi_scale, mask_features, audio, queries=queries, query_pos=query_pos,
-                                        query_padding_mask=query_padding_mask)
+                                        query_padding_mask=query_padding_mask, audio_masks=audio_masks)
 
-    # ------------------------------------------------------------------------------ training pieces
+    # ------------------------------------------------------------------------------ class-agnostic training
     def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Multiply by ``weight_dict``; losses without a weight are dropped."""
         return {k: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}
 
+    @record_function("cpm.class_agnostic_losses")
     def class_agnostic_losses(self, outputs: Dict, targets: List[Dict]):
-        """ℓ_agn: weighted CE + mask + dice (+ aux) and the final layer's matching
-        [(query_idx, target_idx)] per image."""
+        """l_agn: weighted CE + mask + dice (+ aux), the final prediction's matching
+        [(query_idx, target_idx)] per image, and the mask normaliser num_masks."""
         if not self.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses, indices = self.criterion(outputs, targets, return_indices=True)
-        return self.weight_losses(losses), indices
+        losses, indices, num_masks = self.criterion(outputs, targets, return_indices=True)
+        return self.weight_losses(losses), indices, num_masks
 
     @torch.no_grad()
+    @record_function("cpm.observe_assignments")
     def observe_assignments(self, outputs: Dict, targets: List[Dict], indices) -> torch.Tensor:
         """Give the class predictor the final-layer embeddings with their matched labels
         (unmatched -> C), step it, set ``last_assignments`` (B, N) on CPU and advance ``_iter``."""
@@ -269,39 +283,130 @@ class CPM(nn.Module):
         for i, (t, (src, tgt)) in enumerate(zip(targets, indices)):
             if len(src):
                 assigned[i, src.to(emb.device)] = t["labels"][tgt.to(t["labels"].device)].to(emb.device)
-        self.class_predictor.observe(emb.detach().flatten(0, 1), assigned.flatten())
-        self.class_predictor.step(int(self._iter))
+        iteration = int(self._iter)
+        self.class_predictor.observe(emb.detach().flatten(0, 1), assigned.flatten(), iteration)
+        self.class_predictor.step(iteration)
+        if hasattr(self.class_predictor, "bank_age"):
+            age = self.class_predictor.bank_age(iteration)[: self.num_classes]  # real classes, not no-object
+            _put_scalar("gmm_bank_age", age[torch.isfinite(age)].mean())
         self._iter += 1
         self.last_assignments = assigned.cpu()
         return assigned
 
+    # ------------------------------------------------------------------------------ CPM training
+    def prompt_labels(self, targets: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """Per image the sorted non-background classes of its targets, (K_b,) int64 (the classes
+        prompted; 0 is the background of every AVS dataset)."""
+        out = []
+        for t in targets:
+            labels = torch.unique(t["labels"])  # sorted
+            out.append(labels[labels != 0].long())
+        return out
+
+    def sample_prompts(self, prompt_labels: List[torch.Tensor], dtype: torch.dtype):
+        """One ``class_predictor.sample`` call for the batch, padded: prompts (B, K_max, D) (zeros at
+        padding), valid (B, K_max) bool; K_max = max(1, max_b K_b). Learnable prompts keep their graph."""
+        b, dim = len(prompt_labels), self.transformer_decoder.hidden_dim
+        counts = [int(p.numel()) for p in prompt_labels]
+        k_max = max([1] + counts)
+        prompts = torch.zeros(b, k_max, dim, device=self.device, dtype=dtype)
+        valid = torch.zeros(b, k_max, dtype=torch.bool, device=self.device)
+        if sum(counts):
+            z = self.class_predictor.sample(torch.cat(prompt_labels).to(self.device)).to(self.device, dtype)
+            if z.shape != (sum(counts), dim):
+                raise ValueError(f"cpm.py: {type(self.class_predictor).__name__}.sample returned {tuple(z.shape)}, "
+                                 f"expected ({sum(counts)}, {dim})")
+            rows = torch.nonzero(torch.arange(k_max, device=self.device)[None] < torch.tensor(counts, device=self.device)[:, None])
+            prompts = prompts.index_put((rows[:, 0], rows[:, 1]), z)  # out of place: keeps z's graph
+            valid[rows[:, 0], rows[:, 1]] = True
+        return prompts, valid
+
+    def noise_magnitudes(self, batched_inputs: List[dict], clean: torch.Tensor) -> torch.Tensor:
+        """Off-screen noise a_j (B, Ca, T, F): the inputs' "noise_audio", else the next clip of the batch."""
+        has = ["noise_audio" in x for x in batched_inputs]
+        if all(has):
+            noise = self.preprocess_audio(batched_inputs, key="noise_audio")
+            if noise.shape != clean.shape:
+                raise ValueError(f"cpm.py: 'noise_audio' {tuple(noise.shape)} and 'audio' {tuple(clean.shape)} "
+                                 "must have the same shape")
+            return noise
+        if any(has):
+            missing = next(x for x, h in zip(batched_inputs, has) if not h)
+            raise ValueError(f"cpm.py: input {_where(missing)} has no 'noise_audio' while others in its batch have "
+                             "one; ACP needs all or none")
+        if len(batched_inputs) < 2:
+            raise ValueError(
+                f"cpm.py: ACP needs off-screen noise but input {_where(batched_inputs[0])} has no 'noise_audio' "
+                "(INPUT.AUDIO.NOISE_SOURCE 'batch') and the batch holds a single item, so no other clip's audio "
+                "can stand in; set INPUT.AUDIO.NOISE_SOURCE to 'dataset' or use >= 2 images per device"
+            )
+        return clean.roll(1, dims=0)
+
+    @record_function("cpm.prompt_pass")
+    def prompt_losses(self, batched_inputs: List[dict], magnitudes: torch.Tensor,
+                      visual: Tuple[torch.Tensor, List[torch.Tensor]], audio: Dict[str, torch.Tensor],
+                      targets: List[Dict], num_masks: float) -> Dict[str, torch.Tensor]:
+        """CPM's prompt pass (module docstring) -> the weighted CPM losses of ``cpm_loss``.
+
+        ``magnitudes`` (B, Ca, T, F) are the clean linear magnitudes a_i, ``audio`` their encoding
+        (reused when ACP is off: the prompts then probe the clean audio)."""
+        from ..cpm import frozen_norm_statistics
+
+        labels = self.prompt_labels(targets)
+        prompts, valid = self.sample_prompts(labels, visual[0].dtype)
+        noise = None
+        if self.cpm_loss.acp_enabled:
+            noise = self.noise_magnitudes(batched_inputs, magnitudes)
+            with frozen_norm_statistics(self.audio_backbone, self.audio_pixel_decoder), record_function("cpm.acp_mixture"):
+                audio = self.encode_audio(self.log_spectrogram(magnitudes + noise))
+        outputs = self.decode(visual, audio, queries=prompts, query_padding_mask=~valid,
+                              audio_masks=self.cpm_loss.needs_audio_masks)
+        if not self.deep_supervision:
+            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        return self.cpm_loss(outputs, labels, valid, targets, num_masks, visual[0], audio["feature_map"],
+                             clean_audio=magnitudes, noise_audio=noise)
+
     # ------------------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
-        audio = self.preprocess_audio(batched_inputs)
+        magnitudes = self.preprocess_audio(batched_inputs)
         visual = self.encode_visual(images.tensor)
-        audio_feats = self.encode_audio(audio)
-        outputs = self.decode(visual, audio_feats)
+        audio = self.encode_audio(self.log_spectrogram(magnitudes))
+        outputs = self.decode(visual, audio)
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            losses, indices = self.class_agnostic_losses(outputs, targets)
-            if self.prompting is not None:
+            losses, indices, num_masks = self.class_agnostic_losses(outputs, targets)
+            if self.cpm_loss is not None:
                 # Before observe_assignments: prompts come from the class predictor of the last
                 # iteration (paper: "via the GMM model from the last iteration").
-                losses.update(self.prompting(self, batched_inputs, visual, audio_feats, targets))
+                losses.update(self.prompt_losses(batched_inputs, magnitudes, visual, audio, targets, num_masks))
             self.observe_assignments(outputs, targets, indices)
             return losses
 
         return self.inference(outputs, batched_inputs, images)
 
     # ------------------------------------------------------------------------------ inference
-    @staticmethod
-    def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
-        """(Q, C+1) logits, (Q, H, W) mask logits -> (C, H, W) = Σ_q softmax(p_q)[c] σ(m_q) (no-object dropped)."""
-        prob = F.softmax(mask_cls, dim=-1)[..., :-1]
-        return torch.einsum("qc,qhw->chw", prob, mask_pred.sigmoid())
+    def semantic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+        """(Q, C+1) class logits, (Q, H, W) mask logits -> (C, H, W) class scores (argmax = the label).
 
+        "argmax_query" (CPM §3.1): c_i = argmax_c p_i(c) over C+1 classes; queries with c_i =
+        no-object are dropped; score[c] = max over queries with c_i = c of p_i(c_i) sigma(m_i), so the
+        per-pixel argmax is the class of the query maximising p_i(c_i) m_i (0 where none is kept).
+        "soft_sum" (Mask2Former): score[c] = sum_i p_i(c) sigma(m_i)."""
+        prob = F.softmax(mask_cls, dim=-1)
+        masks = mask_pred.sigmoid()
+        if self.semantic_inference_rule == "soft_sum":
+            return torch.einsum("qc,qhw->chw", prob[..., :-1], masks)
+        score, cls = prob.max(-1)
+        keep = cls < self.num_classes
+        q, h, w = masks.shape
+        weighted = (score[keep, None, None] * masks[keep]).flatten(1)  # (Q', H*W)
+        out = weighted.new_zeros(self.num_classes, h * w)
+        out.scatter_reduce_(0, cls[keep, None].expand_as(weighted), weighted, reduce="amax", include_self=True)
+        return out.view(self.num_classes, h, w)
+
+    @record_function("cpm.inference")
     def inference(self, outputs: Dict, batched_inputs: List[dict], images: ImageList) -> List[dict]:
         mask_pred = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
                                   align_corners=False)
@@ -316,3 +421,13 @@ class CPM(nn.Module):
                 "audio_class_probs": audio_probs[i],
             })
         return results
+
+
+def _put_scalar(name: str, value: torch.Tensor) -> None:
+    """Log a scalar to detectron2's event storage when training runs under one."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no EventStorage (e.g. a unit test calling the model directly)
+        return
+    if torch.isfinite(value):
+        storage.put_scalar(name, float(value))

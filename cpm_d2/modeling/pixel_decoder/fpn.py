@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from .registry import PIXEL_DECODER_REGISTRY
+from .registry import PIXEL_DECODER_REGISTRY, decoder_input_shape
 
 
 def fpn_lateral_and_output(in_channels: int, conv_dim: int, norm: str) -> Tuple[nn.Module, nn.Module]:
@@ -62,7 +62,7 @@ class FPNPixelDecoder(nn.Module):
     def from_config(cls, cfg, input_shape):
         head = cfg.MODEL.SEM_SEG_HEAD
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "input_shape": decoder_input_shape(cfg, input_shape),
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,

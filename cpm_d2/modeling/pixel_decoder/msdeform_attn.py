@@ -18,7 +18,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .fpn import fpn_lateral_and_output
-from .registry import PIXEL_DECODER_REGISTRY
+from .registry import PIXEL_DECODER_REGISTRY, decoder_input_shape
 
 __all__ = ["ms_deform_attn_core", "MSDeformAttn", "MSDeformAttnEncoder", "MSDeformAttnPixelDecoder"]
 
@@ -168,8 +168,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     forward(features: dict) -> (mask_features (B, mask_dim, H/4, W/4),
                                 multi_scale_features: 3 x (B, conv_dim, h_l, w_l), coarsest first).
-    Decisions: the encoder uses MODEL.MASK_FORMER.NHEADS / DROPOUT and an FFN of 4 * conv_dim
-    (1024 for conv_dim 256, Mask2Former's value); mask_features is a 1x1 conv.
+    Decisions: the encoder uses SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS / _N_POINTS,
+    MASK_FORMER.DROPOUT and an FFN of 4 * conv_dim (1024 for conv_dim 256, Mask2Former's value);
+    mask_features is a 1x1 conv.
     """
 
     @configurable
@@ -215,14 +216,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def from_config(cls, cfg, input_shape):
         head = cfg.MODEL.SEM_SEG_HEAD
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "input_shape": decoder_input_shape(cfg, input_shape),
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "num_layers": head.TRANSFORMER_ENC_LAYERS,
-            "n_heads": cfg.MODEL.MASK_FORMER.NHEADS,
-            "n_points": head.DEFORMABLE_N_POINTS,
+            "n_heads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
+            "n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
             "dim_feedforward": 4 * head.CONVS_DIM,
         }

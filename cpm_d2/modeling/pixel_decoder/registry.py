@@ -10,6 +10,13 @@ Called as ``PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)``; input_shape is
 """
 
 
+def decoder_input_shape(cfg, input_shape):
+    """The backbone features a pixel decoder reads: SEM_SEG_HEAD.IN_FEATURES with a stride of at
+    least SEM_SEG_HEAD.COMMON_STRIDE (the stride of the mask features, as in Mask2Former)."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    return {k: v for k, v in input_shape.items() if k in head.IN_FEATURES and v.stride >= head.COMMON_STRIDE}
+
+
 def build_pixel_decoder(cfg, input_shape):
     """Build ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` for the backbone ``input_shape``."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME

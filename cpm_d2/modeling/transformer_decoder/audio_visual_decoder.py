@@ -6,9 +6,13 @@ Query path (every tensor batch-first):
 After every layer the shared heads predict, from q̃ = LayerNorm(q):
     class logits  = class_predictor(q̃)                  (B, Q, C+1)
     mask logits   = <mask_embed(q̃), ũ_v>                 (B, Q, H/4, W/4)
-    audio masks   = <audio_mask_embed(q̃), ũ_a>           (B, Q, T', F')
+    audio masks   = <audio_mask_embed(q̃), ũ_a>           (B, Q, T', F')  only when asked (CPM's prompts)
 The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
 gives the attention mask of the first visual layer and the "audio_pred_logits" (coverage score).
+
+Layer count, as in Mask2Former: MODEL.MASK_FORMER.DEC_LAYERS counts the predictions of the
+visual decoder including the one made before its first layer, so DEC_LAYERS - 1 masked-attention
+layers are built (Mask2Former's 10 -> 9). Here that first prediction is the audio decoder's last.
 """
 from typing import Dict, List, Optional
 
@@ -110,7 +114,8 @@ class AudioVisualTransformerDecoder(nn.Module):
                  mask_dim: int, audio_mask_dim: int, enforce_input_project: bool, dropout: float = 0.0):
         super().__init__()
         if dec_layers < 1:
-            raise ValueError(f"audio_visual_decoder.py: MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {dec_layers}")
+            raise ValueError(f"audio_visual_decoder.py: MODEL.MASK_FORMER.DEC_LAYERS must be >= 2 (one "
+                             f"masked-attention layer), got {dec_layers + 1}")
         if hidden_dim % nheads != 0:
             raise ValueError(f"audio_visual_decoder.py: HIDDEN_DIM {hidden_dim} not divisible by NHEADS {nheads}")
         self.class_predictor = class_predictor
@@ -159,7 +164,7 @@ class AudioVisualTransformerDecoder(nn.Module):
             "num_queries": mf.NUM_OBJECT_QUERIES,
             "nheads": mf.NHEADS,
             "dim_feedforward": mf.DIM_FEEDFORWARD,
-            "dec_layers": mf.DEC_LAYERS,
+            "dec_layers": mf.DEC_LAYERS - 1,  # Mask2Former's meaning (see the module docstring)
             "audio_dec_layers": mf.AUDIO_DEC_LAYERS,
             "pre_norm": mf.PRE_NORM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
@@ -197,18 +202,19 @@ class AudioVisualTransformerDecoder(nn.Module):
         emb = self.decoder_norm(output)
         logits = self.class_predictor(emb)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
-        audio_masks = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio_dense)
         with torch.no_grad():
             attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
             attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
             attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
             attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
-        pred = {"pred_logits": logits, "pred_masks": masks, "pred_audio_masks": audio_masks, "query_embeddings": emb}
+        pred = {"pred_logits": logits, "pred_masks": masks, "query_embeddings": emb}
+        if audio_dense is not None:
+            pred["pred_audio_masks"] = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio_dense)
         return pred, attn
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
                 queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
-                query_padding_mask: Optional[torch.Tensor] = None) -> Dict:
+                query_padding_mask: Optional[torch.Tensor] = None, audio_masks: bool = False) -> Dict:
         """
         Args:
             x: 3 visual maps (B, in_channels, h_l, w_l), coarsest first.
@@ -217,8 +223,9 @@ class AudioVisualTransformerDecoder(nn.Module):
             queries / query_pos: (B, Q, D) custom queries (None: the N learnable ones); query_pos
                 None with custom queries means no positional embedding.
             query_padding_mask: (B, Q) bool, True = padding (ignored as a self-attention key).
-        Returns: dict pred_logits, pred_masks, pred_audio_masks, query_embeddings (final layer),
-            audio_pred_logits, aux_outputs (list of per-layer dicts with the same four keys), and
+            audio_masks: also predict audio masks "pred_audio_masks" (B, Q, T', F') at every layer.
+        Returns: dict pred_logits, pred_masks, query_embeddings (final layer) [, pred_audio_masks],
+            audio_pred_logits, aux_outputs (list of per-layer dicts with the same keys), and
             query_padding_mask when given.
         """
         if len(x) != self.num_feature_levels:
@@ -230,7 +237,8 @@ class AudioVisualTransformerDecoder(nn.Module):
             poss.append(self.pe_layer(x[i]).flatten(2).transpose(1, 2))
             srcs.append(self.input_proj[i](x[i]).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
         output, qpos, pad = self._initial_queries(b, queries, query_pos, query_padding_mask)
-        tokens, tokens_pos, audio_dense = audio["tokens"], audio.get("tokens_pos"), audio["dense"]
+        tokens, tokens_pos = audio["tokens"], audio.get("tokens_pos")
+        audio_dense = audio["dense"] if audio_masks else None
 
         predictions = []
         if self.num_audio_layers == 0:

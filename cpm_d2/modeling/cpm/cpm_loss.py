@@ -1,0 +1,208 @@
+"""``CPMLoss``: the class-conditional prompting objectives of CPM (paper §3.2, eqs. 5-9).
+
+The meta-architecture runs the prompt pass (sample prompts z^k for each image's ground-truth
+classes, re-encode the noise-mixed audio for ACP, decode with the prompts as queries) and hands
+the resulting tensors here; this module only computes the losses:
+
+    ACP (eq. 5)    MSE(sigma(sum_k m^a_k), a_i / (a_i + a_j)) on the audio-mask grid T' x F'
+    VCP (eq. 6)    the class-agnostic criterion with the fixed assignment prompt k <-> target of
+                   class k (every decoder layer), normalised like l_agn (its number of masks)
+    PCL (eqs. 7-9) supervised InfoNCE between anchors f(k) (masked average pooling of the audio
+                   features u_a under the prompt's binarised audio saliency) and sampled pixels of
+                   the pixel features, both through small projection heads
+
+Each term is multiplied by MODEL.CPM.LAMBDA x its WEIGHT (VCP also by the class-agnostic
+CLASS/MASK/DICE_WEIGHT) and returned under its own "loss_" key.
+
+Decisions where the paper is silent:
+* PCL works on projections (2-layer MLPs to PCL.PROJ_DIM) of u_a and of the mask features u~_v,
+  as contrastive methods do: contrasting u~_v itself would pull the very map every class-agnostic
+  mask is a dot product with. Negatives (PCL.NEGATIVES): "image" (default) takes an anchor's
+  positives and negatives from its own image; "batch" from every image. Pixels are L2-normalised
+  (cosine similarity) and drawn class-balanced (:func:`~.losses.sample_pixels`).
+* VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
+  the queries; its mask and dice sums are divided by l_agn's number of masks, so one prompted
+  mask weighs what one matched class-agnostic mask weighs.
+* Images without sounding classes have no prompts and contribute nothing; every loss still
+  exists (a zero attached to the graph), so the set of keys never changes (DDP-safe).
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from detectron2.config import configurable
+
+from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
+from .losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, sample_pixels, vcp_indices
+
+__all__ = ["CPMLoss"]
+
+_WHERE = "cpm_d2/modeling/cpm/cpm_loss.py"
+
+
+def _projection(in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+class CPMLoss(nn.Module):
+    """forward(outputs, prompt_labels, valid, targets, num_masks, pixel_features, audio_features,
+    clean_audio=None, noise_audio=None) -> Dict[str, Tensor] (see the module docstring)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        criterion: SetCriterion,
+        weight_dict: Dict[str, float],
+        loss_lambda: float = 1.0,
+        acp_enabled: bool = True,
+        acp_weight: float = 1.0,
+        vcp_enabled: bool = True,
+        vcp_weight: float = 1.0,
+        pcl_enabled: bool = True,
+        pcl_weight: float = 1.0,
+        pcl_temperature: float = 0.1,
+        pcl_num_pixels: int = 1024,
+        pcl_negatives: str = "image",
+        pixel_dim: int = 256,
+        audio_dim: int = 256,
+        proj_dim: int = 128,
+        ignore_value: int = 255,
+    ):
+        """
+        Args:
+            criterion: a SetCriterion (VCP reuses it with fixed assignments; it holds no parameters).
+            weight_dict: the class-agnostic loss weights ("loss_ce", ..., "loss_dice_<i>").
+            loss_lambda: lambda of l = l_agn + lambda * l_CPM.
+            acp_* / vcp_* / pcl_*: the parts' switches and weights; PCL's tau, pixels per image and
+                negative set ("image" or "batch").
+            pixel_dim / audio_dim: channels of u~_v (MASK_DIM) and u_a (AUDIO.PIXEL_DECODER_DIM).
+            proj_dim: output size of the two PCL projection heads.
+            ignore_value: the label maps' ignore / padding value.
+        """
+        super().__init__()
+        if not (acp_enabled or vcp_enabled or pcl_enabled):
+            raise ValueError(
+                f"{_WHERE}: MODEL.CPM.ENABLED is True but MODEL.CPM.ACP/VCP/PCL.ENABLED are all False; "
+                "set MODEL.CPM.ENABLED False for the class-agnostic model"
+            )
+        if pcl_enabled and (pcl_temperature <= 0 or pcl_num_pixels < 1):
+            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
+                             f"{pcl_temperature} and {pcl_num_pixels}")
+        if pcl_negatives not in ("image", "batch"):
+            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
+        self.criterion = criterion
+        self.weight_dict = dict(weight_dict)
+        self.loss_lambda = float(loss_lambda)
+        self.acp_enabled, self.acp_weight = bool(acp_enabled), float(acp_weight)
+        self.vcp_enabled, self.vcp_weight = bool(vcp_enabled), float(vcp_weight)
+        self.pcl_enabled, self.pcl_weight = bool(pcl_enabled), float(pcl_weight)
+        self.pcl_temperature = float(pcl_temperature)
+        self.pcl_num_pixels = int(pcl_num_pixels)
+        self.pcl_negatives = pcl_negatives
+        self.ignore_value = int(ignore_value)
+        if self.pcl_enabled:
+            self.pcl_pixel_proj = _projection(pixel_dim, proj_dim)
+            self.pcl_audio_proj = _projection(audio_dim, proj_dim)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.CPM
+        return {
+            "criterion": build_set_criterion(cfg),
+            "weight_dict": loss_weight_dict(cfg),
+            "loss_lambda": c.LAMBDA,
+            "acp_enabled": c.ACP.ENABLED,
+            "acp_weight": c.ACP.WEIGHT,
+            "vcp_enabled": c.VCP.ENABLED,
+            "vcp_weight": c.VCP.WEIGHT,
+            "pcl_enabled": c.PCL.ENABLED,
+            "pcl_weight": c.PCL.WEIGHT,
+            "pcl_temperature": c.PCL.TEMPERATURE,
+            "pcl_num_pixels": c.PCL.NUM_PIXELS,
+            "pcl_negatives": c.PCL.NEGATIVES,
+            "pixel_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "audio_dim": cfg.MODEL.AUDIO.PIXEL_DECODER_DIM,
+            "proj_dim": c.PCL.PROJ_DIM,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        }
+
+    def extra_repr(self):
+        parts = [f"{n}(weight={w})" for n, on, w in (("ACP", self.acp_enabled, self.acp_weight),
+                                                   ("VCP", self.vcp_enabled, self.vcp_weight),
+                                                   ("PCL", self.pcl_enabled, self.pcl_weight)) if on]
+        return f"lambda={self.loss_lambda}, {', '.join(parts)}, pcl_negatives={self.pcl_negatives}"
+
+    @property
+    def needs_audio_masks(self) -> bool:
+        """Whether the prompt pass must predict audio masks m^a (ACP and PCL use them)."""
+        return self.acp_enabled or self.pcl_enabled
+
+    def _scale(self, weight: float) -> float:
+        return self.loss_lambda * weight
+
+    # ------------------------------------------------------------------------------ the three parts
+    @record_function("cpm.acp_loss")
+    def acp(self, outputs, valid, clean_audio, noise_audio) -> torch.Tensor:
+        """Eq. 5 on the final prediction's audio masks; clean/noise (B, Ca, T, F) linear magnitudes."""
+        audio_masks = outputs["pred_audio_masks"]
+        target = acp_ratio_target(clean_audio, noise_audio, audio_masks.shape[-2:])
+        return acp_loss(audio_masks, valid, target) * self._scale(self.acp_weight)
+
+    @record_function("cpm.vcp_loss")
+    def vcp(self, outputs, targets, prompt_labels, num_masks) -> Dict[str, torch.Tensor]:
+        """Eq. 6: the criterion with prompt k <-> the target of class k (final and aux predictions)."""
+        vcp_targets = []
+        for t, labels in zip(targets, prompt_labels):
+            keep = torch.isin(t["labels"], labels.to(t["labels"].device))
+            vcp_targets.append({"labels": t["labels"][keep], "masks": t["masks"][keep]})
+        raw = self.criterion(outputs, vcp_targets, indices=vcp_indices(prompt_labels, vcp_targets),
+                             num_masks=num_masks)
+        s = self._scale(self.vcp_weight)
+        return {"loss_vcp_" + k[len("loss_"):]: v * self.weight_dict[k] * s for k, v in raw.items()
+                if k in self.weight_dict}
+
+    @record_function("cpm.pcl_loss")
+    def pcl(self, outputs, valid, prompt_labels, targets, pixel_features, audio_features) -> torch.Tensor:
+        """Eqs. 7-9: projected anchors f(k) pooled from u_a vs projected pixels of u~_v."""
+        if any("sem_seg" not in t for t in targets):
+            raise ValueError(f"{_WHERE}: PCL needs every training input to carry 'sem_seg' (the pixel labels)")
+        pooled = masked_average_pool(outputs["pred_audio_masks"], audio_features)  # (B, K, D_a)
+        anchors = self.pcl_audio_proj(pooled[valid])  # (A, P_dim)
+        anchor_labels = torch.cat(prompt_labels).to(anchors.device)
+        anchor_images = torch.nonzero(valid)[:, 0].to(anchors.device)  # row-major, as pooled[valid]
+        sem_seg = torch.stack([t["sem_seg"] for t in targets])
+        feats, labels, images = sample_pixels(pixel_features, sem_seg, self.pcl_num_pixels,
+                                              ignore_value=self.ignore_value)
+        pixels = self.pcl_pixel_proj(feats)
+        same = self.pcl_negatives == "image"
+        loss = pcl_loss(anchors, anchor_labels, pixels, labels, temperature=self.pcl_temperature,
+                        anchor_images=anchor_images if same else None, pixel_images=images if same else None)
+        return loss * self._scale(self.pcl_weight)
+
+    def forward(self, outputs: Dict, prompt_labels: List[torch.Tensor], valid: torch.Tensor,
+                targets: List[Dict[str, torch.Tensor]], num_masks: float, pixel_features: torch.Tensor,
+                audio_features: torch.Tensor, clean_audio: Optional[torch.Tensor] = None,
+                noise_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the decoder's outputs for the prompts (with "pred_audio_masks" when ACP/PCL is on).
+            prompt_labels: per image (K_b,) class of each prompt; valid: (B, K_max) bool (False = padding).
+            targets: the class-agnostic targets (per image "labels", "masks", "sem_seg").
+            num_masks: l_agn's mask normaliser.
+            pixel_features: u~_v (B, MASK_DIM, H/4, W/4); audio_features: u_a (B, D_a, T', F') of the
+                audio the prompts were decoded with.
+            clean_audio / noise_audio: (B, Ca, T, F) linear magnitudes a_i / a_j (ACP).
+        """
+        losses = {}
+        if self.acp_enabled:
+            if clean_audio is None or noise_audio is None:
+                raise ValueError(f"{_WHERE}: ACP needs the clean and noise magnitudes")
+            losses["loss_acp"] = self.acp(outputs, valid, clean_audio, noise_audio)
+        if self.vcp_enabled:
+            losses.update(self.vcp(outputs, targets, prompt_labels, num_masks))
+        if self.pcl_enabled:
+            losses["loss_pcl"] = self.pcl(outputs, valid, prompt_labels, targets, pixel_features, audio_features)
+        return losses
