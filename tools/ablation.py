@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Seeded ablations of CPM (paper Tables 4 and 5) on any config, resumable, as a markdown table.
+
+    python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --seeds 1 2 3
+    python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --rows t4_1_baseline t4_6_cpm_full
+    python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --print-only   # cached runs only
+
+Rows are the files of ``configs/ablations/``: each row's switches (its YAML without ``_BASE_``
+and ``OUTPUT_DIR``) are applied on top of the full-CPM switches of ``Base-Ablation.yaml``, on top
+of ``--config-file`` and its ``KEY VALUE`` overrides, so a row differs from another only in the
+switches its file names. Rows whose effective switches coincide (Table 4's full CPM = Table 5's
+"Dist Rep." = M = 3) are trained once. Default rows: Table 4 and Table 5 with M = 1, 3, 5.
+
+Every (row, seed) trains with ``tools/train_net.py`` (``SEED`` = the seed, same budget for all),
+then is scored on the config's validation split, its test split, and its test split with the
+audio muted. The split names come from ``DATASETS.TRAIN``: ``<name>_train`` -> ``<name>_val`` /
+``<name>_test`` unless ``--val`` / ``--test`` name them. Nothing is chosen on the test split: the
+tool reports; choose settings on the val column. Each run's numbers are cached as
+``<output>/<row>/seed<k>/result.json`` together with the exact config they came from, so a table
+can be completed over several sittings and re-printed without retraining; a cached result of a
+different config is an error, never silently reused.
+
+Table columns (mean ± std over seeds, std with ddof = 1; "dataset" protocol, percent): val mIoU,
+test mIoU, test F-beta, matching-stability STS at the end of training (lower = steadier), and
+test mIoU with the audio muted.
+"""
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, REPO)
+ABLATIONS = os.path.join(REPO, "configs", "ablations")
+TABLE4 = ["t4_1_baseline", "t4_2_ccdm", "t4_3_ccdm_vcp", "t4_4_ccdm_acp", "t4_5_ccdm_acp_vcp", "t4_6_cpm_full"]
+TABLE5 = ["t5_point_rep", "t5_dist_rep", "t5_gmm_m1", "t5_gmm_m3", "t5_gmm_m5"]
+ROW_TITLES = {
+    "t4_1_baseline": "baseline (AVSegFormer*)",
+    "t4_2_ccdm": "+ CCDM",
+    "t4_3_ccdm_vcp": "+ CCDM + VCP",
+    "t4_4_ccdm_acp": "+ CCDM + ACP",
+    "t4_5_ccdm_acp_vcp": "+ CCDM + ACP + VCP",
+    "t4_6_cpm_full": "CPM (+ CCDM + ACP + VCP + PCL)",
+    "t5_point_rep": "Point Rep.",
+    "t5_dist_rep": "Dist Rep. (M = 3)",
+    "t5_gmm_m1": "M = 1",
+    "t5_gmm_m3": "M = 3",
+    "t5_gmm_m5": "M = 5",
+    "t5_gmm_m7": "M = 7",
+}
+
+
+def _flatten(node, prefix=""):
+    """Nested YAML dict -> [KEY, VALUE, ...] detectron2 overrides (values as Python literals)."""
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _flatten(value, name + ".")
+        else:
+            out += [name, value if isinstance(value, str) else repr(value)]
+    return out
+
+
+def row_switches(row):
+    """The overrides a row applies: Base-Ablation's switches, then the row file's."""
+    switches = []
+    for name in ("Base-Ablation", row):
+        path = os.path.join(ABLATIONS, f"{name}.yaml")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ablation row {row!r}: {path} does not exist (rows: {sorted(all_rows())})")
+        with open(path) as f:
+            node = yaml.safe_load(f) or {}
+        node.pop("_BASE_", None)
+        node.pop("OUTPUT_DIR", None)
+        switches += _flatten(node)
+    return switches
+
+
+def all_rows():
+    return sorted(f[:-5] for f in os.listdir(ABLATIONS) if f.endswith(".yaml") and f != "Base-Ablation.yaml")
+
+
+def split_names(cfg, val=None, test=None):
+    train = cfg.DATASETS.TRAIN[0]
+    if not train.endswith("_train") and (val is None or test is None):
+        raise ValueError(f"DATASETS.TRAIN[0] = {train!r} does not end in _train: pass --val and --test")
+    stem = train[: -len("_train")]
+    return val or f"{stem}_val", test or f"{stem}_test"
+
+
+def _effective_config(config_file, opts):
+    from cpm_d2.config import setup_cfg
+
+    return setup_cfg(config_file, opts)
+
+
+def _digest(cfg):
+    text = cfg.dump()
+    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+
+
+def _read_eval(output_dir, dataset):
+    path = os.path.join(output_dir, "inference", dataset, "avs_results.json")
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def _final_sts(output_dir):
+    sts = None
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "STS" in rec:
+                sts = rec["STS"]
+    return sts
+
+
+def _run(cmd, log_path, env):
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+class Job:
+    """One (row, seed): train, then evaluate with the audio muted; result.json at the end."""
+
+    def __init__(self, args, row, seed, opts, out_dir, datasets, digest, config_text, threads):
+        self.row, self.seed, self.out_dir = row, seed, out_dir
+        self.datasets, self.digest, self.config_text = datasets, digest, config_text
+        self.base = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", args.config_file]
+        self.opts = opts
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.log = os.path.join(out_dir, "log.txt")
+        self.stage, self.proc = 0, None
+
+    def _train_cmd(self):
+        val, test = self.datasets
+        resume = ["--resume"] if os.path.exists(os.path.join(self.out_dir, "last_checkpoint")) else []
+        return self.base + resume + self.opts + [
+            "OUTPUT_DIR", self.out_dir, "SEED", str(self.seed), "DATASETS.TEST", f'("{val}", "{test}")',
+            "TEST.EVAL_PERIOD", "0",
+        ]
+
+    def _mute_cmd(self):
+        _, test = self.datasets
+        return self.base + ["--eval-only"] + self.opts + [
+            "OUTPUT_DIR", os.path.join(self.out_dir, "muted"), "SEED", str(self.seed),
+            "MODEL.WEIGHTS", os.path.join(self.out_dir, "model_final.pth"), "DATASETS.TEST", f'("{test}",)',
+            "INPUT.AUDIO.MUTE", "True",
+        ]
+
+    def step(self):
+        """Advance; returns True when finished."""
+        if self.proc is not None:
+            rc = self.proc.poll()
+            if rc is None:
+                return False
+            if rc != 0:
+                raise RuntimeError(f"{self.row} seed {self.seed}: command failed (exit {rc}); see {self.log}")
+            self.proc = None
+            self.stage += 1
+        if self.stage == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.started = time.time()
+            self.proc = _run(self._train_cmd(), self.log, self.env)
+            return False
+        if self.stage == 1:
+            self.train_seconds = time.time() - self.started
+            self.proc = _run(self._mute_cmd(), self.log, self.env)
+            return False
+        val, test = self.datasets
+        result = {
+            "row": self.row, "seed": self.seed, "config_digest": self.digest,
+            "val": _read_eval(self.out_dir, val), "test": _read_eval(self.out_dir, test),
+            "test_muted": _read_eval(os.path.join(self.out_dir, "muted"), test),
+            "sts": _final_sts(self.out_dir), "train_seconds": round(self.train_seconds, 1),
+        }
+        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+            f.write(self.config_text)
+        tmp = os.path.join(self.out_dir, "result.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, os.path.join(self.out_dir, "result.json"))
+        print(f"[ablation] {self.row} seed {self.seed}: test mIoU {result['test']['mIoU']:.2f}, "
+              f"val mIoU {result['val']['mIoU']:.2f}, STS {result['sts']}, {self.train_seconds:.0f}s", flush=True)
+        return True
+
+
+def _cached(path, digest):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    if res.get("config_digest") != digest:
+        raise ValueError(f"{path} was computed with another config (digest {res.get('config_digest')} != {digest}); "
+                         "use another --output or delete that run")
+    return res
+
+
+def _mean_std(values):
+    import numpy as np
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def format_table(rows, results, seeds):
+    """Markdown table of mean ± std per row (``results[row]`` = list of result dicts)."""
+    head = ["row", "seeds", "val mIoU", "test mIoU", "test F-β", "STS ↓ (end)", "test mIoU, audio muted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        res = results.get(row, [])
+        cells = [
+            f"{ROW_TITLES.get(row, row)} (`{row}`)",
+            f"{len(res)}/{len(seeds)}",
+            _mean_std([r["val"]["mIoU"] for r in res]),
+            _mean_std([r["test"]["mIoU"] for r in res]),
+            _mean_std([r["test"]["Fbeta"] for r in res]),
+            _mean_std([r["sts"] for r in res]),
+            _mean_std([r["test_muted"]["mIoU"] for r in res]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="the setting to ablate (e.g. a CPM config)")
+    parser.add_argument("--rows", nargs="+", default=TABLE4 + TABLE5, help=f"rows of configs/ablations/ ({', '.join(all_rows())})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--output", default=None, help="cache folder (default output/ablation/<config name>)")
+    parser.add_argument("--val", default=None, help="validation dataset (default: <train name>_val)")
+    parser.add_argument("--test", default=None, help="test dataset (default: <train name>_test)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
+    parser.add_argument("--print-only", action="store_true", help="print the table of cached runs, train nothing")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
+    import cpm_d2  # noqa: F401  (registers the datasets)
+
+    name = os.path.splitext(os.path.basename(args.config_file))[0]
+    output = args.output or os.path.join(REPO, "output", "ablation", name)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    plan, keys, where = [], {}, {}
+    for row in args.rows:
+        opts = list(args.opts) + row_switches(row)
+        cfg = _effective_config(args.config_file, opts)
+        datasets = split_names(cfg, args.val, args.test)
+        digest, text = _digest(cfg)
+        key = keys.setdefault(digest, row)  # rows with identical effective configs share their runs
+        where[row] = (digest, key)
+        for seed in args.seeds:
+            out_dir = os.path.join(output, key, f"seed{seed}")
+            if key == row and not args.print_only and _cached(os.path.join(out_dir, "result.json"), digest) is None:
+                plan.append(Job(args, row, seed, opts, out_dir, datasets, digest, text, threads))
+    if plan:
+        print(f"[ablation] {len(plan)} run(s) to do, {args.jobs} at a time, {threads} thread(s) each; cache: {output}",
+              flush=True)
+        running, waiting = [], list(plan)
+        while running or waiting:
+            while waiting and len(running) < args.jobs:
+                job = waiting.pop(0)
+                job.step()
+                running.append(job)
+            for job in list(running):
+                if job.step():
+                    running.remove(job)
+            time.sleep(2)
+    results = {}
+    for row, (digest, key) in where.items():
+        found = [_cached(os.path.join(output, key, f"seed{seed}", "result.json"), digest) for seed in args.seeds]
+        results[row] = [r for r in found if r is not None]
+    table = format_table(args.rows, results, args.seeds)
+    print(f"\n{args.config_file} {' '.join(args.opts)} (seeds {args.seeds}; dataset protocol, %)\n")
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
