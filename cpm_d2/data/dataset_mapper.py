@@ -308,21 +308,49 @@ class AVSDatasetMapper:
         start = int(rng.integers(span + 1)) / sr if span > 0 else 0.0
         return self.front_end(path, start, duration)[1], path
 
+    # ------------------------------------------------------------------ model input of one frame
+    def inference_input(self, image, wave_window, sem_seg=None):
+        """The model's input for one frame: the only place that turns pixels and sound into it.
+
+        Args:
+            image: ``H x W x 3`` uint8 frame in ``INPUT.FORMAT`` (RGB), as read from disk.
+            wave_window: ``Ca x N`` float waveform of the frame's audio window, already at
+                ``INPUT.AUDIO.SAMPLE_RATE`` with ``INPUT.AUDIO.CHANNELS`` channels
+                (``AudioFrontEnd.load_window`` of the dataset path, or ``slice_window`` of a decoded
+                track in :class:`~cpm_d2.engine.AVSPredictor`).
+            sem_seg: optional ``H x W`` uint8 label map, given the same geometry.
+
+        Returns a dict with ``image`` (uint8 ``3 x H' x W'`` after ``self.augmentations``: the test
+        resize for a test mapper, random ones for a training mapper), ``audio`` / ``audio_mag``
+        (``INPUT.AUDIO.MUTE`` and the stereo swap of a horizontal flip applied), ``height`` /
+        ``width`` (the frame's size: predictions come back at it) and, when ``sem_seg`` is
+        given, ``sem_seg`` (numpy, transformed). ``__call__`` uses it for every dataset dict, and
+        ``AVSPredictor`` for every video frame, so evaluation and inference cannot drift apart.
+        """
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        transforms = self.augmentations(aug_input)
+        flipped = count_hflips(transforms) % 2 == 1
+        out = {
+            "image": torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))),
+            "height": height,
+            "width": width,
+        }
+        if sem_seg is not None:
+            out["sem_seg"] = aug_input.sem_seg
+        if self.mute:
+            wave_window = torch.zeros_like(wave_window)
+        features, magnitude = self.front_end.features(wave_window)
+        if flipped and features.shape[0] == 2:
+            features, magnitude = features.flip(0), magnitude.flip(0)
+        out["audio"], out["audio_mag"] = features, magnitude
+        return out
+
     # ------------------------------------------------------------------ call
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
         image, sem_seg = self._read_inputs(d)
         own_classes = {int(c) for c in np.unique(sem_seg) if c not in (0, self.ignore_label)}
-
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
-        transforms = self.augmentations(aug_input)
-        image, sem_seg = aug_input.image, aug_input.sem_seg
-        flipped = count_hflips(transforms) % 2 == 1
-
-        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        sem_seg = torch.as_tensor(np.ascontiguousarray(sem_seg).astype(np.int64))
-        d["sem_seg"] = sem_seg
-        d["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
 
         duration = float(d["audio_duration"])
         if self.window_seconds is not None and abs(duration - self.window_seconds) > 1e-6:
@@ -331,12 +359,12 @@ class AVSDatasetMapper:
                 f"INPUT.AUDIO.WINDOW_SECONDS is {self.window_seconds} s (VPO uses 3.0, AVSBench 1.0)"
             )
         wave = self.front_end.load_window(d["audio_file_name"], float(d["audio_start"]), duration)
-        if self.mute:
-            wave = torch.zeros_like(wave)
-        features, magnitude = self.front_end.features(wave)
-        if flipped and features.shape[0] == 2:
-            features, magnitude = features.flip(0), magnitude.flip(0)
-        d["audio"], d["audio_mag"] = features, magnitude
+
+        inputs = self.inference_input(image, wave, sem_seg=sem_seg)
+        sem_seg = torch.as_tensor(np.ascontiguousarray(inputs.pop("sem_seg")).astype(np.int64))
+        d.update(inputs)  # image, audio, audio_mag; height/width equal the dict's (check_image_size)
+        d["sem_seg"] = sem_seg
+        d["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
 
         if self.noise_source == "dataset":
             d["noise_mag"], d["noise_clip_id"] = self._dataset_noise(str(d["clip_id"]), own_classes, duration)
