@@ -126,10 +126,12 @@ def _mask2former_state_dict(model, num_layers, num_classes):
             for p in ("weight", "bias"):
                 take(f"{pd}input_proj.{i}.{j}.{p}", f"pixel_decoder.input_proj.{i}.{j}.{p}")
     take(f"{pd}transformer.level_embed", "pixel_decoder.level_embed")
-    for sub in ("self_attn.sampling_offsets", "self_attn.attention_weights", "self_attn.value_proj",
-                "self_attn.output_proj", "norm1", "linear1", "linear2", "norm2"):
-        for p in ("weight", "bias"):
-            take(f"{pd}transformer.encoder.layers.0.{sub}.{p}", f"pixel_decoder.encoder.layers.0.{sub}.{p}")
+    enc_layers = {int(k.split(".")[3]) for k in ours if k.startswith("pixel_decoder.encoder.layers.")}
+    for e in sorted(enc_layers):
+        for sub in ("self_attn.sampling_offsets", "self_attn.attention_weights", "self_attn.value_proj",
+                    "self_attn.output_proj", "norm1", "linear1", "linear2", "norm2"):
+            for p in ("weight", "bias"):
+                take(f"{pd}transformer.encoder.layers.{e}.{sub}.{p}", f"pixel_decoder.encoder.layers.{e}.{sub}.{p}")
     for theirs, mine in (("adapter_1", "lateral_convs.0"), ("layer_1", "output_convs.0")):
         for p in ("weight", "norm.weight", "norm.bias"):
             take(f"{pd}{theirs}.{p}", f"pixel_decoder.{mine}.{p}")

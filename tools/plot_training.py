@@ -136,10 +136,12 @@ def plot_runs(runs, output, title=None, columns=3):
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), fontsize=9, frameon=False)
+    inch = 1.0 / fig.get_figheight()  # header sizes in inches, as figure fractions
     if title:
-        fig.suptitle(title, y=0.995, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.55 if title else 0.35) / fig.get_figheight()))
+        fig.suptitle(title, y=1 - 0.08 * inch, va="top", fontsize=11)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.38 if title else 0.08) * inch),
+               ncol=max(1, len(labels)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.7 if title else 0.4) * inch))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output)
     return drawn

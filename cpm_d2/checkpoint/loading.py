@@ -184,6 +184,9 @@ class LoadReport:
                 if li and ni:
                     notes.append(f"layers loaded {_ranges(li)}, new {_ranges(ni)}")
             notes.extend(sorted({self.dropped[k] for k in r["dropped"] if k in self.dropped}))
+            unknown = [self.renamed.get(k, k) for k in r["dropped"] if k not in self.dropped]
+            if unknown:
+                notes.append("not in this model: " + _short_list(unknown, 2))
             out.append((name, len(r["loaded"]), len(r["new"]), len(r["shape"]), len(r["dropped"]), "; ".join(notes)))
         return out
 
