@@ -23,7 +23,6 @@
 ``*.num_batches_tracked`` counters are never counted as missing or unexpected: PyTorch fills a
 missing one, and FrozenBN models have none (ImageNet ``.pkl`` files carry none).
 """
-import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -259,12 +258,12 @@ class StrictCheckpointLoading:
     """
 
     strict = False
+    last_load_report: Optional[LoadReport] = None
+    _loading_path: Optional[str] = None
 
     def __init__(self, *args, strict: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.strict = bool(strict)
-        self.last_load_report: Optional[LoadReport] = None
-        self._loading_path = None
 
     # ------------------------------------------------------------------ file
     def load(self, path, *args, **kwargs):
