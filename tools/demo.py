@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cpm_d2  # noqa: E402,F401
 from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.engine.predictor import decode_audio, decode_video  # noqa: E402,F401  (re-exported)
+from cpm_d2.engine.predictor import decode_audio, decode_video, video_frame_rate  # noqa: E402,F401  (re-exported)
 
 
 def write_video(path, frames, fps):
@@ -59,7 +59,7 @@ def run(cfg, weights, video, output, metadata, max_frames=None, fps=None, save_f
     cfg.freeze()
     predictor = AVSPredictor(cfg, allow_partial_weights=allow_partial_weights, batch_size=batch_size,
                              class_names=metadata.get("stuff_classes", None))
-    out_fps = fps or decode_video_rate(video)
+    out_fps = fps or video_frame_rate(video)
     os.makedirs(output, exist_ok=True)
     overlays = []
     for pred in tqdm(predictor.iter_video(video, fps=fps, max_frames=max_frames), desc="segmenting",
@@ -71,17 +71,6 @@ def run(cfg, weights, video, output, metadata, max_frames=None, fps=None, save_f
     path = os.path.join(output, "overlay.mp4")
     write_video(path, overlays, out_fps)
     return path
-
-
-def decode_video_rate(path):
-    """The video stream's average frame rate (25 when the container does not say)."""
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        rate = container.streams.video[0].average_rate
-    return float(rate) if rate else 25.0
 
 
 def main(argv=None):

@@ -38,50 +38,72 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AVSPredictor", "decode_video", "decode_audio"]
+__all__ = ["AVSPredictor", "decode_video", "decode_audio", "iter_video_frames", "video_frame_rate"]
 
 logger = logging.getLogger(__name__)
 
 _INT_SCALE = {"u8": None, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 
 
-def decode_video(path, max_frames=None, fps=None):
-    """-> (list of ``H x W x 3`` uint8 RGB frames, their times in seconds, the frame rate).
-
-    ``fps``: keep at most this many frames per second (the first frame at or after each
-    1/fps step); ``max_frames``: stop after that many frames.
-    """
+def _open(path, kind):
     import av
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
     try:
-        container = av.open(path)
+        return av.open(path)
     except Exception as e:
-        raise ValueError(f"cannot open video file {path}: {e}") from e
-    with container:
+        raise ValueError(f"cannot open {kind} file {path}: {e}") from e
+
+
+def iter_video_frames(path, max_frames=None, fps=None):
+    """Yield ``(H x W x 3 uint8 RGB frame, time in s)`` of the first video stream, decoding lazily.
+
+    ``fps``: keep at most this many frames per second (the first frame at or after each 1/fps
+    step); ``max_frames``: stop after that many frames.
+    """
+    import av
+
+    with _open(path, "video") as container:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
         rate = float(stream.average_rate) if stream.average_rate else 25.0
-        frames, times, next_time = [], [], 0.0
+        count, next_time = 0, 0.0
         try:
             for frame in container.decode(video=0):
-                t = float(frame.time) if frame.time is not None else len(times) / rate
+                t = float(frame.time) if frame.time is not None else count / rate
                 if fps is not None and t + 1e-6 < next_time:
                     continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(t)
+                yield frame.to_ndarray(format="rgb24"), t
+                count += 1
                 next_time = t + 1.0 / fps if fps else t
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
+                if max_frames is not None and count >= max_frames:
+                    return
         except av.error.FFmpegError as e:
-            if not frames:
+            if not count:
                 raise ValueError(f"cannot decode the video stream of {path}: {e}") from e
-            logger.warning(f"{path}: video decoding stopped after {len(frames)} frames: {e}")
+            logger.warning(f"{path}: video decoding stopped after {count} frames: {e}")
+
+
+def video_frame_rate(path):
+    """The first video stream's average frame rate (25 when the container does not say)."""
+    with _open(path, "video") as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else 25.0
+
+
+def decode_video(path, max_frames=None, fps=None):
+    """-> (list of ``H x W x 3`` uint8 RGB frames, their times in seconds, the frame rate)."""
+    frames, times = [], []
+    for rgb, t in iter_video_frames(path, max_frames=max_frames, fps=fps):
+        frames.append(rgb)
+        times.append(t)
     if not frames:
         raise ValueError(f"{path}: the video stream holds no decodable frame")
-    return frames, times, (fps or rate)
+    return frames, times, (fps or video_frame_rate(path))
 
 
 def _audio_frame_to_float(frame, channels):
@@ -107,13 +129,7 @@ def decode_audio(path, sample_rate=None):
     """
     import av
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        container = av.open(path)
-    except Exception as e:
-        raise ValueError(f"cannot open video file {path}: {e}") from e
-    with container:
+    with _open(path, "video") as container:
         if not container.streams.audio:
             raise ValueError(f"{path} has no audio track: CPM needs the sound to segment sounding objects")
         stream = container.streams.audio[0]
@@ -258,19 +274,38 @@ class AVSPredictor:
         return slice_window(wave, int(round(float(time) * self.sample_rate)), self.window_samples)
 
     # ------------------------------------------------------------------ prediction
-    def _run(self, batch):
-        inputs = [self.mapper.inference_input(rgb, self.window(wave, t)) for rgb, wave, t in batch]
+    def _predict(self, batch, wave):
+        """batch: [(frame_index, rgb, time in the track, time to report)] -> one dict per frame."""
+        from ..utils.visualization import predicted_labels
+
+        inputs = [self.mapper.inference_input(rgb, self.window(wave, t)) for _, rgb, t, _ in batch]
         with torch.no_grad():
             outputs = self.model(inputs)
-        return outputs
+        for (i, rgb, _, t), out in zip(batch, outputs):
+            scores = out["sem_seg"].detach().float().cpu()
+            yield {
+                "frame_index": i,
+                "time": t,
+                "image": rgb,
+                "scores": scores,
+                "labels": torch.from_numpy(predicted_labels(scores, self.is_binary)),
+                "audio_class_probs": out["audio_class_probs"].detach().float().cpu(),
+            }
 
-    def iter_predictions(self, frames, waveform, sample_rate, frame_times=None, *, _prepared=False,
-                         source="waveform") -> Iterator[dict]:
+    def _batched(self, items, wave):
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self._predict(batch, wave)
+                batch = []
+        if batch:
+            yield from self._predict(batch, wave)
+
+    def iter_predictions(self, frames, waveform, sample_rate, frame_times=None) -> Iterator[dict]:
         """Yield one dict per frame: ``frame_index``, ``time``, ``image``, ``labels``, ``scores``,
         ``audio_class_probs``. ``frame_times`` default: frame i at i seconds (one frame per second,
         AVSBench's convention)."""
-        from ..utils.visualization import predicted_labels
-
         frames = _as_frames(frames)
         if frame_times is None:
             frame_times = [float(i) for i in range(len(frames))]
@@ -280,30 +315,25 @@ class AVSPredictor:
         bad = [t for t in frame_times if not math.isfinite(t) or t < 0]
         if bad:
             raise ValueError(f"frame times must be finite and >= 0, got {bad[:3]}")
-        wave = waveform if _prepared else self.prepare_waveform(waveform, sample_rate, source)
-        for start in range(0, len(frames), self.batch_size):
-            idx = range(start, min(start + self.batch_size, len(frames)))
-            outputs = self._run([(frames[i], wave, frame_times[i]) for i in idx])
-            for i, out in zip(idx, outputs):
-                scores = out["sem_seg"].detach().float().cpu()
-                yield {
-                    "frame_index": i,
-                    "time": frame_times[i],
-                    "image": frames[i],
-                    "scores": scores,
-                    "labels": torch.from_numpy(predicted_labels(scores, self.is_binary)),
-                    "audio_class_probs": out["audio_class_probs"].detach().float().cpu(),
-                }
+        wave = self.prepare_waveform(waveform, sample_rate)
+        yield from self._batched(((i, f, t, t) for i, (f, t) in enumerate(zip(frames, frame_times))), wave)
 
     def iter_video(self, path, *, fps=None, max_frames=None) -> Iterator[dict]:
-        """:meth:`iter_predictions` over a video file's frames and audio track (see :func:`decode_video`)."""
-        frames, times, _ = decode_video(path, max_frames=max_frames, fps=fps)
+        """:meth:`iter_predictions` over a video file, decoded lazily (see :func:`iter_video_frames`).
+
+        The whole audio track is decoded first (a file without one fails before any frame);
+        frame times are taken relative to the start of the audio stream.
+        """
         wave, rate, audio_start = decode_audio(path)
         wave = self.prepare_waveform(wave, rate, source=path)
-        times_in_track = [max(0.0, t - audio_start) for t in times]
-        for pred in self.iter_predictions(frames, wave, self.sample_rate, times_in_track, _prepared=True):
-            pred["time"] = times[pred["frame_index"]]
+        frames = ((i, rgb, max(0.0, t - audio_start), t)
+                  for i, (rgb, t) in enumerate(iter_video_frames(path, max_frames=max_frames, fps=fps)))
+        count = 0
+        for pred in self._batched(frames, wave):
+            count += 1
             yield pred
+        if not count:
+            raise ValueError(f"{path}: the video stream holds no decodable frame")
 
     def _collect(self, it) -> dict:
         preds = list(it)
