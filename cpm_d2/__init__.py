@@ -15,5 +15,14 @@ from .data import register_all_avs_datasets, register_avs_dataset  # noqa: E402
 
 register_all_avs_datasets()  # lazy: nothing is read until a dataset is used
 
-__all__ = ["add_maskformer_config", "add_avs_config", "add_cpm_config", "register_avs_dataset"]
+__all__ = ["add_maskformer_config", "add_avs_config", "add_cpm_config", "register_avs_dataset", "AVSPredictor"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # cpm_d2.AVSPredictor without importing detectron2.engine at `import cpm_d2`
+    if name == "AVSPredictor":
+        from .engine.predictor import AVSPredictor
+
+        return AVSPredictor
+    raise AttributeError(f"module 'cpm_d2' has no attribute {name!r}")

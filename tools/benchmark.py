@@ -64,8 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cpm_d2  # noqa: E402,F401  (compat fixes + registries, before detectron2 submodules)
-from cpm_d2 import add_cpm_config  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
+from cpm_d2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
 
@@ -182,7 +181,6 @@ def _sync_fn(device):
 # ================================================================================== configs / models
 def _load_cfg(path, opts=()):
     cfg = get_cfg()
-    add_cpm_config(cfg)
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
     return cfg

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Segment the sounding objects of a real video file (with its audio track) using a checkpoint.
 
-Each video frame at time t is paired with the audio window [t, t + WINDOW_SECONDS) (AVSBench's
-frame <-> 1-s convention; padded by repetition at the end). Writes an overlay video
-(``<output>/overlay.mp4``: frame | prediction) and, with ``--save-frames``, one PNG per frame.
+A thin command line over :class:`cpm_d2.AVSPredictor` (docs/inference.md): each video frame at
+time t is paired with the audio window [t, t + WINDOW_SECONDS) (AVSBench's frame <-> 1-s
+convention; padded by repetition at the end), with the test resize and audio front end of
+evaluation. Writes an overlay video (``<output>/overlay.mp4``: frame | prediction) and, with
+``--save-frames``, one PNG per frame. The checkpoint must match the config exactly (pass
+``--allow-partial-weights`` to use one that does not).
 
     python tools/demo.py --config-file configs/synthetic/cpm_r18_demo.yaml \\
         --weights output/demo/model_final.pth --video my_clip.mp4 --output output/my_clip
@@ -18,71 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cpm_d2  # noqa: E402,F401
 from cpm_d2.config import setup_cfg  # noqa: E402
-
-
-def decode_video(path, max_frames=None, fps=None):
-    """-> (list of H x W x 3 uint8 RGB frames, their times in seconds, the video's frame rate)."""
-    import av
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        container = av.open(path)
-    except Exception as e:
-        raise ValueError(f"cannot open video file {path}: {e}") from e
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate) if stream.average_rate else 25.0
-        frames, times, next_time = [], [], 0.0
-        for frame in container.decode(video=0):
-            t = float(frame.time) if frame.time is not None else len(times) / rate
-            if fps is not None and t + 1e-6 < next_time:
-                continue
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(t)
-            next_time = t + 1.0 / fps if fps else t
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    if not frames:
-        raise ValueError(f"{path}: the video stream holds no decodable frame")
-    return frames, times, (fps or rate)
-
-
-def decode_audio(path, sample_rate):
-    """-> float32 tensor C x N at ``sample_rate`` (every channel of the first audio stream)."""
-    import av
-    import torch
-    import torchaudio
-
-    with av.open(path) as container:
-        if not container.streams.audio:
-            raise ValueError(f"{path} has no audio track: CPM needs the sound to segment sounding objects")
-        stream = container.streams.audio[0]
-        chunks = []
-        for frame in container.decode(audio=0):
-            arr = frame.to_ndarray()
-            if arr.ndim == 1:
-                arr = arr[None]
-            if not frame.format.is_planar:  # packed: 1 x (N * C) interleaved
-                arr = arr.reshape(-1, stream.channels).T
-            chunks.append(arr.astype(np.float32))
-        src_rate = stream.rate
-    if not chunks:
-        raise ValueError(f"{path}: the audio track holds no decodable sample")
-    wave = torch.from_numpy(np.concatenate(chunks, axis=1))
-    if src_rate != sample_rate:
-        wave = torchaudio.functional.resample(wave, src_rate, sample_rate)
-    return wave
-
-
-def _test_resize(cfg):
-    from detectron2.data import transforms as T
-
-    if cfg.INPUT.TEST_RESIZE_MODE == "fixed":
-        return T.Resize(tuple(cfg.INPUT.FIXED_SIZE))
-    return T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+from cpm_d2.engine.predictor import decode_audio, decode_video, video_frame_rate  # noqa: E402,F401  (re-exported)
 
 
 def write_video(path, frames, fps):
@@ -105,53 +44,30 @@ def write_video(path, frames, fps):
             container.mux(packet)
 
 
-def run(cfg, weights, video, output, metadata, max_frames=None, fps=None, save_frames=False, progress=True):
+def run(cfg, weights, video, output, metadata, max_frames=None, fps=None, save_frames=False, progress=True,
+        allow_partial_weights=False, batch_size=4):
     """Segment ``video`` and write ``output/overlay.mp4`` (+ PNGs). Returns the overlay path."""
     import cv2
-    import torch
     from tqdm import tqdm
 
-    from cpm_d2.data.audio import AudioFrontEnd, slice_window
-    from cpm_d2.utils.visualization import predicted_labels, side_by_side
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    from cpm_d2.engine import AVSPredictor
+    from cpm_d2.utils.visualization import side_by_side
 
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"checkpoint not found: {weights}")
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    model.eval()
-
-    frames, times, out_fps = decode_video(video, max_frames, fps)
-    audio = AudioFrontEnd.from_config(cfg)
-    sr = audio.config.sample_rate
-    wave = decode_audio(video, sr)
-    wave = wave.mean(0, keepdim=True) if audio.config.channels == 1 else (
-        wave[:2] if wave.shape[0] >= 2 else wave.expand(2, -1)
-    )
-    window = int(round(cfg.INPUT.AUDIO.WINDOW_SECONDS * sr))
-    resize = _test_resize(cfg)
-    is_binary = bool(metadata.get("is_binary", False))
-
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    cfg.freeze()
+    predictor = AVSPredictor(cfg, allow_partial_weights=allow_partial_weights, batch_size=batch_size,
+                             class_names=metadata.get("stuff_classes", None))
+    out_fps = fps or video_frame_rate(video)
     os.makedirs(output, exist_ok=True)
     overlays = []
-    iterator = tqdm(list(zip(frames, times)), desc="segmenting", disable=not progress)
-    with torch.no_grad():
-        for i, (rgb, t) in enumerate(iterator):
-            mag = audio.magnitude(slice_window(wave, int(round(t * sr)), window))
-            image = resize.get_transform(rgb).apply_image(rgb)
-            inputs = {
-                "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "audio": audio.log(mag),
-                "audio_mag": mag,
-                "height": rgb.shape[0],
-                "width": rgb.shape[1],
-            }
-            out = model([inputs])[0]
-            panel = side_by_side(rgb, predicted_labels(out["sem_seg"], is_binary), None, metadata)
-            overlays.append(panel)
-            if save_frames:
-                cv2.imwrite(os.path.join(output, f"frame_{i:05d}.png"), panel[:, :, ::-1])
+    for pred in tqdm(predictor.iter_video(video, fps=fps, max_frames=max_frames), desc="segmenting",
+                     disable=not progress):
+        panel = side_by_side(pred["image"], pred["labels"].numpy(), None, metadata)
+        overlays.append(panel)
+        if save_frames:
+            cv2.imwrite(os.path.join(output, f"frame_{pred['frame_index']:05d}.png"), panel[:, :, ::-1])
     path = os.path.join(output, "overlay.mp4")
     write_video(path, overlays, out_fps)
     return path
@@ -168,6 +84,9 @@ def main(argv=None):
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--fps", type=float, default=None, help="segment this many frames per second")
     parser.add_argument("--save-frames", action="store_true", help="also write one PNG per frame")
+    parser.add_argument("--batch-size", type=int, default=4, help="frames per forward pass")
+    parser.add_argument("--allow-partial-weights", action="store_true",
+                        help="use a checkpoint that does not cover the model exactly (not recommended)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
 
@@ -177,7 +96,8 @@ def main(argv=None):
     cfg = setup_cfg(args.config_file, args.opts)
     register_avs_datasets_from_cfg(cfg)
     metadata = MetadataCatalog.get(args.dataset or cfg.DATASETS.TEST[0])
-    path = run(cfg, args.weights, args.video, args.output, metadata, args.max_frames, args.fps, args.save_frames)
+    path = run(cfg, args.weights, args.video, args.output, metadata, args.max_frames, args.fps, args.save_frames,
+               allow_partial_weights=args.allow_partial_weights, batch_size=args.batch_size)
     print(f"wrote {path}")
 
 

@@ -5,7 +5,8 @@
    is missing (deterministic from a seed, a few MB, seconds);
 2. trains CPM from scratch (configs/synthetic/cpm_r18_demo.yaml, ~10 minutes on 2 cores);
 3. evaluates on the held-out test split and prints the metrics table (both protocols);
-4. writes overlay PNGs (frame | prediction | ground truth) and one grid picture.
+4. writes overlay PNGs (frame | prediction | ground truth) and one grid picture;
+5. plots the run's training curves (losses, STS, held-out mIoU) to ``training_curves.png``.
 
 Running it again resumes the run in ``--output`` (finished runs only evaluate and draw again);
 nothing already there is deleted.
@@ -43,6 +44,22 @@ def _summary_table(results):
         headers=["dataset", "mIoU", "F-beta", "mIoU (AVSBench)", "F-beta (AVSBench)", "audio coverage"],
         tablefmt="github",
     )
+
+
+def _plot_training_curves(cfg, config_file, test_results):
+    """OUTPUT_DIR/training_curves.png (tools/plot_training.py), the held-out mIoU as the last point."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from plot_training import write_training_curves
+
+    miou = test_results.get("sem_seg", test_results).get("mIoU")
+    label = os.path.splitext(os.path.basename(config_file))[0]
+    try:
+        path, _ = write_training_curves([cfg.OUTPUT_DIR], labels=[label], final_points=[{"mIoU": miou}] if miou is not None else None)
+    except (OSError, ValueError) as e:  # the demo's results stand without the picture
+        print(f"[demo] no training curves: {e}")
+        return None
+    print(f"[demo] training curves: {path}")
+    return path
 
 
 def main(argv=None):
@@ -105,6 +122,7 @@ def main(argv=None):
     if panels:
         cv2.imwrite(os.path.join(cfg.OUTPUT_DIR, "overlays_grid.png"), grid(panels)[:, :, ::-1])
     print(f"[demo] {len(paths)} overlays in {vis_dir}; grid: {os.path.join(cfg.OUTPUT_DIR, 'overlays_grid.png')}")
+    _plot_training_curves(cfg, args.config_file, results.get(test_name, {}))
     print(f"[demo] checkpoint: {DetectionCheckpointer(model, cfg.OUTPUT_DIR).get_checkpoint_file()}")
     print(f"[demo] total {time.time() - t0:.0f}s")
     return results

@@ -3,6 +3,7 @@
 
     python tools/train_net.py --config-file configs/avss_r50.yaml --num-gpus 8
     python tools/train_net.py --config-file configs/avss_r50.yaml --eval-only MODEL.WEIGHTS model.pth
+    # (--eval-only refuses a checkpoint that does not match the config; --allow-partial-weights overrides)
     python tools/train_net.py --config-file configs/avss_r50.yaml --resume
     # a dataset in the AVSS layout, no Python needed:
     python tools/train_net.py --config-file configs/avss_r50.yaml \\
@@ -37,6 +38,13 @@ def get_parser():
         metavar=("NAME", "ROOT", "SPLIT"),
         help="register a dataset in the AVSS layout (repeatable); same as DATASETS.AVS_REGISTER",
     )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="--eval-only: evaluate a MODEL.WEIGHTS checkpoint that does not cover the model exactly "
+        "(missing, extra or differently shaped tensors); without it such a checkpoint is refused. "
+        "Training always accepts partial MODEL.WEIGHTS (ImageNet, Mask2Former) and logs what loaded",
+    )
     return parser
 
 
@@ -63,7 +71,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AVSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # Strict: a checkpoint for another config (e.g. another number of classes) is refused, naming
+        # the tensors, instead of evaluating a partly random model.
+        checkpointer = AVSCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=not args.allow_partial_weights)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

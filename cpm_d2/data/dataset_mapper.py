@@ -238,32 +238,60 @@ class AVSDatasetMapper:
         return image, sem_seg.astype(np.uint8)  # uint8: detectron2 resizes it with PIL (nearest)
 
     def _pad(self, image, sem_seg):
-        """Pad H x W (x 3) image (0) and label map (ignore) on the bottom/right to size_divisibility."""
-        h, w = sem_seg.shape
+        """Pad H x W x 3 image (0) and label map (ignore, if any) on the bottom/right to size_divisibility."""
+        h, w = image.shape[:2]
         div = self.size_divisibility
         ph, pw = (div - h % div) % div, (div - w % div) % div
         if ph or pw:
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-            sem_seg = np.pad(sem_seg, ((0, ph), (0, pw)), constant_values=self.ignore_label)
+            if sem_seg is not None:
+                sem_seg = np.pad(sem_seg, ((0, ph), (0, pw)), constant_values=self.ignore_label)
         return image, sem_seg
+
+    # ------------------------------------------------------------------ model input of one frame
+    def inference_input(self, image, wave_window, sem_seg=None):
+        """The model's input for one frame: the only place that turns pixels and sound into it.
+
+        Args:
+            image: ``H x W x 3`` uint8 frame in ``INPUT.FORMAT`` (RGB), as read from disk.
+            wave_window: ``Ca x N`` float waveform of the frame's audio window, already at
+                ``INPUT.AUDIO.SAMPLE_RATE`` with ``INPUT.AUDIO.CHANNELS`` channels
+                (``AudioFrontEnd.load_window`` of the dataset path, or ``slice_window`` of a decoded
+                track in :class:`~cpm_d2.engine.AVSPredictor`).
+            sem_seg: optional ``H x W`` uint8 label map, given the same geometry.
+
+        Returns a dict with ``image`` (uint8 ``3 x H' x W'`` after ``self.augmentations``: the test
+        resize for a test mapper, random ones and the ``size_divisibility`` padding for a training
+        mapper), ``audio`` (the magnitude spectrogram, ``INPUT.AUDIO.MUTE`` and the stereo swap of a
+        horizontal flip applied), ``height`` /
+        ``width`` (the frame's size: predictions come back at it) and, when ``sem_seg`` is
+        given, ``sem_seg`` (numpy, transformed). ``__call__`` uses it for every dataset dict, and
+        ``AVSPredictor`` for every video frame, so evaluation and inference cannot drift apart.
+        """
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        transforms = self.augmentations(aug_input)
+        flipped = count_hflips(transforms) % 2 == 1
+        image, sem_seg = aug_input.image, aug_input.sem_seg
+        if self.size_divisibility > 0:
+            image, sem_seg = self._pad(image, sem_seg)
+        out = {"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height,
+               "width": width}
+        if sem_seg is not None:
+            out["sem_seg"] = sem_seg
+        if self.mute:
+            wave_window = torch.zeros_like(wave_window)
+        magnitude = self.front_end.magnitude(wave_window)
+        if flipped and magnitude.shape[0] == 2:
+            magnitude = magnitude.flip(0)  # a mirrored scene: the left source is now on the right
+        out["audio"] = magnitude
+        return out
 
     # ------------------------------------------------------------------ call
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
         image, sem_seg = self._read_inputs(d)
         own_classes = {int(c) for c in np.unique(sem_seg) if c not in (0, self.ignore_label)}
-
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
-        transforms = self.augmentations(aug_input)
-        image, sem_seg = aug_input.image, aug_input.sem_seg
-        flipped = count_hflips(transforms) % 2 == 1
-        if self.size_divisibility > 0:
-            image, sem_seg = self._pad(image, sem_seg)
-
-        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        sem_seg = torch.as_tensor(np.ascontiguousarray(sem_seg).astype(np.int64))
-        d["sem_seg"] = sem_seg
-        d["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
 
         duration = float(d["audio_duration"])
         if self.window_seconds is not None and abs(duration - self.window_seconds) > 1e-6:
@@ -272,12 +300,12 @@ class AVSDatasetMapper:
                 f"INPUT.AUDIO.WINDOW_SECONDS is {self.window_seconds} s (VPO uses 3.0, AVSBench 1.0)"
             )
         wave = self.front_end.load_window(d["audio_file_name"], float(d["audio_start"]), duration)
-        if self.mute:
-            wave = torch.zeros_like(wave)
-        magnitude = self.front_end.magnitude(wave)
-        if flipped and magnitude.shape[0] == 2:
-            magnitude = magnitude.flip(0)  # a mirrored scene: the left source is now on the right
-        d["audio"] = magnitude
+
+        inputs = self.inference_input(image, wave, sem_seg=sem_seg)
+        sem_seg = torch.as_tensor(np.ascontiguousarray(inputs.pop("sem_seg")).astype(np.int64))
+        d.update(inputs)  # image, audio; height/width equal the dict's (check_image_size)
+        d["sem_seg"] = sem_seg
+        d["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
         if self.noise_sampler is not None:
             d["noise_audio"], d["noise_clip_id"] = self.noise_sampler(d, own_classes, duration, self.front_end)
 

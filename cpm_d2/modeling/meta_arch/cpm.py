@@ -135,8 +135,12 @@ class CPM(nn.Module):
             raise ValueError(f"cpm.py: INPUT.FORMAT must be 'RGB' (images are RGB; PIXEL_MEAN is in RGB order), "
                              f"got {cfg.INPUT.FORMAT!r}")
         mf = cfg.MODEL.MASK_FORMER
+        # built in this order (a seed gives the same weights as before the CPM loss existed)
         backbone = build_backbone(cfg)
+        pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         audio_backbone = build_audio_backbone(cfg)
+        audio_pixel_decoder = AudioPixelDecoder(cfg, audio_backbone.output_shape())
+        transformer_decoder = build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
         size_div = mf.SIZE_DIVISIBILITY if mf.SIZE_DIVISIBILITY > 0 else backbone.size_divisibility
         cpm_loss = None
         if cfg.MODEL.CPM.ENABLED:
@@ -145,10 +149,10 @@ class CPM(nn.Module):
             cpm_loss = CPMLoss(cfg)
         return {
             "backbone": backbone,
-            "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
+            "pixel_decoder": pixel_decoder,
             "audio_backbone": audio_backbone,
-            "audio_pixel_decoder": AudioPixelDecoder(cfg, audio_backbone.output_shape()),
-            "transformer_decoder": build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM),
+            "audio_pixel_decoder": audio_pixel_decoder,
+            "transformer_decoder": transformer_decoder,
             "criterion": build_set_criterion(cfg),
             "weight_dict": loss_weight_dict(cfg),
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,

@@ -1,0 +1,113 @@
+"""tools/convert_pretrained.py: torchvision ResNet .pth -> the visual (.pkl) and audio backbone forms."""
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import cpm_d2  # noqa: F401
+from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.config import setup_cfg
+from cpm_d2.modeling.backbone import build_audio_backbone, load_audio_backbone_weights
+from detectron2.modeling import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import convert_pretrained  # noqa: E402
+
+TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
+
+
+def _torchvision_pth(tmp_path, arch):
+    """A locally built torchvision ResNet (no download) with non-trivial BN statistics, saved as .pth."""
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(net.state_dict(), path)
+    return net.eval(), path
+
+
+@pytest.mark.parametrize("arch,depth,res2", [("resnet50", 50, 256), ("resnet18", 18, 64)])
+def test_visual_conversion_loads_every_backbone_key_and_computes_the_same_features(tmp_path, arch, depth, res2):
+    net, pth = _torchvision_pth(tmp_path, arch)
+    out = tmp_path / f"R-{depth}.pkl"
+    convert_pretrained.main([str(pth), str(out)])
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    assert data["model"]["backbone.stem.conv1.norm.running_var"].shape == (64,)
+    assert not any(k.startswith("backbone.fc") or k.endswith("num_batches_tracked") for k in data["model"])
+
+    cfg = setup_cfg(TINY, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(depth), "MODEL.RESNETS.RES2_OUT_CHANNELS",
+                           str(res2), "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1", "False"])
+    model = build_model(cfg).eval()
+    ckpt = AVSCheckpointer(model)  # training from ImageNet weights: partial by nature, reported
+    ckpt.load(str(out))
+    report = ckpt.last_load_report
+    backbone = {k for k in model.state_dict() if k.startswith("backbone.")}
+    assert not [k for k in report.missing if k.startswith("backbone.")]
+    assert report.unexpected == [] and report.mismatched == [] and report.dropped == {}
+    assert set(report.loaded) == backbone
+    assert report.missing and all(not k.startswith("backbone.") for k in report.missing)
+
+    # Hand-checked correspondences, then the strongest check: the same features as torchvision.
+    sd = net.state_dict()
+    state = model.state_dict()
+    assert torch.equal(state["backbone.res3.0.shortcut.weight"], sd["layer2.0.downsample.0.weight"])
+    assert torch.equal(state["backbone.res5.1.conv2.norm.running_var"], sd["layer4.1.bn2.running_var"])
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        got = model.backbone(x)["res5"]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_audio_conversion_is_what_model_audio_weights_loads(tmp_path):
+    net, pth = _torchvision_pth(tmp_path, "resnet18")
+    out = tmp_path / "audio-R-18.pkl"
+    convert_pretrained.main([str(pth), str(out), "--audio"])
+    cfg = setup_cfg(TINY, ["MODEL.DEVICE", "cpu", "MODEL.AUDIO.BASE_CHANNELS", "64", "MODEL.AUDIO.NORM", "BN",
+                           "MODEL.AUDIO.WEIGHTS", str(out)])
+    audio = build_audio_backbone(cfg)  # loads MODEL.AUDIO.WEIGHTS
+    sd = net.state_dict()
+    state = audio.state_dict()
+    assert set(state) == {k for k in sd if not k.startswith("fc.")}
+    for k, v in state.items():
+        if k != "conv1.weight":
+            assert torch.equal(v, sd[k]), k
+    assert torch.allclose(state["conv1.weight"], sd["conv1.weight"].mean(1, keepdim=True))  # RGB stem -> mono
+
+    stereo = build_audio_backbone(setup_cfg(TINY, ["MODEL.AUDIO.BASE_CHANNELS", "64", "MODEL.AUDIO.NORM", "BN",
+                                                   "MODEL.AUDIO.IN_CHANNELS", "2", "INPUT.AUDIO.CHANNELS", "2"]))
+    load_audio_backbone_weights(stereo, str(out))
+    assert torch.allclose(stereo.conv1.weight[:, 1:], sd["conv1.weight"].mean(1, keepdim=True))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    _, r50 = _torchvision_pth(tmp_path, "resnet50")
+    state, block, depth = convert_pretrained.read_torchvision_resnet(str(r50))
+    assert (block, depth) == ("bottleneck", 50)
+    with pytest.raises(ValueError, match=rf"{r50} is a ResNet-50 \(Bottleneck blocks\).*audio backbone"):
+        convert_pretrained.convert_audio(state, block, depth, str(r50))
+    not_resnet = tmp_path / "vit.pth"
+    torch.save({"encoder.layers.0.weight": torch.zeros(2)}, not_resnet)
+    with pytest.raises(ValueError, match=rf"{not_resnet} is not a torchvision ResNet state dict"):
+        convert_pretrained.read_torchvision_resnet(str(not_resnet))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01 not a zip")
+    with pytest.raises(SystemExit):
+        convert_pretrained.main([str(garbage), str(tmp_path / "o.pkl")])
+    assert f"cannot read {garbage}" in capsys.readouterr().err
+    existing = tmp_path / "exists.pkl"
+    existing.write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        convert_pretrained.main([str(r50), str(existing)])
+    assert "--overwrite" in capsys.readouterr().err
