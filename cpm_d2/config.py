@@ -194,6 +194,9 @@ def add_cpm_config(cfg):
     g.COVARIANCE = "diag"  # "diag" or "full"
     g.MEMORY_SIZE = 512  # matched embeddings kept per class
     g.MAX_AGE = 0  # > 0: EM ignores bank entries older than this many iterations
+    # Matched embeddings the bank receives: "last" (the final prediction's) or "all" (every
+    # prediction's: the GMM head scores every decoder layer, and the bank refreshes faster).
+    g.OBSERVE_LAYERS = "last"
     g.UPDATE_INTERVAL = 10  # run EM every this many iterations
     g.EM_ITERS = 3
     g.MOMENTUM = 0.9  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate

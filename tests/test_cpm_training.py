@@ -489,6 +489,28 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
     assert gmm.bank_age(30)[4].item() == pytest.approx(99 / 64)
 
 
+def test_observe_all_layers_feeds_every_prediction_to_the_bank():
+    """OBSERVE_LAYERS "all": each prediction's matched embeddings (1 audio + 3 visual layers of the
+    tiny model) enter the bank, with the labels of that prediction's own matching."""
+    counts = {}
+    for mode in ("last", "all"):
+        model = _build(_cpm_cfg(**{"MODEL.CPM.GMM.OBSERVE_LAYERS": mode, "MODEL.CPM.GMM.MEMORY_SIZE": "512"}))
+        model.train()
+        seen = []
+        real = model.class_predictor.observe
+        model.class_predictor.observe = lambda e, l, it: (seen.append((e.clone(), l.clone())), real(e, l, it))[1]
+        batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 81), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 82)]
+        model(batch)
+        emb, lab = seen[0]
+        counts[mode] = lab.numel()
+        # per prediction: every target matched once (2 per image: background + one class), rest no-object
+        per_pred = lab.view(-1, 2 * 10)
+        assert ((per_pred < 5).sum(1) == 4).all() and (per_pred == 5).sum().item() == per_pred.shape[0] * 16
+    assert counts == {"last": 2 * 10, "all": 4 * 2 * 10}
+    with pytest.raises(ValueError, match="OBSERVE_LAYERS"):
+        _build(_cpm_cfg(**{"MODEL.CPM.GMM.OBSERVE_LAYERS": "some"}))
+
+
 def test_point_prompts_are_learned_through_the_prompt_losses():
     """Table 5's "Point Rep.": the softmax head's (C+1) x D prompt embedding is trained by VCP/ACP/PCL."""
     model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor"}))

@@ -183,7 +183,7 @@ def test_criterion_given_indices_skips_matching_and_zero_targets_are_differentia
     assert losses["loss_ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
     sum(losses.values()).backward()
     assert masks.grad is not None and logits.grad is not None
-    assert idx[0][0].numel() == 0
+    assert len(idx) == 1 and idx[-1][0][0].numel() == 0  # one prediction, image 0 unmatched
 
 
 # ---------------------------------------------------------------------------------- deformable attention

@@ -92,14 +92,16 @@ def test_class_agnostic_losses_exposes_final_indices_and_weights():
     assert (targets[1]["sem_seg"][57:, :] == 255).all() and (targets[1]["sem_seg"][:57, :77] == 0).all()
     losses, indices, num_masks = model.class_agnostic_losses(outputs, targets)
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
-    assert [len(i[0]) for i in indices] == [3, 1, 0]
+    assert len(indices) == 1  # no deep supervision: the final prediction's matching only
+    final = indices[-1]
+    assert [len(i[0]) for i in final] == [3, 1, 0]
     assert num_masks == 4  # every target mask of the batch, background included
     torch.manual_seed(3)
-    raw = model.criterion({k: v for k, v in outputs.items() if k != "aux_outputs"}, targets, indices=indices)
+    raw = model.criterion({k: v for k, v in outputs.items() if k != "aux_outputs"}, targets, indices=final)
     w = model.weight_dict
     assert losses["loss_ce"].item() == pytest.approx(w["loss_ce"] * raw["loss_ce"].item(), rel=1e-5)
     assigned = model.observe_assignments(outputs, targets, indices)
-    for b, (src, tgt) in enumerate(indices):
+    for b, (src, tgt) in enumerate(final):
         assert assigned[b, src].tolist() == targets[b]["labels"][tgt].tolist()
 
 

@@ -71,6 +71,8 @@ class SetCriterion(nn.Module):
     indices: optional per image (query_idx, target_idx): skip matching and use these pairs for the
         final layer AND every aux layer (used for class-conditional prompts, which are tied to their
         target by construction).
+    return_indices: also return the matching of every prediction, [aux_0, ..., aux_n-1, final]
+        (each a per-image list of (query_idx, target_idx)), and the mask normaliser.
     num_masks: optional normaliser of the mask losses (default: this batch's target masks,
         averaged over ranks); CPM's VCP passes the class-agnostic pass's, so a prompted mask
         weighs what a matched class-agnostic mask weighs.
@@ -157,13 +159,15 @@ class SetCriterion(nn.Module):
         if num_masks is None:
             num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         losses = self._layer_losses(main, targets, final_indices, num_masks)
+        all_indices = []
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             if pad is not None and "query_padding_mask" not in aux:
                 aux = dict(aux, query_padding_mask=pad)
             aux_indices = final_indices if fixed else self.matcher(aux, targets)
+            all_indices.append(aux_indices)
             losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets, aux_indices, num_masks).items()})
         if return_indices:
-            return losses, final_indices, num_masks
+            return losses, all_indices + [final_indices], num_masks
         return losses
 
     def __repr__(self):

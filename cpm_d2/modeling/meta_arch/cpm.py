@@ -92,6 +92,7 @@ class CPM(nn.Module):
         audio_log_offset: float = 1e-6,
         deep_supervision: bool = True,
         semantic_inference: str = "argmax_query",
+        observe_all_layers: bool = False,
         cpm_loss: Optional[nn.Module] = None,
     ):
         super().__init__()
@@ -113,6 +114,7 @@ class CPM(nn.Module):
         self.audio_log_offset = audio_log_offset
         self.deep_supervision = deep_supervision
         self.semantic_inference_rule = semantic_inference
+        self.observe_all_layers = bool(observe_all_layers)
         # CPM's prompting losses (training only), None = the class-agnostic baseline.
         self.cpm_loss = cpm_loss
         if cpm_loss is not None and not getattr(self.class_predictor, "can_sample", False):
@@ -135,6 +137,9 @@ class CPM(nn.Module):
             raise ValueError(f"cpm.py: INPUT.FORMAT must be 'RGB' (images are RGB; PIXEL_MEAN is in RGB order), "
                              f"got {cfg.INPUT.FORMAT!r}")
         mf = cfg.MODEL.MASK_FORMER
+        if cfg.MODEL.CPM.GMM.OBSERVE_LAYERS not in ("last", "all"):
+            raise ValueError(f"cpm.py: MODEL.CPM.GMM.OBSERVE_LAYERS must be 'last' or 'all', got "
+                             f"{cfg.MODEL.CPM.GMM.OBSERVE_LAYERS!r}")
         # built in this order (a seed gives the same weights as before the CPM loss existed)
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
@@ -165,6 +170,7 @@ class CPM(nn.Module):
             "audio_log_offset": cfg.MODEL.AUDIO.LOG_OFFSET,
             "deep_supervision": mf.DEEP_SUPERVISION,
             "semantic_inference": mf.TEST.SEMANTIC_INFERENCE,
+            "observe_all_layers": cfg.MODEL.CPM.GMM.OBSERVE_LAYERS == "all",
             "cpm_loss": cpm_loss,
         }
 
@@ -269,26 +275,38 @@ class CPM(nn.Module):
 
     @record_function("cpm.class_agnostic_losses")
     def class_agnostic_losses(self, outputs: Dict, targets: List[Dict]):
-        """l_agn: weighted CE + mask + dice (+ aux), the final prediction's matching
-        [(query_idx, target_idx)] per image, and the mask normaliser num_masks."""
+        """l_agn: weighted CE + mask + dice (+ aux), the matching of every prediction
+        ([aux_0, ..., final], each [(query_idx, target_idx)] per image), and the mask normaliser."""
         if not self.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses, indices, num_masks = self.criterion(outputs, targets, return_indices=True)
         return self.weight_losses(losses), indices, num_masks
 
-    @torch.no_grad()
-    @record_function("cpm.observe_assignments")
-    def observe_assignments(self, outputs: Dict, targets: List[Dict], indices) -> torch.Tensor:
-        """Give the class predictor the final-layer embeddings with their matched labels
-        (unmatched -> C), step it, set ``last_assignments`` (B, N) on CPU and advance ``_iter``."""
-        emb = outputs["query_embeddings"]
+    def _assigned_labels(self, emb: torch.Tensor, targets: List[Dict], indices) -> torch.Tensor:
+        """(B, N) class matched to each query by ``indices`` (unmatched -> C = no object)."""
         b, n = emb.shape[:2]
         assigned = torch.full((b, n), self.num_classes, dtype=torch.long, device=emb.device)
         for i, (t, (src, tgt)) in enumerate(zip(targets, indices)):
             if len(src):
                 assigned[i, src.to(emb.device)] = t["labels"][tgt.to(t["labels"].device)].to(emb.device)
+        return assigned
+
+    @torch.no_grad()
+    @record_function("cpm.observe_assignments")
+    def observe_assignments(self, outputs: Dict, targets: List[Dict], indices) -> torch.Tensor:
+        """Give the class predictor the matched embeddings with their labels (unmatched -> C): the
+        final prediction's, or with ``observe_all_layers`` every prediction's (``indices`` as from
+        class_agnostic_losses: [aux_0, ..., final]); step it, set ``last_assignments`` (B, N, the
+        final matching) on CPU and advance ``_iter``."""
+        emb = outputs["query_embeddings"]
+        assigned = self._assigned_labels(emb, targets, indices[-1])
+        embs, labels = [emb.flatten(0, 1)], [assigned.flatten()]
+        if self.observe_all_layers:
+            for aux, aux_indices in zip(outputs.get("aux_outputs", []), indices[:-1]):
+                embs.append(aux["query_embeddings"].flatten(0, 1))
+                labels.append(self._assigned_labels(aux["query_embeddings"], targets, aux_indices).flatten())
         iteration = int(self._iter)
-        self.class_predictor.observe(emb.detach().flatten(0, 1), assigned.flatten(), iteration)
+        self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labels), iteration)
         self.class_predictor.step(iteration)
         if hasattr(self.class_predictor, "bank_age"):
             age = self.class_predictor.bank_age(iteration)[: self.num_classes]  # real classes, not no-object
