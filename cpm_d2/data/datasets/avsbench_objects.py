@@ -21,12 +21,13 @@ prepare step writes 0/1 copies (``gt_masks_index``). Frame ``k`` (1-based) <-> a
 Classes: ``["background", "sounding object"]``, ``is_binary=True``.
 """
 import csv
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
-from .avss import image_size
+from .avss import image_size, read_csv_text
 
 __all__ = [
     "OBJECT_CLASSES",
@@ -46,8 +47,11 @@ def _read_rows(csv_path, kind):
     """Rows as (name, category, split) in file order; columns by header name, else by position."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"AVSBench {kind} metadata not found: {csv_path}")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    text = read_csv_text(csv_path, f"AVSBench {kind} metadata")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise ValueError(f"{csv_path} is not valid CSV: {e}") from e
     if not rows:
         raise ValueError(f"{csv_path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -62,8 +66,10 @@ def _read_rows(csv_path, kind):
     for line, r in enumerate(rows[1:], start=2):
         if not r:
             continue
-        if len(r) <= max(name_col, split_col, cat_col or 0):
-            raise ValueError(f"{csv_path}: line {line} has {len(r)} field(s), the header {len(header)}")
+        if len(r) <= max(name_col, split_col, cat_col or 0) or len(r) > len(header):
+            raise ValueError(
+                f"{csv_path}: line {line} has {len(r)} field(s), the header {len(header)} (a stray comma or quote?)"
+            )
         name, split = r[name_col].strip(), r[split_col].strip()
         cat = r[cat_col].strip() if cat_col is not None else ""
         if not name or (kind == "S4" and not cat):
