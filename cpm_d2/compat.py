@@ -20,7 +20,9 @@ Fixes:
    error naming the op, so importing works and only *calling* such an op fails.
 3. ``detectron2.engine.launch`` in 0.6 asserts CUDA and hard-codes NCCL. :func:`launch` runs
    CPU-only multi-process jobs on gloo and, on every detectron2, destroys the process group at
-   the end of each worker (torch >= 2.14 aborts a worker that exits with a live group).
+   the end of each worker (torch >= 2.14 aborts a worker that exits with a live group). When a
+   worker raises, it ends the whole job within seconds with that worker's error
+   (:class:`DistributedWorkerError`) instead of hanging in a barrier.
 """
 import importlib
 import logging
@@ -193,7 +195,6 @@ TERMINATE_GRACE_SECONDS = 5.0
 def _report_worker_failure(report_dir, global_rank):
     """In a failing worker: log the error (rank log file, stderr) and leave it for the launcher."""
     import json
-    import os
     import time
     import traceback
 
@@ -225,8 +226,6 @@ def _distributed_worker(
     backend,
     report_dir=None,
 ):
-    import os
-
     import torch
     import torch.distributed as dist
     from detectron2.utils import comm
