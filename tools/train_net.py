@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
 from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.compat import launch  # noqa: E402
+from cpm_d2.compat import DistributedWorkerError, launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
 from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
@@ -84,17 +84,44 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
+def _append_to_log(output_dir, text):
+    """Append ``text`` to ``OUTPUT_DIR/log.txt`` (the main log, which rank 0 no longer writes)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(text.rstrip() + "\n")
+    except OSError:
+        pass
+
+
+def run(args, main_func=main):
+    """What ``python tools/train_net.py ...`` does with parsed ``args``: returns the exit status.
+
+    With several processes, a worker that raises ends the whole job (``cpm_d2.compat.launch``
+    stops the others within seconds); its traceback goes to the end of the console output and
+    of ``OUTPUT_DIR/log.txt``, and the exit status is 1.
+    """
     if not args.eval_only and args.machine_rank == 0:
         # Before any worker starts: never write over an earlier run's checkpoints by accident.
         check_output_dir(build_cfg(args).OUTPUT_DIR, args.resume)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main_func,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except DistributedWorkerError as e:
+        message = f"[train_net] ERROR: {e}"
+        _append_to_log(build_cfg(args).OUTPUT_DIR, message)
+        print(message, file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    print("Command Line Args:", args)
+    sys.exit(run(args))

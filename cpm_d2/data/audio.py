@@ -3,7 +3,10 @@
 Pipeline (all vectorised, no per-sample Python loops):
 
 1. decode the whole clip with ``soundfile`` (float32, channels-first ``Cin x N``); an unreadable,
-   corrupt, empty or non-finite file raises :class:`AudioReadError` naming the file;
+   corrupt, truncated (a WAV whose ``data`` chunk runs past the end of the file, which libsndfile
+   would silently read short), empty or non-finite file, a sample rate outside
+   [1 kHz, 768 kHz], or a clip shorter than one analysis window (``win_length``) raises
+   :class:`AudioReadError` naming the file;
 2. channels: ``channels=1`` averages all input channels (mono mix); ``channels=2`` keeps a
    stereo file as is, duplicates a mono file to two identical channels and keeps the first two
    channels of a file with more than two;
@@ -36,7 +39,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-__all__ = ["AudioConfig", "AudioFrontEnd", "AudioReadError", "read_wav", "slice_window"]
+__all__ = ["AudioConfig", "AudioFrontEnd", "AudioReadError", "read_wav", "slice_window", "wav_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +48,56 @@ class AudioReadError(RuntimeError):
     """An audio file is missing, unreadable, corrupt, empty or holds non-finite samples."""
 
 
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
+
+
+def wav_problem(path):
+    """What is structurally wrong with a RIFF/WAVE file, or None (other formats: None).
+
+    libsndfile reads a WAV whose ``data`` chunk was cut short as a shorter clip, without an
+    error; here the chunk sizes are checked against the file size. A ``data`` size of 0 or
+    0xFFFFFFFF (streamed writers) is not checked.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None  # not RIFF/WAVE: soundfile decides
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            cid, length = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if cid == b"data":
+                if length not in (0, 0xFFFFFFFF) and pos + 8 + length > size:
+                    return (
+                        f"is truncated: its data chunk declares {length} bytes, the file holds "
+                        f"{size - pos - 8} after the chunk header"
+                    )
+                return None
+            pos += 8 + length + (length & 1)
+    return "is truncated or corrupt: no 'data' chunk before the end of the file"
+
+
 def read_wav(path):
     """Decode ``path`` with soundfile -> (float32 tensor ``Cin x N``, sample rate)."""
     if not os.path.isfile(path):
         raise AudioReadError(f"audio file not found: {path}")
+    problem = wav_problem(path)
+    if problem:
+        raise AudioReadError(f"audio file {path} {problem}")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise AudioReadError(f"cannot decode audio file {path}: {e}") from e
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioReadError(f"audio file {path} is empty (0 samples)")
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioReadError(
+            f"audio file {path} has sample rate {sr} Hz, outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] (corrupt header?)"
+        )
     if not np.isfinite(data).all():
         raise AudioReadError(f"audio file {path} holds NaN/inf samples")
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sr)
@@ -204,6 +247,12 @@ class AudioFrontEnd:
         wave = _to_channels(wave, self.config.channels, path)
         if sr != self.config.sample_rate:
             wave = torchaudio.functional.resample(wave, sr, self.config.sample_rate)
+        if wave.shape[-1] < self.config.win_length:
+            raise AudioReadError(
+                f"audio file {path} holds {wave.shape[-1]} samples at {self.config.sample_rate} Hz "
+                f"({1000.0 * wave.shape[-1] / self.config.sample_rate:.1f} ms), fewer than one analysis window "
+                f"(INPUT.AUDIO.WIN_LENGTH = {self.config.win_length} samples)"
+            )
         self._cache[key] = wave
         while len(self._cache) > max(1, self.config.max_cached_clips):
             self._cache.popitem(last=False)

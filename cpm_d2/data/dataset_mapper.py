@@ -50,8 +50,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .audio import AudioFrontEnd
+from .datasets.avss import IGNORE_LABEL, check_image_file, image_size, read_label_map
 from .offscreen_noise import build_offscreen_noise_sampler
-from .datasets.avss import IGNORE_LABEL, read_label_map
 
 __all__ = ["AVSDatasetMapper", "build_avs_augmentations", "RandomResizedCrop", "count_hflips", "instances_from_sem_seg"]
 
@@ -74,6 +74,9 @@ def instances_from_sem_seg(sem_seg, ignore_label=255):
     return instances
 
 logger = logging.getLogger(__name__)
+
+# Keys of a dataset dict the mapper reads (``clip_id`` only for noise and messages).
+_REQUIRED_KEYS = ("file_name", "sem_seg_file_name", "audio_file_name", "audio_start", "audio_duration")
 
 
 class RandomResizedCrop(T.Augmentation):
@@ -217,10 +220,49 @@ class AVSDatasetMapper:
         }
 
     # ------------------------------------------------------------------ pieces
+    def _check_record(self, d):
+        """The dataset dict has every key the mapper reads, with usable values (errors name the record)."""
+        where = d.get("file_name", d.get("clip_id", "<dataset dict>")) if isinstance(d, dict) else repr(d)[:80]
+        if not isinstance(d, dict):
+            raise ValueError(f"dataset record {where} is a {type(d).__name__}, not a dict")
+        required = _REQUIRED_KEYS + (("clip_id",) if self.noise_sampler is not None else ())
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"dataset record {where} lacks key(s) {missing}")
+        for key in ("file_name", "sem_seg_file_name", "audio_file_name"):
+            if not isinstance(d[key], (str, os.PathLike)) or not str(d[key]):
+                raise ValueError(f"dataset record {where}: {key!r} must be a path, got {d[key]!r}")
+        for key, low in (("audio_start", 0.0), ("audio_duration", None)):
+            try:
+                value = float(d[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"dataset record {where}: {key!r} must be a number of seconds, got {d[key]!r}") from None
+            if not math.isfinite(value) or (low is not None and value < low) or (low is None and value <= 0):
+                bound = ">= 0" if low is not None else "> 0"
+                raise ValueError(f"dataset record {where}: {key!r} is {value}, must be finite and {bound}")
+        for key in ("height", "width"):
+            if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, np.integer)) or d[key] <= 0):
+                raise ValueError(f"dataset record {where}: {key!r} must be a positive integer, got {d[key]!r}")
+
+    def _read_frame(self, d):
+        path = d["file_name"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"frame not found: {path}")
+        check_image_file(path, "frame")
+        if "height" in d and "width" in d:  # from the header, before decoding a possibly huge image
+            h, w = image_size(path)
+            if (h, w) != (int(d["height"]), int(d["width"])):
+                raise ValueError(
+                    f"frame {path} is {w}x{h} (WxH) but its dataset record says {d['width']}x{d['height']}"
+                )
+        try:
+            return utils.read_image(path, format=self.image_format)
+        except Exception as e:  # PIL: OSError ("image file is truncated"), SyntaxError, ...
+            raise ValueError(f"cannot decode frame {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
+
     def _read_inputs(self, d):
-        if not os.path.isfile(d["file_name"]):
-            raise FileNotFoundError(f"frame not found: {d['file_name']}")
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        self._check_record(d)
+        image = self._read_frame(d)
         utils.check_image_size(d, image)
         label_file = d["sem_seg_file_name"]
         sem_seg = read_label_map(label_file).astype(np.int64)

@@ -12,7 +12,12 @@ What it changes, and why:
   step), ``device_ids=None`` on CPU so ``--num-gpus N`` runs N gloo processes without a GPU;
 * AMP only when CUDA is present;
 * a NaN/inf loss raises detectron2's ``FloatingPointError`` naming the offending term(s);
-* hooks: best-mIoU checkpoint next to ``last_checkpoint``, and the matching-stability (STS) hook.
+* hooks: best-mIoU checkpoint next to ``last_checkpoint``, and the matching-stability (STS) hook;
+* exact resume (:mod:`cpm_d2.engine.resume`): the train loader is a
+  :class:`~cpm_d2.engine.resume.ResumableTrainLoader` (detectron2's ``TrainingSampler`` order,
+  restartable at any batch), checkpoints also hold every rank's global random states and the
+  data stream's seed, and hooks run on their own random stream, so ``--resume`` after iteration
+  ``k`` repeats the uninterrupted run's iterations ``k+1, ...``.
 """
 import itertools
 import logging
@@ -21,7 +26,7 @@ import weakref
 
 import torch
 
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -29,6 +34,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cpm_d2.checkpoint import AVSCheckpointer
+
+from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
 
 __all__ = ["Trainer", "build_optimizer", "check_output_dir", "OutputDirNotEmpty"]
 
@@ -145,6 +152,19 @@ class AVSAMPTrainer(_NamedNonFiniteLossMixin, AMPTrainer):
     pass
 
 
+class _ResumableBestCheckpointer(hooks.BestCheckpointer):
+    """detectron2's BestCheckpointer whose best score so far is checkpointed (a resumed run keeps it)."""
+
+    def state_dict(self):
+        if getattr(self, "best_metric", None) is None:
+            return {}
+        return {"best_metric": float(self.best_metric), "best_iter": int(self.best_iter)}
+
+    def load_state_dict(self, state_dict):
+        if "best_metric" in state_dict:
+            self.best_metric, self.best_iter = float(state_dict["best_metric"]), int(state_dict["best_iter"])
+
+
 def _wrap_ddp(model):
     """detectron2's DDP wrapper, with device_ids=None for CPU processes and unused parameters allowed."""
     device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
@@ -173,26 +193,90 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._saved_rng = None  # (iteration, [state of rank 0, rank 1, ...]) for the next checkpoint
+        self._resumed_rng = None  # the states a checkpoint gave, restored at the start of train()
         self.register_hooks(self.build_hooks())
 
     # Checkpoints carry the optimizer (AdamW moments) so --resume continues the same run. Current
     # detectron2 already stores it under "_trainer"; 0.6 stores only the iteration and hooks.
+    # For an *exact* resume they also carry every rank's random states and the data stream's
+    # seed (cpm_d2.engine.resume); the position in the stream is the next iteration.
     def state_dict(self):
         ret = super().state_dict()
         ret.setdefault("_trainer", self._trainer.state_dict())
+        if self._saved_rng is not None and self._saved_rng[0] == self.iter:
+            ret["rng_states"] = self._saved_rng[1]
+        loader = self._resumable_loader()
+        if loader is not None:
+            ret["data"] = dict(loader.state_dict(), next_batch=self.iter + 1)
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        loader = self._resumable_loader()
+        if loader is not None and "data" in state_dict:
+            loader.load_state_dict(state_dict["data"])
+        self._resumed_rng = state_dict.get("rng_states")
+        if self._resumed_rng is None or "data" not in state_dict:
+            logger.warning(
+                f"the checkpoint of iteration {self.iter} holds no random states or data-stream state (saved "
+                "by an older cpm_d2, or outside the checkpoint schedule): training continues, but not exactly "
+                "as the uninterrupted run would have"
+            )
+
+    # ------------------------------------------------------------------ exact resume
+    def _resumable_loader(self):
+        loader = getattr(self._trainer, "data_loader", None)
+        return loader if isinstance(loader, ResumableTrainLoader) else None
+
+    def _checkpoint_may_follow(self):
+        """Whether a hook may save a checkpoint after this step (periodic, final, or best-metric)."""
+        nxt, cfg = self.iter + 1, self.cfg
+        if nxt >= self.max_iter:
+            return True
+        if cfg.SOLVER.CHECKPOINT_PERIOD > 0 and nxt % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+            return True
+        return cfg.TEST.EVAL_PERIOD > 0 and nxt % cfg.TEST.EVAL_PERIOD == 0
+
+    def _data_seed(self):
+        loader = self._resumable_loader()
+        return loader.stream.seed if loader is not None else max(int(self.cfg.SEED), 0)
+
+    def before_train(self):
+        super().before_train()
+        loader = self._resumable_loader()
+        if loader is not None:
+            loader.start_batch = self.start_iter  # read at the loader's first next(), i.e. in run_step
+        if self._resumed_rng is not None and self.start_iter > 0:
+            states, rank = self._resumed_rng, comm.get_rank()
+            if len(states) == comm.get_world_size():
+                set_rng_state(states[rank])
+            else:
+                logger.warning(
+                    f"the checkpoint holds random states of {len(states)} process(es), this run has "
+                    f"{comm.get_world_size()}: random draws do not continue exactly"
+                )
+        self._resumed_rng = None
+
+    def after_step(self):
+        # The training stream's states as step iter+1 will start from them; a checkpoint written
+        # by a hook below stores them. Hooks then draw from their own stream, and the training
+        # stream is put back, so evaluation or logging never shift the training's random draws.
+        if self._checkpoint_may_follow():
+            state = get_rng_state(plain=True)
+            states = comm.gather(state, dst=0) if comm.get_world_size() > 1 else [state]
+            self._saved_rng = (self.iter, states if comm.is_main_process() else None)
+        with isolated_rng(hooks_seed(self._data_seed(), comm.get_rank(), self.iter)):
+            super().after_step()
 
     def build_hooks(self):
         hook_list = super().build_hooks()
         cfg = self.cfg
         if cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST and cfg.TEST.AVS.SAVE_BEST_METRIC:
             # After the EvalHook (which DefaultTrainer puts before the writers).
-            best = hooks.BestCheckpointer(
+            best = _ResumableBestCheckpointer(
                 cfg.TEST.EVAL_PERIOD, self.checkpointer, cfg.TEST.AVS.SAVE_BEST_METRIC, mode="max"
             )
             eval_pos = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
@@ -205,9 +289,33 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's train loader semantics (TrainingSampler order, per-rank batches, optional
+        aspect-ratio grouping) as a :class:`ResumableTrainLoader` that ``--resume`` restarts exactly."""
         from cpm_d2.data import AVSDatasetMapper
 
-        return build_detection_train_loader(cfg, mapper=AVSDatasetMapper(cfg, is_train=True))
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise ValueError(
+                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported: cpm_d2 trains with "
+                "'TrainingSampler' (AVS dataset dicts carry no per-instance annotations to re-weight)"
+            )
+        world = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be a positive multiple of the number of "
+                f"processes ({world})"
+            )
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        seed = int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+        stream = TrainBatchStream(
+            dataset,
+            AVSDatasetMapper(cfg, is_train=True),
+            batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
+            seed=seed,
+            rank=comm.get_rank(),
+            world_size=world,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        )
+        return ResumableTrainLoader(stream, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -21,12 +21,13 @@ prepare step writes 0/1 copies (``gt_masks_index``). Frame ``k`` (1-based) <-> a
 Classes: ``["background", "sounding object"]``, ``is_binary=True``.
 """
 import csv
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
-from .avss import image_size
+from .avss import image_size, read_csv_text
 
 __all__ = [
     "OBJECT_CLASSES",
@@ -46,8 +47,11 @@ def _read_rows(csv_path, kind):
     """Rows as (name, category, split) in file order; columns by header name, else by position."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"AVSBench {kind} metadata not found: {csv_path}")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    text = read_csv_text(csv_path, f"AVSBench {kind} metadata")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise ValueError(f"{csv_path} is not valid CSV: {e}") from e
     if not rows:
         raise ValueError(f"{csv_path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -62,8 +66,10 @@ def _read_rows(csv_path, kind):
     for line, r in enumerate(rows[1:], start=2):
         if not r:
             continue
-        if len(r) <= max(name_col, split_col, cat_col or 0):
-            raise ValueError(f"{csv_path}: line {line} has {len(r)} field(s), the header {len(header)}")
+        if len(r) <= max(name_col, split_col, cat_col or 0) or len(r) > len(header):
+            raise ValueError(
+                f"{csv_path}: line {line} has {len(r)} field(s), the header {len(header)} (a stray comma or quote?)"
+            )
         name, split = r[name_col].strip(), r[split_col].strip()
         cat = r[cat_col].strip() if cat_col is not None else ""
         if not name or (kind == "S4" and not cat):
@@ -114,6 +120,12 @@ def _frame_dicts(name, frames, masks, wav, labelled, subset):
     return dicts
 
 
+def _non_empty(dicts, csv_path, split):
+    if not dicts:  # a header-only or truncated file would otherwise give an empty dataset
+        raise ValueError(f"{csv_path} lists no clip of split {split!r} (empty or truncated file?)")
+    return dicts
+
+
 def load_avsbench_s4(root, split):
     """S4 dicts of ``split``: train -> frame 1 of each clip labelled, val/test -> frames 1..5."""
     if not os.path.isdir(root):
@@ -133,7 +145,7 @@ def load_avsbench_s4(root, split):
             _index_mask(masks[i], "s4")
         wav = _first_existing([os.path.join(data, "audio_wav", split, cat, name + ".wav")], "audio")
         dicts.extend(_frame_dicts(f"{cat}/{name}", frames, masks, wav, labelled, "s4"))
-    return dicts
+    return _non_empty(dicts, os.path.join(root, "s4_meta_data.csv"), split)
 
 
 def load_avsbench_ms3(root, split):
@@ -163,7 +175,7 @@ def load_avsbench_ms3(root, split):
             "audio",
         )
         dicts.extend(_frame_dicts(name, frames, masks, wav, labelled, "ms3"))
-    return dicts
+    return _non_empty(dicts, os.path.join(root, "ms3_meta_data.csv"), split)
 
 
 # ---------------------------------------------------------------------------------- prepare

@@ -18,9 +18,11 @@ entry ``j``: bit ``3k`` / ``3k+1`` / ``3k+2`` of ``j`` set bit ``7-k`` of R / G 
 ``label2idx.json`` numbers the 71 classes from 1 (background = 1); class index = value - 1.
 """
 import csv
+import io
 import json
 import logging
 import os
+import zlib
 from functools import partial
 
 import numpy as np
@@ -35,6 +37,8 @@ __all__ = [
     "read_metadata_csv",
     "check_metadata_rows",
     "read_label_map",
+    "read_csv_text",
+    "check_image_file",
     "label_classes",
     "image_size",
     "load_avs_layout",
@@ -71,30 +75,56 @@ def avss_palette(num_classes=71):
     return pal.astype(np.uint8)
 
 
+def _no_duplicate_keys(path):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"{path}: class name {key!r} appears twice")
+            seen.add(key)
+        return dict(pairs)
+
+    return hook
+
+
 def read_label2idx(path):
     """``label2idx.json`` -> class names ordered by index (background first).
 
-    Accepts a ``{name: index}`` dict with indices contiguous from 0 or 1 (official AVSS: from 1),
-    or a plain list of names.
+    Accepts a ``{name: index}`` dict with integer indices contiguous from 0 or 1 (official AVSS:
+    from 1), or a plain list of names. Anything else (not UTF-8 JSON, repeated names or indices,
+    non-integer indices, non-string names) raises ValueError naming the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class list not found: {path} (a label2idx.json naming the classes)")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            raise ValueError(f"{path} is empty (expected a JSON dict name -> index or a list of names)")
+        data = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys(path))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (corrupt?): {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
     if isinstance(data, list):
-        names = [str(x) for x in data]
+        bad = [x for x in data if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ValueError(f"{path}: class names must be non-empty strings, got {bad[:3]}")
+        names = list(data)
+        if len(set(names)) != len(names):
+            raise ValueError(f"{path}: repeated class name(s) {sorted({n for n in names if names.count(n) > 1})}")
     elif isinstance(data, dict):
-        items = sorted(data.items(), key=lambda kv: int(kv[1]))
-        values = [int(v) for _, v in items]
+        bad = {k: v for k, v in data.items() if not isinstance(v, int) or isinstance(v, bool) or not str(k).strip()}
+        if bad:
+            raise ValueError(f"{path}: expected non-empty class names mapped to integer indices, got {dict(list(bad.items())[:3])}")
+        items = sorted(data.items(), key=lambda kv: kv[1])
+        values = [v for _, v in items]
         start = values[0] if values else 0
         if values != list(range(start, start + len(values))) or start not in (0, 1):
             raise ValueError(f"{path}: indices must be contiguous from 0 or 1, got {values[:5]}...")
         names = [str(k) for k, _ in items]
     else:
-        raise ValueError(f"{path}: expected a dict name -> index or a list of names")
+        raise ValueError(f"{path}: expected a dict name -> index or a list of names, got {type(data).__name__}")
     if not names:
         raise ValueError(f"{path} names no class")
     return names
@@ -159,16 +189,56 @@ def convert_avss_color_labels(root, *, overwrite=False, num_classes=None):
 
 
 # ---------------------------------------------------------------------------------- readers
-def read_metadata_csv(path, required=("uid", "label", "split")):
-    """Rows of ``metadata.csv`` as dicts (file order); checks the required columns."""
+def read_csv_text(path, what="metadata"):
+    """The text of a CSV metadata file, checked: UTF-8 (a BOM is allowed), no NUL byte, not empty.
+    Errors name the file and what is wrong. (A file cut short mid-line leaves a last row with
+    too few fields, which :func:`parse_csv_rows` refuses, or a bad value, which the loaders refuse.)"""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset metadata not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise ValueError(f"{path} is empty (expected a CSV header and rows)")
+    if b"\x00" in raw:
+        raise ValueError(f"{path} holds NUL bytes: it is not a CSV text file (corrupt?)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (corrupt?): {e}") from e
+    return text
+
+
+def parse_csv_rows(path, text):
+    """``csv.DictReader`` rows of ``text``; a row with more or fewer fields than the header raises
+    (fewer: e.g. a file cut short mid-line)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise ValueError(
+                    f"{path}: line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} fields, the header "
+                    f"{len(reader.fieldnames)} ({reader.fieldnames}): a stray comma?"
+                )
+            short = [k for k, v in row.items() if v is None]
+            if short:
+                raise ValueError(
+                    f"{path}: line {reader.line_num} has {len(reader.fieldnames) - len(short)} fields, the header "
+                    f"{len(reader.fieldnames)} ({reader.fieldnames}): the file is cut short or the row lacks {short}"
+                )
+            rows.append(row)
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num} is not valid CSV: {e}") from e
+    return reader.fieldnames, rows
+
+
+def read_metadata_csv(path, required=("uid", "label", "split")):
+    """Rows of ``metadata.csv`` as dicts (file order); checks the file (:func:`read_csv_text`) and the columns."""
+    fieldnames, rows = parse_csv_rows(path, read_csv_text(path, "dataset metadata"))
+    missing = [c for c in required if c not in (fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {fieldnames}")
+    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
 
 
 def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=None):
@@ -194,20 +264,69 @@ def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=Non
         seen[key] = line
 
 
-def read_label_map(path):
-    """Index PNG -> ``H x W`` uint8/int array. Errors name the file."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_problem(data):
+    """What is wrong with PNG bytes (every chunk's CRC, ends with IEND), or None. PIL checks neither for IDAT."""
+    pos, n = len(_PNG_SIGNATURE), len(data)
+    while True:
+        if pos + 8 > n:
+            return f"is truncated (it ends inside a chunk header at byte {pos}, before IEND)"
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        ctype = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > n:
+            return f"is truncated or corrupt (chunk {ctype!r} at byte {pos} needs {end - n} bytes more than the file holds)"
+        if zlib.crc32(data[pos + 4 : pos + 8 + length]) != int.from_bytes(data[pos + 8 + length : end], "big"):
+            return f"is corrupt (CRC mismatch in chunk {ctype!r} at byte {pos})"
+        if ctype == b"IEND":
+            return None
+        pos = end
+
+
+def _jpeg_problem(data):
+    if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return "is truncated (no JPEG end-of-image marker)"
+    return None
+
+
+def check_image_file(path, what="image"):
+    """Raise ValueError naming ``path`` if it is empty, a truncated/corrupt PNG (chunk CRCs, IEND) or a
+    JPEG without its end marker. Other formats and JPEG entropy data have no checksum to verify."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"label map not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"{what} {path} is empty (0 bytes)")
+    problem = None
+    if data.startswith(_PNG_SIGNATURE):
+        problem = _png_problem(data)
+    elif data.startswith(b"\xff\xd8"):
+        problem = _jpeg_problem(data)
+    if problem:
+        raise ValueError(f"{what} {path} {problem}")
+    return data
+
+
+def read_label_map(path):
+    """Index PNG -> ``H x W`` uint8/int array. Errors name the file (and what is wrong with it)."""
+    data = check_image_file(path, "label map")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             if im.mode not in ("L", "P", "I", "I;16", "1"):
                 raise ValueError(
                     f"{path}: label maps must be single-channel index PNGs (got mode {im.mode}); "
                     "convert colour masks with datasets/prepare_avss.py"
                 )
             arr = np.asarray(im)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read label map {path}: {e}") from e
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, zlib.error, struct.error, ...
+        raise ValueError(f"cannot read label map {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    if arr.ndim != 2:
+        raise ValueError(f"label map {path} has shape {arr.shape}; expected a single-channel H x W image")
     return arr
 
 
@@ -232,11 +351,15 @@ def image_size(path):
     """``(height, width)`` from the image header (no decode). Errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"frame not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image {path} is empty (0 bytes)")
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except Exception as e:  # UnidentifiedImageError (OSError), SyntaxError, struct.error, DecompressionBombError
+        raise ValueError(f"cannot read image {path} (corrupt or not an image?): {type(e).__name__}: {e}") from e
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image {path} has size {w}x{h} (WxH)")
     return h, w
 
 
@@ -249,13 +372,20 @@ def _require_file(path, what):
 def _wav_duration(path):
     import soundfile as sf
 
+    from ..audio import wav_problem
+
     _require_file(path, "audio")
+    problem = wav_problem(path)
+    if problem:
+        raise ValueError(f"audio file {path} {problem}")
     try:
         info = sf.info(path)
     except Exception as e:
         raise ValueError(f"cannot read audio file {path}: {e}") from e
     if info.frames <= 0:
         raise ValueError(f"audio file {path} is empty (0 samples)")
+    if info.samplerate <= 0:
+        raise ValueError(f"audio file {path} has sample rate {info.samplerate} Hz")
     return info.frames / float(info.samplerate)
 
 

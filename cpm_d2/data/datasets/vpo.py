@@ -22,14 +22,13 @@ the test split. ``datasets/prepare_avss.py vpo --root <root>`` writes, per setup
 
 and the loader reads those (contract: an index PNG and one wav per sample).
 """
-import csv
 import os
 from collections import OrderedDict
 
 import numpy as np
 from PIL import Image
 
-from .avss import image_size
+from .avss import image_size, parse_csv_rows, read_csv_text
 
 __all__ = ["VPO_CLASSES", "VPO_COCO_IDS", "VPO_SETUPS", "load_vpo", "prepare_vpo", "remap_vpo_mask"]
 
@@ -59,26 +58,38 @@ def _read_samples(root, setup):
     path = _csv_path(root, setup)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VPO metadata not found: {path} (see datasets/README.md)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        need = ["vgg_file", "img_Id", "split", "audio_pos"]
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        samples = OrderedDict()
-        for row in reader:
-            split = (row["split"] or "").strip()
-            if split not in ("train", "val", "test"):
-                raise ValueError(
-                    f"{path}: line {reader.line_num} (img_Id {row['img_Id']!r}) has split {split!r}; "
-                    "expected train | val | test"
-                )
-            try:
-                img_id = int(float(row["img_Id"]))
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: line {reader.line_num} has img_Id {row['img_Id']!r}, not a number") from None
-            split = "test" if split == "val" else split
-            samples.setdefault((split, img_id), []).append(row)
+    fieldnames, rows = parse_csv_rows(path, read_csv_text(path, "VPO metadata"))
+    need = ["vgg_file", "img_Id", "split", "audio_pos"]
+    missing = [c for c in need if c not in (fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {fieldnames}")
+    samples = OrderedDict()
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        split = (row["split"] or "").strip()
+        if split not in ("train", "val", "test"):
+            raise ValueError(
+                f"{path}: line {line} (img_Id {row['img_Id']!r}) has split {split!r}; expected train | val | test"
+            )
+        try:
+            img_id = float(row["img_Id"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: line {line} has img_Id {row['img_Id']!r}, not a number") from None
+        if not img_id.is_integer() or img_id < 0:
+            raise ValueError(f"{path}: line {line} has img_Id {row['img_Id']!r}, not a non-negative integer")
+        try:
+            pos = float(row["audio_pos"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: line {line} (img_Id {row['img_Id']!r}) has audio_pos {row['audio_pos']!r}, not a number") from None
+        if not 0.0 <= pos <= 1.0:
+            raise ValueError(f"{path}: line {line} (img_Id {row['img_Id']!r}) has audio_pos {pos}, outside [0, 1]")
+        if not (row["vgg_file"] or "").strip():
+            raise ValueError(f"{path}: line {line} (img_Id {row['img_Id']!r}) has an empty vgg_file")
+        split = "test" if split == "val" else split
+        if "multi_instance" in row and str(row["multi_instance"]).strip() not in ("0", "1", "0.0", "1.0"):
+            raise ValueError(
+                f"{path}: line {line} (img_Id {row['img_Id']!r}) has multi_instance {row['multi_instance']!r}; expected 0 or 1"
+            )
+        samples.setdefault((split, int(img_id)), []).append(row)
     return samples
 
 
