@@ -268,7 +268,8 @@ def test_avsbench_s4_and_ms3(tmp_path):
     prepare_avsbench_object_masks(str(data))
     val = load_avsbench_ms3(str(ms3), "val")
     assert [d["frame_index"] for d in val] == list(range(5)) and val[0]["subset"] == "ms3"
-    assert load_avsbench_ms3(str(ms3), "train") == []
+    with pytest.raises(ValueError, match="lists no clip of split 'train'"):
+        load_avsbench_ms3(str(ms3), "train")  # an empty split is an error, not an empty dataset
 
 
 # ------------------------------------------------------------------------------ VPO

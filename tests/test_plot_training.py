@@ -96,7 +96,7 @@ def test_curves_of_a_tiny_real_run(tmp_path):
            "--register-dataset", "p_train", str(root), "train", "--register-dataset", "p_val", str(root), "val",
            "DATASETS.TRAIN", "('p_train',)", "DATASETS.TEST", "('p_val',)", "SOLVER.MAX_ITER", "20",
            "TEST.EVAL_PERIOD", "10", "TEST.AVS.STS_PERIOD", "10", "SOLVER.IMS_PER_BATCH", "2",
-           "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.AUDIO.NOISE_SOURCE", "none", "OUTPUT_DIR", str(out)]
+           "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.AUDIO.NOISE_SOURCE", "batch", "OUTPUT_DIR", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -57,7 +57,7 @@ def _common(tiny_root, out, *extra, config=TINY):
         "INPUT.RANDOM_FLIP",
         "none",
         "INPUT.AUDIO.NOISE_SOURCE",
-        "none",
+        "batch",
         "SOLVER.IMS_PER_BATCH",
         "2",
         "SOLVER.WARMUP_ITERS",
@@ -225,7 +225,7 @@ def test_nan_loss_names_the_term():
 
 
 def test_optimizer_groups_multiplier_and_no_decay():
-        from cpm_d2.engine import build_optimizer
+    from cpm_d2.engine import build_optimizer
     from cpm_d2.config import get_cfg
     from detectron2.modeling import build_model
 

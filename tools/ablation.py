@@ -242,7 +242,8 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="cache folder (default output/ablation/<config name>)")
     parser.add_argument("--val", default=None, help="validation dataset (default: <train name>_val)")
     parser.add_argument("--test", default=None, help="test dataset (default: <train name>_test)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--print-only", action="store_true", help="print the table of cached runs, train nothing")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
@@ -252,7 +253,7 @@ def main(argv=None):
 
     name = os.path.splitext(os.path.basename(args.config_file))[0]
     output = args.output or os.path.join(REPO, "output", "ablation", name)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     plan, keys, where = [], {}, {}
     for row in args.rows:
         opts = list(args.opts) + row_switches(row)
