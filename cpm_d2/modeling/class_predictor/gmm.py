@@ -30,6 +30,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _TINY = 1e-12  # guards divisions by an (almost) empty responsibility mass
 _MIN_WEIGHT = 1e-6  # mixing weights are floored here so log(pi) stays finite
 _DEAD = 1e-6  # a component whose responsibility mass is below this keeps its mean/covariance
+# Training-time temperature of the class logits (LOGIT_NORM), as a function of D.
+_LOGIT_SCALE = {"per_dim": float, "sqrt_dim": math.sqrt, "none": lambda d: 1.0}
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,8 @@ class GMMClassPredictor(ClassPredictor):
             momentum: theta <- momentum * theta_old + (1 - momentum) * theta_EM (not applied the
                 first time a class is estimated).
             eps: variance floor (diag: var >= eps; full: Sigma + eps * I).
-            logit_norm: "per_dim" (log-density / D) or "none" (exact log-density); see class doc.
+            logit_norm: "per_dim" (log-density / D), "sqrt_dim" (log-density / sqrt(D)) or "none"
+                (exact log-density); see class doc.
             init_std: std of the random initial means (unit initial variances).
             seed: seeds the initial means and the EM initialisation draws (same on every rank).
             max_age: > 0: EM uses only bank entries stored at most this many iterations ago.
@@ -122,8 +125,8 @@ class GMMClassPredictor(ClassPredictor):
         where = "cpm_d2/modeling/class_predictor/gmm.py"
         if covariance not in ("diag", "full"):
             raise ValueError(f"{where}: covariance must be 'diag' or 'full', got {covariance!r}")
-        if logit_norm not in ("per_dim", "none"):
-            raise ValueError(f"{where}: logit_norm must be 'per_dim' or 'none', got {logit_norm!r}")
+        if logit_norm not in _LOGIT_SCALE:
+            raise ValueError(f"{where}: logit_norm must be one of {sorted(_LOGIT_SCALE)}, got {logit_norm!r}")
         for name, value in (
             ("num_classes", num_classes),
             ("embed_dim", embed_dim),
@@ -183,7 +186,6 @@ class GMMClassPredictor(ClassPredictor):
             "em_iters": g.EM_ITERS,
             "momentum": g.MOMENTUM,
             "eps": g.EPS,
-            # MODEL.CPM.GMM.LOGIT_NORM: "per_dim" | "none" (see the class docstring).
             "logit_norm": g.LOGIT_NORM,
             "max_age": g.MAX_AGE,
         }
@@ -290,8 +292,8 @@ class GMMClassPredictor(ClassPredictor):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale."""
         logp = self.log_prob(embeddings)
-        if self.training and self.logit_norm == "per_dim":
-            logp = logp / self.embed_dim
+        if self.training and self.logit_norm != "none":
+            logp = logp / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
         return logp
 
     def log_likelihood(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
