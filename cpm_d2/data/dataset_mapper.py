@@ -51,6 +51,7 @@ from detectron2.structures import Instances
 
 from .audio import AudioFrontEnd
 from .datasets.avss import IGNORE_LABEL, check_image_file, image_size, read_label_map
+from .datasets.record import MAPPER_KEYS
 from .offscreen_noise import build_offscreen_noise_sampler
 
 __all__ = ["AVSDatasetMapper", "build_avs_augmentations", "RandomResizedCrop", "count_hflips", "instances_from_sem_seg"]
@@ -76,7 +77,6 @@ def instances_from_sem_seg(sem_seg, ignore_label=255):
 logger = logging.getLogger(__name__)
 
 # Keys of a dataset dict the mapper reads (``clip_id`` only for noise and messages).
-_REQUIRED_KEYS = ("file_name", "sem_seg_file_name", "audio_file_name", "audio_start", "audio_duration")
 
 
 class RandomResizedCrop(T.Augmentation):
@@ -225,7 +225,7 @@ class AVSDatasetMapper:
         where = d.get("file_name", d.get("clip_id", "<dataset dict>")) if isinstance(d, dict) else repr(d)[:80]
         if not isinstance(d, dict):
             raise ValueError(f"dataset record {where} is a {type(d).__name__}, not a dict")
-        required = _REQUIRED_KEYS + (("clip_id",) if self.noise_sampler is not None else ())
+        required = MAPPER_KEYS + (("clip_id",) if self.noise_sampler is not None else ())
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"dataset record {where} lacks key(s) {missing}")

@@ -37,7 +37,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from PIL import Image
 from tabulate import tabulate
 
 from detectron2.data import MetadataCatalog
@@ -45,6 +44,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..data.datasets.avss import read_label_map
 from . import metrics as M
 from .coverage import frame_coverage, gt_class_set, predicted_class_set
 
@@ -158,22 +158,6 @@ class AVSEvaluator(DatasetEvaluator):
         self._coverage = []
         self._table = None  # gathered frames (main process), filled by evaluate()
 
-    def _read_gt(self, path):
-        with PathManager.open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(
-                    f"{path}: expected a single-channel index PNG (mode L or P), got mode {img.mode}"
-                )
-            gt = np.asarray(img)
-        if gt.ndim != 2:
-            raise ValueError(f"{path}: expected a 2-D label map, got shape {gt.shape}")
-        if gt.dtype != np.uint8:
-            if gt.min() < 0 or gt.max() > 255:
-                raise ValueError(f"{path}: label values must be in [0, 255], got [{gt.min()}, {gt.max()}]")
-            gt = gt.astype(np.uint8)
-        return gt
-
     def _check_gt_ids(self, gt, path):
         ids = np.unique(gt)
         bad = ids[(ids >= self._num_classes) & (ids != self._ignore_label)]
@@ -217,7 +201,7 @@ class AVSEvaluator(DatasetEvaluator):
             path = input_dict.get("sem_seg_file_name")
             if path is None:
                 raise KeyError(f"AVSEvaluator: input {input_dict.get('file_name', '?')} has no 'sem_seg_file_name'")
-            gt = self._read_gt(path)
+            gt = read_label_map(path)
             self._check_gt_ids(gt, path)
             if "sem_seg" not in output:
                 raise KeyError(f"{path}: model output has no 'sem_seg'")

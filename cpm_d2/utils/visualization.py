@@ -91,6 +91,8 @@ def write_dataset_overlays(model, data_loader, metadata, out_dir, max_frames=16,
     import torch
     from PIL import Image
 
+    from cpm_d2.data.datasets.avss import read_label_map
+
     os.makedirs(out_dir, exist_ok=True)
     is_binary = bool(metadata.get("is_binary", False))
     paths = []
@@ -102,7 +104,7 @@ def write_dataset_overlays(model, data_loader, metadata, out_dir, max_frames=16,
                 image = np.asarray(Image.open(inp["file_name"]).convert("RGB"))
                 gt = None
                 if inp.get("sem_seg_file_name"):
-                    gt = np.asarray(Image.open(inp["sem_seg_file_name"]), dtype=np.int64)
+                    gt = read_label_map(inp["sem_seg_file_name"]).astype(np.int64)
                 pred = predicted_labels(out["sem_seg"], is_binary=is_binary)
                 panel = side_by_side(image, pred, gt, metadata, scale=scale)
                 name = f"{inp.get('clip_id', 'clip')}_{inp.get('frame_index', len(paths))}.png"

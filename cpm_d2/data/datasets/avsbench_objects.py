@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .avss import image_size, read_csv_text
+from .record import frame_record
 
 __all__ = [
     "OBJECT_CLASSES",
@@ -102,21 +103,11 @@ def _frame_dicts(name, frames, masks, wav, labelled, subset):
     height, width = image_size(frames[0])
     dicts = []
     for i in labelled:
-        dicts.append(
-            {
-                "file_name": frames[i],
-                "sem_seg_file_name": masks[i],
-                "audio_file_name": wav,
-                "audio_start": i * CLIP_SECONDS / NUM_FRAMES,
-                "audio_duration": 1.0,
-                "frame_index": i,
-                "num_frames": NUM_FRAMES,
-                "clip_id": name,
-                "height": height,
-                "width": width,
-                "subset": subset,
-            }
-        )
+        dicts.append(frame_record(
+            file_name=frames[i], sem_seg_file_name=masks[i], audio_file_name=wav,
+            audio_start=i * CLIP_SECONDS / NUM_FRAMES, audio_duration=1.0, frame_index=i, num_frames=NUM_FRAMES,
+            clip_id=name, height=height, width=width, subset=subset,
+        ))
     return dicts
 
 

@@ -28,6 +28,8 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
+from .record import frame_record
+
 __all__ = [
     "AVSS_CLASSES",
     "avss_palette",
@@ -311,7 +313,8 @@ def check_image_file(path, what="image"):
 
 
 def read_label_map(path):
-    """Index PNG -> ``H x W`` uint8/int array. Errors name the file (and what is wrong with it)."""
+    """Index PNG -> ``H x W`` uint8 array (0..254 classes, 255 ignore): the one reader of label maps
+    (mapper, evaluator, visualiser). Errors name the file (and what is wrong with it)."""
     data = check_image_file(path, "label map")
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -327,6 +330,10 @@ def read_label_map(path):
         raise ValueError(f"cannot read label map {path} (corrupt or truncated?): {type(e).__name__}: {e}") from e
     if arr.ndim != 2:
         raise ValueError(f"label map {path} has shape {arr.shape}; expected a single-channel H x W image")
+    if arr.dtype != np.uint8:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise ValueError(f"label map {path}: values must be in [0, 255], got [{arr.min()}, {arr.max()}]")
+        arr = arr.astype(np.uint8)
     return arr
 
 
@@ -498,21 +505,11 @@ def load_avs_layout(
                 continue
             extra["multi_source"] = len(classes) > 1
         for i, image, label in items:
-            d = {
-                "file_name": image,
-                "sem_seg_file_name": label,
-                "audio_file_name": wav,
-                "audio_start": i * duration / num_frames,
-                "audio_duration": float(audio_window),
-                "frame_index": i,
-                "num_frames": num_frames,
-                "clip_id": f"{subset}/{uid}",
-                "height": height,
-                "width": width,
-                "subset": subset,
-            }
-            d.update(extra)
-            dicts.append(d)
+            dicts.append(frame_record(
+                file_name=image, sem_seg_file_name=label, audio_file_name=wav, audio_start=i * duration / num_frames,
+                audio_duration=audio_window, frame_index=i, num_frames=num_frames, clip_id=f"{subset}/{uid}",
+                height=height, width=width, subset=subset, **extra,
+            ))
     if not dicts:
         logger.warning(f"no labelled frame for split {split!r} (subsets {subsets}) in {root}")
     return dicts

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .avss import image_size, parse_csv_rows, read_csv_text
+from .record import frame_record
 
 __all__ = ["VPO_CLASSES", "VPO_COCO_IDS", "VPO_SETUPS", "load_vpo", "prepare_vpo", "remap_vpo_mask"]
 
@@ -120,22 +121,12 @@ def load_vpo(root, setup, split):
                     f"{what} not found: {path} (run `python datasets/prepare_avss.py vpo --root {root}`)"
                 )
         height, width = image_size(image)
-        dicts.append(
-            {
-                "file_name": image,
-                "sem_seg_file_name": label,
-                "audio_file_name": wav,
-                "audio_start": 0.0,
-                "audio_duration": AUDIO_SECONDS,
-                "frame_index": 0,
-                "num_frames": 1,
-                "clip_id": f"vpo_{setup}/{stem}",
-                "height": height,
-                "width": width,
-                "subset": f"vpo_{setup}",
-                "multi_source": len({r.get("cateName", "") for r in rows}) > 1,
-            }
-        )
+        dicts.append(frame_record(
+            file_name=image, sem_seg_file_name=label, audio_file_name=wav, audio_start=0.0,
+            audio_duration=AUDIO_SECONDS, frame_index=0, num_frames=1, clip_id=f"vpo_{setup}/{stem}",
+            height=height, width=width, subset=f"vpo_{setup}",
+            multi_source=len({r.get("cateName", "") for r in rows}) > 1,
+        ))
     return dicts
 
 

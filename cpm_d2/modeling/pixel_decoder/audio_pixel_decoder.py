@@ -11,13 +11,12 @@ from typing import Dict
 import fvcore.nn.weight_init as weight_init
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .fpn import fpn_lateral_and_output
+from .fpn import fpn_lateral_and_output, fpn_top_down
 
 __all__ = ["AudioPixelDecoder"]
 
@@ -52,12 +51,7 @@ class AudioPixelDecoder(nn.Module):
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        y = None
-        for idx, k in enumerate(self.in_features):
-            lat = self.lateral_convs[idx](features[k])
-            if y is not None:
-                lat = lat + F.interpolate(y, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-            y = self.output_convs[idx](lat)
+        y = fpn_top_down([features[k] for k in self.in_features], self.lateral_convs, self.output_convs)[-1]
         coarse = features[self.in_features[0]]
         tokens = self.token_norm(self.token_proj(coarse.flatten(2).transpose(1, 2)))
         tokens_pos = self.pe_layer(coarse).flatten(2).transpose(1, 2)

@@ -21,7 +21,26 @@ def fpn_lateral_and_output(in_channels: int, conv_dim: int, norm: str) -> Tuple[
     weight_init.c2_xavier_fill(output)
     return lateral, output
 
-__all__ = ["FPNPixelDecoder"]
+def fpn_top_down(features, lateral_convs, output_convs, top=None, mode="bilinear") -> List[torch.Tensor]:
+    """The FPN top-down pass shared by every pixel decoder (visual and audio).
+
+    For each level from coarse to fine: ``y = output(lateral(x) + upsample(y))``, where the first
+    level has no ``y`` unless ``top`` (a coarser map, e.g. a transformer encoder's output) is given.
+    ``mode``: the upsampling ("bilinear" with align_corners=False, or "nearest"). Returns every
+    level's ``y``, coarsest first.
+    """
+    outs, y = [], top
+    for x, lateral, output in zip(features, lateral_convs, output_convs):
+        z = lateral(x)
+        if y is not None:
+            extra = {} if mode == "nearest" else {"align_corners": False}
+            z = z + F.interpolate(y, size=z.shape[-2:], mode=mode, **extra)
+        y = output(z)
+        outs.append(y)
+    return outs
+
+
+__all__ = ["FPNPixelDecoder", "fpn_top_down", "fpn_lateral_and_output"]
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -69,14 +88,6 @@ class FPNPixelDecoder(nn.Module):
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        outs = []
-        y = None
-        for idx, name in enumerate(self.in_features):
-            x = features[name]
-            if idx == 0:
-                y = self.output_convs[0](x)
-            else:
-                lat = self.lateral_convs[idx](x)
-                y = self.output_convs[idx](lat + F.interpolate(y, size=lat.shape[-2:], mode="nearest"))
-            outs.append(y)
-        return self.mask_features(y), outs[: self.num_feature_levels]
+        outs = fpn_top_down([features[k] for k in self.in_features], self.lateral_convs, self.output_convs,
+                            mode="nearest")
+        return self.mask_features(outs[-1]), outs[: self.num_feature_levels]

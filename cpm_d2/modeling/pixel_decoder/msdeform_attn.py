@@ -17,7 +17,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .fpn import fpn_lateral_and_output
+from .fpn import fpn_lateral_and_output, fpn_top_down
 from .registry import PIXEL_DECODER_REGISTRY, decoder_input_shape
 
 __all__ = ["ms_deform_attn_core", "MSDeformAttn", "MSDeformAttnEncoder", "MSDeformAttnPixelDecoder"]
@@ -239,10 +239,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
         outs = []
         for (h, w), m in zip(shapes, memory.split([h * w for h, w in shapes], dim=1)):
             outs.append(m.transpose(1, 2).reshape(m.shape[0], -1, h, w))
-        y = outs[-1]
-        for idx, k in enumerate(self.fpn_in_features):
-            lat = self.lateral_convs[idx](features[k])
-            y = self.output_convs[idx](
-                lat + F.interpolate(y, size=lat.shape[-2:], mode="bilinear", align_corners=False))
-            outs.append(y)
-        return self.mask_features(y), outs[: self.num_feature_levels]
+        outs += fpn_top_down([features[k] for k in self.fpn_in_features], self.lateral_convs, self.output_convs,
+                             top=outs[-1])
+        return self.mask_features(outs[-1]), outs[: self.num_feature_levels]
