@@ -291,6 +291,20 @@ def test_acp_mixture_leaves_normalisation_statistics_untouched():
     for n in before:
         assert torch.equal(after_clean[n], after_prompt[n]), n
 
+    # a whole training step (both passes, then backward): the statistics move exactly as the clean
+    # pass alone moves them, and the backward through both passes runs
+    reference = _build(_cpm_cfg(**{"MODEL.AUDIO.NORM": "BN", "MODEL.CPM.ENABLED": "False"}))
+    reference.load_state_dict(model.state_dict(), strict=False)
+    model.load_state_dict(reference.state_dict(), strict=False)
+    reference.train()
+    start = _bn_buffers(model)
+    sum(model(batch).values()).backward()
+    reference(batch)
+    after_step, expected = _bn_buffers(model), _bn_buffers(reference)
+    assert any(not torch.equal(start[n], after_step[n]) for n in start)
+    for n in expected:
+        assert torch.allclose(after_step[n].float(), expected[n].float(), atol=1e-6), n
+
 
 def test_frozen_norm_statistics_restores_any_running_statistic():
     from cpm_d2.modeling.cpm import frozen_norm_statistics
@@ -299,9 +313,11 @@ def test_frozen_norm_statistics_restores_any_running_statistic():
     net.train()
     ref = _bn_buffers(net)
     x = torch.randn(2, 1, 5, 5)
+    originals = {n: b for n, b in net.named_buffers()}
     with frozen_norm_statistics(net):
         y = net[1](net[0](x))  # train mode: batch statistics, running ones updated then restored
     assert all(torch.equal(ref[n], b) for n, b in _bn_buffers(net).items())
+    assert all(b is originals[n] for n, b in net.named_buffers())  # the same tensors, never written
     assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)  # normalised with the batch's statistics
     net[1](net[0](x))
     assert not torch.equal(ref["1.running_mean"], net[1].running_mean)  # outside the block they move
