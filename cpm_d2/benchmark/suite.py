@@ -6,8 +6,8 @@
 3. one GMM EM call and one prompt draw in isolation (:mod:`.gmm`);
 4. data loading with 0 / 2 workers (:mod:`.loader`);
 5. peak memory of each model in a fresh process (:mod:`.memory`);
-6. with ``--sweep``: the same over queries / classes / image size, a standalone GMM at
-   C = 2, 23, 71, and the paper-size (R50) point;
+6. with ``--sweep``: the paper-size (R50) point, then the same over queries / classes / image
+   size on the narrow model, and a standalone GMM at C = 2, 23, 71;
 then the targets and the report (:mod:`.report`).
 """
 import argparse
@@ -118,8 +118,10 @@ def sweep(cfg, args, device):
         test_b = synthetic_batches(cpm_cfg, max(2, sub.iters), 1, size, ncls, seed=2, is_train=False)
         res = compare(base_cfg, cpm_cfg, train_b, test_b, sub, device, breakdown_steps=args.sweep_breakdown_steps)
         del res["_models"], res["_optims"]
-        mem = memory_probes(c, device, size=size, steps=args.sweep_memory_steps, seed=args.seed,
-                            threads=torch.get_num_threads())
+        mem = None
+        if not args.no_memory:
+            mem = memory_probes(c, device, size=size, steps=args.sweep_memory_steps, seed=args.seed,
+                                threads=torch.get_num_threads())
         bd = res["breakdown"]
         row = {
             "axis": axis, "value": value, "queries": q, "classes": ncls, "image_size": f"{size[0]}x{size[1]}",
@@ -133,10 +135,10 @@ def sweep(cfg, args, device):
             "gmm_em_plus_sample_share": res["gmm_share"]["em_plus_sample"],
             "prompting_forward_share": bd["prompting_forward_share"],
             "em_call_ms": res["em_call"]["em_call_ms"],
-            "peak_rss_baseline_mib": mem["baseline"]["train"]["peak_rss_mib"],
-            "peak_rss_cpm_mib": mem["cpm"]["train"]["peak_rss_mib"],
+            "peak_rss_baseline_mib": mem["baseline"]["train"]["peak_rss_mib"] if mem else None,
+            "peak_rss_cpm_mib": mem["cpm"]["train"]["peak_rss_mib"] if mem else None,
         }
-        if device == "cuda":
+        if device == "cuda" and mem:
             row["cuda_peak_baseline_mib"] = mem["baseline"]["train"]["cuda_max_allocated_mib"]
             row["cuda_peak_cpm_mib"] = mem["cpm"]["train"]["cuda_max_allocated_mib"]
         row["seconds"] = time.perf_counter() - t0
@@ -247,10 +249,11 @@ def run(args, command=""):
         res["memory"] = memory_probes(cfg, device, size=input_size(cfg) if args.synthetic else None,
                                       steps=args.memory_steps or interval, seed=args.seed, threads=threads)
     if args.sweep:
-        _log("sweeps")
-        res["sweep"] = sweep(cfg, args, device)
+        # the paper-size point first: the largest model, so a failure there shows up before the sweeps ran
         _log("paper-size model (GMM / matching shares)")
         res["paper_size"] = paper_size(args, device)
+        _log("sweeps")
+        res["sweep"] = sweep(cfg, args, device)
     res["targets"] = report.check_targets(res)
     res["machine"]["load_average_at_end"] = report.load_average()
     res["wall_s"] = time.perf_counter() - t_start
