@@ -17,8 +17,9 @@ torch.set_num_threads(1)
 
 
 def _gmm(**kw):
+    """A GMM head whose every label, "no object" (index C) included, is a mixture (the EM tests)."""
     args = dict(num_classes=1, embed_dim=2, num_components=2, covariance="diag", memory_size=64,
-                update_interval=1, em_iters=1, momentum=0.0, eps=1e-4)
+                update_interval=1, em_iters=1, momentum=0.0, eps=1e-4, no_object="gmm")
     args.update(kw)
     return GMMClassPredictor(**args)
 
@@ -303,6 +304,28 @@ def test_ring_buffer_keeps_the_most_recent_per_class():
     assert g.bank_valid_mask().sum(1).tolist() == [S, S, 2]
 
 
+def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
+    """no_object "objectness": softmax(logits) = [(1 - sigmoid(o)) p_GMM(c | q), sigmoid(o)], with the
+    tempered posterior in training and eq. 1's exact one in eval; no mixture is fitted to "no object"."""
+    torch.manual_seed(0)
+    g = _gmm(num_classes=3, embed_dim=4, no_object="objectness", logit_norm="per_dim")
+    x = torch.randn(6, 4, requires_grad=True)
+    o = g.objectness(x).squeeze(-1).detach()
+    for training, temperature in ((True, 4.0), (False, 1.0)):
+        g.train(training)
+        p = g(x).softmax(-1)
+        post = torch.softmax(g.log_prob(x)[:, :3].detach() / temperature, -1)
+        torch.testing.assert_close(p[:, 3], torch.sigmoid(o))
+        torch.testing.assert_close(p[:, :3], (1 - torch.sigmoid(o))[:, None] * post)
+    g.train()
+    torch.nn.functional.cross_entropy(g(x), torch.tensor([0, 1, 2, 3, 3, 3])).backward()
+    assert g.objectness.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    g.observe(torch.randn(5, 4), torch.tensor([0, 3, 1, 3, 3]))
+    assert g.bank_count.tolist() == [1, 1, 0, 0]  # "no object" (3) is not banked
+    with pytest.raises(ValueError, match="no_object"):
+        _gmm(no_object="softmax")
+
+
 def test_bank_age_and_max_age():
     """Entries carry the iteration they were stored at; bank_age is their mean age; with max_age,
     EM fits only the fresh ones (stale entries are ignored, not deleted)."""
@@ -371,7 +394,7 @@ def test_built_from_config():
 
 # ----------------------------------------------------------------------------------- distributed
 _DIST_ARGS = dict(num_classes=2, embed_dim=3, num_components=2, memory_size=12, update_interval=2,
-                  em_iters=2, momentum=0.5)
+                  em_iters=2, momentum=0.5, no_object="gmm")  # the mixtures' state (DDP syncs parameters)
 
 
 def _rank_batch(rank, it):

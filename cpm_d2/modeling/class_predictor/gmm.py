@@ -64,7 +64,16 @@ class GMMClassPredictor(ClassPredictor):
     synthetic demo: 75.0 -> 81.0 test mIoU for the same weights with the exact posterior), so
     eval mode returns the exact log-density.
 
-    Gradients flow into the embeddings only; the GMM has no ``nn.Parameter``. Buffers:
+    "No object" (∅, index C): with ``no_object="objectness"`` (default) a learned logit o scores it,
+    p(∅) = sigmoid(o), and the C classes share 1 - sigmoid(o) by the GMM posterior above, so
+    forward returns log-probabilities over C+1 (their softmax is that distribution; prompts are
+    only ever drawn for classes). With ``"gmm"`` ∅ gets a mixture like every class; the
+    unmatched queries are diverse (silent objects, background) and that broad mixture loses to the
+    tight class mixtures, so at test time unmatched queries are called objects (see the config's
+    MODEL.CPM.GMM.NO_OBJECT comment for the measurement).
+
+    Gradients flow into the embeddings (and the objectness layer); the mixtures are never learned
+    by gradient. Buffers:
         weights (C+1, M), means (C+1, M, D), covariances (C+1, M, D) for "diag" or
         (C+1, M, D, D) for "full", initialized (C+1,) bool, bank (C+1, S, D), bank_count (C+1,),
         bank_ptr (C+1,), bank_iter (C+1, S) (the training iteration each entry was stored at) with
@@ -102,6 +111,7 @@ class GMMClassPredictor(ClassPredictor):
         init_std: float = 1.0,
         seed: int = 0,
         max_age: int = 0,
+        no_object: str = "objectness",
     ):
         """
         Args:
@@ -120,6 +130,9 @@ class GMMClassPredictor(ClassPredictor):
             init_std: std of the random initial means (unit initial variances).
             seed: seeds the initial means and the EM initialisation draws (same on every rank).
             max_age: > 0: EM uses only bank entries stored at most this many iterations ago.
+            no_object: how "no object" is scored: "objectness" (a learned logit o:
+                p(no object) = sigmoid(o), p(c) = (1 - sigmoid(o)) p_GMM(c | q)) or "gmm" (a
+                mixture over the unmatched queries' embeddings, scored like any class).
         """
         super().__init__()
         where = "cpm_d2/modeling/class_predictor/gmm.py"
@@ -156,6 +169,11 @@ class GMMClassPredictor(ClassPredictor):
         if int(max_age) != max_age or max_age < 0:
             raise ValueError(f"{where}: max_age must be an integer >= 0, got {max_age!r}")
         self.max_age = int(max_age)
+        if no_object not in ("objectness", "gmm"):
+            raise ValueError(f"{where}: no_object must be 'objectness' or 'gmm', got {no_object!r}")
+        self.no_object = no_object
+        if no_object == "objectness":
+            self.objectness = torch.nn.Linear(self.embed_dim, 1)
 
         C1, M, D, S = self.num_classes + 1, self.num_components, self.embed_dim, self.memory_size
         gen = torch.Generator().manual_seed(self.seed)
@@ -188,6 +206,7 @@ class GMMClassPredictor(ClassPredictor):
             "eps": g.EPS,
             "logit_norm": g.LOGIT_NORM,
             "max_age": g.MAX_AGE,
+            "no_object": g.NO_OBJECT,
         }
 
     def extra_repr(self) -> str:
@@ -196,7 +215,7 @@ class GMMClassPredictor(ClassPredictor):
             f"num_components={self.num_components}, covariance={self.covariance}, "
             f"memory_size={self.memory_size}, update_interval={self.update_interval}, "
             f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, "
-            f"logit_norm={self.logit_norm}, max_age={self.max_age}"
+            f"logit_norm={self.logit_norm}, max_age={self.max_age}, no_object={self.no_object}"
         )
 
     # ------------------------------------------------------------------------------ densities
@@ -290,11 +309,17 @@ class GMMClassPredictor(ClassPredictor):
 
     @record_function("cpm.class_head")
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale."""
+        """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale and ∅."""
         logp = self.log_prob(embeddings)
         if self.training and self.logit_norm != "none":
             logp = logp / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
-        return logp
+        if self.no_object == "gmm":
+            return logp
+        # log-probabilities over C+1 (softmax returns them unchanged): Bayes over the C classes
+        # (uniform prior), scaled by the objectness 1 - sigmoid(o); "no object" = sigmoid(o)
+        o = self.objectness(embeddings).float()
+        classes = torch.log_softmax(logp[..., :-1], dim=-1) + F.logsigmoid(-o)
+        return torch.cat([classes, F.logsigmoid(o)], dim=-1).to(logp.dtype)
 
     def log_likelihood(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """log p(x_k | c = labels[k]) for embeddings (K, D), labels (K,) -> (K,). For tests / monitoring."""
@@ -375,6 +400,9 @@ class GMMClassPredictor(ClassPredictor):
         self._check_labels(labels, "observe")
         emb = embeddings.detach().to(device=self.bank.device, dtype=self.bank.dtype)
         lab = labels.detach().to(device=self.bank.device, dtype=torch.long)
+        if self.no_object == "objectness":  # "no object" has no mixture to fit
+            keep = lab < self.num_classes
+            emb, lab = emb[keep], lab[keep]
         emb, lab = self._all_gather_rows(emb, lab)
         self._push(emb, lab, iteration)
 
