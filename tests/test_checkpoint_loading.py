@@ -78,6 +78,31 @@ def test_strict_names_missing_and_extra_tensors(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"(?s)1 model tensor\(s\) not in the checkpoint.*"
                        r"query_feat\.weight.*1 checkpoint tensor\(s\) the model does not have.*extra\.weight"):
         AVSCheckpointer(_model(), strict=True).load(str(tmp_path / "plain.pth"))
+    # only extra tensors (every model tensor loads): accepted, and reported
+    state = _model().state_dict()
+    state["transformer_decoder.extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "extra.pth")
+    ckpt = AVSCheckpointer(_model(), strict=True)
+    ckpt.load(str(tmp_path / "extra.pth"))
+    assert ckpt.last_load_report.covers_model and not ckpt.last_load_report.complete
+    assert ckpt.last_load_report.unexpected == ["transformer_decoder.extra.weight"]
+
+
+def test_strict_loads_checkpoints_of_the_previous_layout(tmp_path):
+    """0.1 checkpoints: the softmax head's EMA prototypes (now gone) are left over, a GMM bank
+    without iteration stamps gets age 0; both load strictly."""
+    state = _model().state_dict()
+    state["transformer_decoder.class_predictor.prototypes"] = torch.zeros(6, 64)
+    state["transformer_decoder.class_predictor.prototype_seen"] = torch.zeros(6, dtype=torch.bool)
+    torch.save({"model": state}, tmp_path / "linear01.pth")
+    AVSCheckpointer(_model(), strict=True).load(str(tmp_path / "linear01.pth"))
+    gmm = _model("MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor")
+    state = gmm.state_dict()
+    del state["transformer_decoder.class_predictor.bank_iter"]
+    torch.save({"model": state}, tmp_path / "gmm01.pth")
+    other = _model("MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor")
+    AVSCheckpointer(other, strict=True).load(str(tmp_path / "gmm01.pth"))
+    assert int(other.class_predictor.bank_iter.abs().sum()) == 0
 
 
 def test_unreadable_missing_or_empty_checkpoints_name_the_file(tmp_path):

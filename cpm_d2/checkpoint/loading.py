@@ -21,7 +21,12 @@
   ``MODEL.WEIGHTS`` in strict mode.
 
 ``*.num_batches_tracked`` counters are never counted as missing or unexpected: PyTorch fills a
-missing one, and FrozenBN models have none (ImageNet ``.pkl`` files carry none).
+missing one, and FrozenBN models have none (ImageNet ``.pkl`` files carry none); nor is the GMM
+head's ``bank_iter`` (filled with 0 for checkpoints written before it existed).
+
+Strict loading refuses a checkpoint that leaves a model tensor unloaded or reshaped. Tensors the
+checkpoint has and the model does not (e.g. a CPM checkpoint's training-only PCL heads
+evaluated with MODEL.CPM.ENABLED False) are not used, and are listed in the log.
 """
 import os
 from collections import OrderedDict
@@ -33,7 +38,9 @@ from . import mask2former
 __all__ = ["StrictCheckpointLoading", "LoadReport", "CheckpointError", "CheckpointReadError",
            "CheckpointMismatchError"]
 
-_BENIGN = ("num_batches_tracked",)
+# Buffers the model fills itself when a checkpoint lacks them: BatchNorm counters, and the GMM
+# head's bank iteration stamps (checkpoints written before they existed).
+_BENIGN = ("num_batches_tracked", "bank_iter")
 PARTIAL_HINT = ("to load it anyway (fine-tuning from it), pass --allow-partial-weights to tools/train_net.py "
                 "or AVSPredictor(cfg, allow_partial_weights=True)")
 
@@ -116,7 +123,12 @@ class LoadReport:
     @property
     def complete(self) -> bool:
         """Every model tensor loaded, with its shape, and nothing left over."""
-        return not (self.missing or self.mismatched or self.unexpected or self.dropped)
+        return self.covers_model and not (self.unexpected or self.dropped)
+
+    @property
+    def covers_model(self) -> bool:
+        """Every model tensor loaded, with its shape (checkpoint tensors may be left over)."""
+        return not (self.missing or self.mismatched)
 
     def class_count_mismatch(self) -> Optional[Tuple[int, int, str]]:
         """``(C in checkpoint, C in model, key)`` when the class head has another number of classes.
@@ -325,7 +337,7 @@ class StrictCheckpointLoading:
         state, layout, renamed, dropped = self._convert_state(checkpoint, path)
         report = build_load_report(path, layout, self.model.state_dict(), state, renamed, dropped)
         self.last_load_report = report
-        if self.strict and not report.complete:
+        if self.strict and not report.covers_model:
             raise CheckpointMismatchError(report.error_message())
         return super()._load_model(checkpoint)
 

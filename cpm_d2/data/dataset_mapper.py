@@ -1,6 +1,6 @@
 """``AVSDatasetMapper``: one AVS dataset dict -> the model's input dict (frame, labels, audio).
 
-Output (the contract in the project's data brief): every key of the dataset dict, plus
+Output (the model's input contract): every key of the dataset dict (cpm_d2/data/datasets/record.py), plus
 
 * ``image``: uint8 ``3 x H x W`` (``cfg.INPUT.FORMAT``, RGB), after the geometric augmentation;
 * ``sem_seg``: int64 ``H x W`` (255 = ignore), same geometry (nearest-neighbour);
