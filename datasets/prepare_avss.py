@@ -26,7 +26,7 @@ from cpm_d2.data.datasets.vpo import VPO_SETUPS, prepare_vpo  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=["avss", "s4", "ms3", "vpo"])
-    parser.add_argument("--root", required=True, help="dataset folder (see datasets/README.md)")
+    parser.add_argument("--root", required=True, help="dataset folder (see docs/datasets.md)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
     parser.add_argument("--setups", nargs="+", default=list(VPO_SETUPS), choices=list(VPO_SETUPS), help="VPO only")
     args = parser.parse_args(argv)

@@ -120,7 +120,7 @@ def _non_empty(dicts, csv_path, split):
 def load_avsbench_s4(root, split):
     """S4 dicts of ``split``: train -> frame 1 of each clip labelled, val/test -> frames 1..5."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"AVSBench-object S4 not found: {root} (see datasets/README.md)")
+        raise FileNotFoundError(f"AVSBench-object S4 not found: {root} (see docs/datasets.md)")
     data = os.path.join(root, "s4_data")
     labelled = [0] if split == "train" else list(range(NUM_FRAMES))
     dicts = []
@@ -142,7 +142,7 @@ def load_avsbench_s4(root, split):
 def load_avsbench_ms3(root, split):
     """MS3 dicts of ``split``: frames 1..5 of each clip labelled (every split)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"AVSBench-object MS3 not found: {root} (see datasets/README.md)")
+        raise FileNotFoundError(f"AVSBench-object MS3 not found: {root} (see docs/datasets.md)")
     data = os.path.join(root, "ms3_data")
     labelled = list(range(NUM_FRAMES))
     dicts = []

@@ -613,7 +613,7 @@ def load_avss(root, split, subsets=None, source_filter=None):
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(
-            f"AVSBench-semantic not found: {root} (set DETECTRON2_DATASETS; see datasets/README.md)"
+            f"AVSBench-semantic not found: {root} (set DETECTRON2_DATASETS; see docs/datasets.md)"
         )
     return load_avs_layout(
         root,

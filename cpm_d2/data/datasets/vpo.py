@@ -58,7 +58,7 @@ def _read_samples(root, setup):
     """OrderedDict (split, img_id) -> list of rows, in CSV order; split 'val' -> 'test'."""
     path = _csv_path(root, setup)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"VPO metadata not found: {path} (see datasets/README.md)")
+        raise FileNotFoundError(f"VPO metadata not found: {path} (see docs/datasets.md)")
     fieldnames, rows = parse_csv_rows(path, read_csv_text(path, "VPO metadata"))
     need = ["vgg_file", "img_Id", "split", "audio_pos"]
     missing = [c for c in need if c not in (fieldnames or [])]
@@ -105,7 +105,7 @@ def load_vpo(root, setup, split):
     if setup not in VPO_SETUPS:
         raise ValueError(f"VPO setup must be one of {sorted(VPO_SETUPS)}, got {setup!r}")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"VPO not found: {root} (see datasets/README.md)")
+        raise FileNotFoundError(f"VPO not found: {root} (see docs/datasets.md)")
     out_dir = os.path.join(root, VPO_SETUPS[setup])
     dicts = []
     for (row_split, img_id), rows in _read_samples(root, setup).items():
