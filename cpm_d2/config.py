@@ -208,7 +208,7 @@ def add_cpm_config(cfg):
     g.MOMENTUM = 0.9  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
     g.EPS = 1e-4  # variance floor
     # Logits given to the CE loss: "per_dim" = log p(q|c) / D (a tempered posterior with the same
-    # argmax; keeps CE finite in D = 256), "sqrt_dim" = log p(q|c) / sqrt(D), "none" = log p(q|c)
-    # exactly as eq. 1. Inference always uses eq. 1 exactly.
+    # argmax; keeps CE finite in D = 256), "sqrt_dim" = log p(q|c) / sqrt(D), "learned" = log p(q|c) / T
+    # with T learned (from sqrt(D)), "none" = log p(q|c) exactly as eq. 1. Inference always uses eq. 1.
     g.LOGIT_NORM = "per_dim"
     return cfg

@@ -72,7 +72,7 @@ def main(argv=None):
 
     from cpm_d2.engine import Trainer
     from cpm_d2.utils.visualization import grid, write_dataset_overlays
-    from detectron2.checkpoint import DetectionCheckpointer
+    from cpm_d2.checkpoint import AVSCheckpointer
     from detectron2.data import MetadataCatalog
 
     cfg = setup_cfg(args.config_file, ["OUTPUT_DIR", args.output] + list(args.opts))
@@ -123,7 +123,7 @@ def main(argv=None):
         cv2.imwrite(os.path.join(cfg.OUTPUT_DIR, "overlays_grid.png"), grid(panels)[:, :, ::-1])
     print(f"[demo] {len(paths)} overlays in {vis_dir}; grid: {os.path.join(cfg.OUTPUT_DIR, 'overlays_grid.png')}")
     _plot_training_curves(cfg, args.config_file, results.get(test_name, {}))
-    print(f"[demo] checkpoint: {DetectionCheckpointer(model, cfg.OUTPUT_DIR).get_checkpoint_file()}")
+    print(f"[demo] checkpoint: {AVSCheckpointer(model, cfg.OUTPUT_DIR).get_checkpoint_file()}")
     print(f"[demo] total {time.time() - t0:.0f}s")
     return results
 

@@ -15,7 +15,7 @@ import cpm_d2  # noqa: E402,F401
 from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.data import AVSDatasetMapper, register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.utils.visualization import write_dataset_overlays  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv=None):
     if not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    AVSCheckpointer(model, strict=True).load(args.weights)  # refuses weights of another model
     loader = build_detection_test_loader(cfg, args.dataset, mapper=AVSDatasetMapper(cfg, is_train=False))
     paths = write_dataset_overlays(
         model, loader, MetadataCatalog.get(args.dataset), args.output, args.max_frames, args.scale

@@ -31,7 +31,8 @@ _TINY = 1e-12  # guards divisions by an (almost) empty responsibility mass
 _MIN_WEIGHT = 1e-6  # mixing weights are floored here so log(pi) stays finite
 _DEAD = 1e-6  # a component whose responsibility mass is below this keeps its mean/covariance
 # Training-time temperature of the class logits (LOGIT_NORM), as a function of D.
-_LOGIT_SCALE = {"per_dim": float, "sqrt_dim": math.sqrt, "none": lambda d: 1.0}
+# "learned": exp(t), t a parameter initialised at log sqrt(D).
+_LOGIT_SCALE = {"per_dim": float, "sqrt_dim": math.sqrt, "none": lambda d: 1.0, "learned": math.sqrt}
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,8 +126,8 @@ class GMMClassPredictor(ClassPredictor):
             momentum: theta <- momentum * theta_old + (1 - momentum) * theta_EM (not applied the
                 first time a class is estimated).
             eps: variance floor (diag: var >= eps; full: Sigma + eps * I).
-            logit_norm: "per_dim" (log-density / D), "sqrt_dim" (log-density / sqrt(D)) or "none"
-                (exact log-density); see class doc.
+            logit_norm: "per_dim" (log-density / D), "sqrt_dim" (log-density / sqrt(D)), "learned"
+                (log-density / exp(t), t learned from log sqrt(D)) or "none" (exact log-density).
             init_std: std of the random initial means (unit initial variances).
             seed: seeds the initial means and the EM initialisation draws (same on every rank).
             max_age: > 0: EM uses only bank entries stored at most this many iterations ago.
@@ -174,6 +175,8 @@ class GMMClassPredictor(ClassPredictor):
         self.no_object = no_object
         if no_object == "objectness":
             self.objectness = torch.nn.Linear(self.embed_dim, 1)
+        if logit_norm == "learned":
+            self.log_temperature = torch.nn.Parameter(torch.tensor(0.5 * math.log(self.embed_dim)))
 
         C1, M, D, S = self.num_classes + 1, self.num_components, self.embed_dim, self.memory_size
         gen = torch.Generator().manual_seed(self.seed)
@@ -311,7 +314,9 @@ class GMMClassPredictor(ClassPredictor):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale and ∅."""
         logp = self.log_prob(embeddings)
-        if self.training and self.logit_norm != "none":
+        if self.training and self.logit_norm == "learned":
+            logp = logp / self.log_temperature.exp()
+        elif self.training and self.logit_norm != "none":
             logp = logp / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
         if self.no_object == "gmm":
             return logp
