@@ -10,12 +10,15 @@ After every layer the shared heads predict, from q̃ = LayerNorm(q):
 The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
 gives the attention mask of the first visual layer and the "audio_pred_logits" (coverage score).
 
-With MODEL.AUDIO.STEREO_POSITION.ENABLED (stereo_position.py) every prediction also estimates
-where the query's sound is from the inter-channel level difference of the bins its audio mask
-selects, x̂ (B, Q) ("pred_stereo_x"), and adds a prior over image columns to its mask logits:
+With MODEL.AUDIO.STEREO_POSITION.ENABLED (stereo_position.py) every audio-decoder prediction (the
+raw queries' one when AUDIO_DEC_LAYERS = 0) also estimates where the query's sound is, from the
+inter-channel level difference of the bins its audio mask selects, x̂ (B, Q) ("pred_stereo_x"),
+and adds a prior over image columns to its mask logits:
     mask logits   = <mask_embed(q̃), ũ_v> - g(q̃) ((u - x̂) / σ)^2      (B, Q, H/4, W/4)
-so the attention mask of the next layer, derived from these logits, carries it too. Switched
-off, nothing of it is built or computed (the paper's model, parameter for parameter).
+The visual decoder does not hear the audio again, so the last audio prediction's prior is added
+to every visual prediction's mask logits as it is; every attention mask, derived from those
+logits, carries it too. Switched off, nothing of it is built or computed (the paper's model,
+parameter for parameter).
 
 Layer count, as in Mask2Former: MODEL.MASK_FORMER.DEC_LAYERS counts the predictions of the
 visual decoder including the one made before its first layer, so DEC_LAYERS - 1 masked-attention
@@ -214,17 +217,21 @@ class AudioVisualTransformerDecoder(nn.Module):
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
         return queries, query_pos, query_padding_mask
 
-    def _predict(self, output, mask_features, audio, audio_masks, attn_size):
+    def _predict(self, output, mask_features, audio, audio_masks, attn_size, stereo=None, prior=None):
+        """One prediction -> (pred dict, attention mask for the next layer, stereo prior or None).
+        ``stereo``: the stereo prior's per-forward constants; ``prior``: (bias, x̂) to reuse (visual
+        layers) instead of estimating it from this prediction's audio mask (audio layers)."""
         emb = self.decoder_norm(output)
         logits = self.class_predictor(emb)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
+        estimate = self.stereo_position is not None and prior is None
         audio_logits = None
-        if audio_masks or self.stereo_position is not None:
+        if audio_masks or estimate:
             audio_logits = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio["dense"])
-        x_hat = None
-        if self.stereo_position is not None:
-            bias, x_hat = self.stereo_position(emb, audio_logits, audio, masks.shape[-1])
-            masks = masks + bias  # (B, Q, 1, W) over the columns: the stereo prior
+        if estimate:
+            prior = self.stereo_position(emb, audio_logits, audio, masks.shape[-1], stereo)
+        if prior is not None:
+            masks = masks + prior[0]  # (B, Q, 1, W) over the columns: the stereo prior
         with torch.no_grad():
             attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
             attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
@@ -233,9 +240,9 @@ class AudioVisualTransformerDecoder(nn.Module):
         pred = {"pred_logits": logits, "pred_masks": masks, "query_embeddings": emb}
         if audio_masks:
             pred["pred_audio_masks"] = audio_logits
-        if x_hat is not None:
-            pred["pred_stereo_x"] = x_hat
-        return pred, attn
+        if prior is not None:
+            pred["pred_stereo_x"] = prior[1]
+        return pred, attn, prior
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
                 queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
@@ -270,16 +277,18 @@ class AudioVisualTransformerDecoder(nn.Module):
             raise ValueError("audio_visual_decoder.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has no "
                              "'stereo_x' / 'stereo_log_energy' (add stereo_position.stereo_cues(magnitudes, grid); "
                              "CPM.audio_features does)")
+        # per-forward constants of the stereo prior (cues flattened, column grid)
+        stereo = self.stereo_position.prepare(audio, mask_features.shape[-1]) if self.stereo_position is not None else None
 
         predictions = []
         if self.num_audio_layers == 0:
-            pred, attn_mask = self._predict(output, mask_features, audio, audio_masks, sizes[0])
+            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
             predictions.append(pred)
         for j in range(self.num_audio_layers):
             output = self.audio_cross_attention[j](output, tokens, pos=tokens_pos, query_pos=qpos)
             output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos)
             output = self.audio_ffn[j](output)
-            pred, attn_mask = self._predict(output, mask_features, audio, audio_masks, sizes[0])
+            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
             predictions.append(pred)
         audio_pred_logits = predictions[-1]["pred_logits"]
 
@@ -288,8 +297,9 @@ class AudioVisualTransformerDecoder(nn.Module):
             output = self.cross_attention[i](output, srcs[lvl], memory_mask=attn_mask, pos=poss[lvl], query_pos=qpos)
             output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos)
             output = self.ffn[i](output)
-            pred, attn_mask = self._predict(output, mask_features, audio, audio_masks,
-                                            sizes[(i + 1) % self.num_feature_levels])
+            # the visual layers reuse the last audio prediction's stereo prior (they do not hear the audio)
+            pred, attn_mask, _ = self._predict(output, mask_features, audio, audio_masks,
+                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior)
             predictions.append(pred)
 
         out = dict(predictions[-1])

@@ -27,9 +27,10 @@ Design (B images, Q queries, D query width, D_a audio width; all shapes batch-fi
        E (B, T', F') = pool(e),  X (B, T', F') = pool(e · x) / pool(e)   (X = 0.5 where E = 0)
    Swapping the channels maps X to 1 − X exactly and leaves E unchanged.
 
-2. Per query (:class:`StereoPositionPrior`, applied with the decoder's prediction heads after
-   every layer): the query picks its own sound's bins with its audio mask, the same head
-   (``audio_mask_embed``) CPM's ACP trains to separate a class's bins from the rest:
+2. Per query (:class:`StereoPositionPrior`, with the decoder's prediction heads after every
+   audio-decoder layer; after the raw queries when there is none): the query picks its own
+   sound's bins with its audio mask, the same head (``audio_mask_embed``) CPM's ACP trains to
+   separate a class's bins from the rest:
        m^a (B, Q, T'F') = <audio_mask_embed(q̃), ũ_a>
        w   (B, Q, T'F') = softmax over cells of (m^a + log(E + ε))   (energy prior, query choice)
        x̂   (B, Q)       = Σ w · X ∈ [0, 1]                          (frame coordinates)
@@ -42,10 +43,11 @@ Design (B images, Q queries, D query width, D_a audio width; all shapes batch-fi
    Over the W_m columns of the mask-feature grid, centres u_j = (j + 0.5) / W_m:
        bias (B, Q, 1, W_m) = −g · ((u_j − (o + s·x̂)) / (s · σ))²      σ = STEREO_POSITION.WIDTH
        pred_masks          = <mask_embed(q̃), ũ_v> + bias
-   Mask2Former's masked attention builds each layer's attention mask from the previous
-   prediction's mask, so the same prior also decides which columns a query reads visual
-   features from: it is the attention bias over image columns, applied once where both the
-   mask and the attention read it.
+   The visual decoder does not hear the audio again, so the last audio prediction's bias is
+   added as it is to the mask logits of every visual-decoder prediction. Mask2Former's masked
+   attention builds each layer's attention mask from the previous prediction's mask, so the
+   same prior also decides which columns a query reads visual features from: it is the
+   attention bias over image columns, applied once where both the mask and the attention read it.
 
 Why this path and not a positional term on the audio tokens: a term in the audio tokens' keys
 only changes *which* audio tokens a query reads; in their values it makes the query carry x, but
@@ -53,8 +55,8 @@ the network would still have to learn to align a learned projection of it with t
 code through several layers, and the final mask (a dot product with position-free ũ_v) would
 still be the same on both instances. A per-query x̂ acts where the decision is made, is exact
 under the flip (the mapper swaps the channels when it mirrors the image: X ↦ 1 − X while the
-columns mirror), and costs O(Q · T'F' · D_a + Q · W_m) per prediction, a few percent of the
-decoder at most (tools/benchmark.py --stereo-position).
+columns mirror), and costs O(Q · T'F' · D_a + Q · W_m) per audio-decoder layer and one addition
+per visual-decoder layer (tools/benchmark.py --stereo-position measures it).
 
 Flip / swap symmetry: X is exactly mirrored by a channel swap; x̂ is too when the query's audio
 mask m^a does not change under the swap, which holds exactly with
@@ -156,32 +158,42 @@ class StereoPositionPrior(nn.Module):
         self.gain_weight = nn.Parameter(torch.zeros(hidden_dim))
         self.gain_bias = nn.Parameter(torch.tensor(math.log(math.expm1(float(init_gain)))))
 
-    def estimate(self, audio_mask_logits: torch.Tensor, audio: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """x̂ (B, Q) in frame coordinates from the audio masks (B, Q, T', F') and the cues."""
+    def prepare(self, audio: Dict[str, torch.Tensor], mask_width: int) -> Dict[str, torch.Tensor]:
+        """What every prediction of one forward shares (computed once): the cues flattened and the
+        column centres in units of sigma frame widths, relative to the frame's left edge."""
         cell_x, log_e = audio["stereo_x"], audio["stereo_log_energy"]
-        if audio_mask_logits.shape[-2:] != cell_x.shape[-2:] or cell_x.shape[0] != audio_mask_logits.shape[0]:
+        b = cell_x.shape[0]
+        frame = audio.get("stereo_frame")
+        if frame is None:
+            frame = cell_x.new_tensor([[0.0, 1.0]]).expand(b, 2)
+        inv = 1.0 / (frame[:, 1:2].float() * self.width)  # (B, 1): canvas fraction -> sigma frame widths
+        cols = (torch.arange(mask_width, device=cell_x.device, dtype=torch.float32) + 0.5) / mask_width
+        return {"x": cell_x.flatten(1).float(), "log_e": log_e.flatten(1)[:, None, :].float(),
+                "cols": ((cols[None, :] - frame[:, 0:1].float()) * inv)[:, None, :],  # (B, 1, W_m)
+                "x_scale": 1.0 / self.width, "grid": tuple(cell_x.shape[-2:])}
+
+    def estimate(self, audio_mask_logits: torch.Tensor, shared: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """x̂ (B, Q) in frame coordinates from the audio masks (B, Q, T', F') and ``prepare``'s cues."""
+        if audio_mask_logits.shape[-2:] != shared["grid"] or audio_mask_logits.shape[0] != shared["x"].shape[0]:
             raise ValueError(f"stereo_position.py: audio masks {tuple(audio_mask_logits.shape)} and stereo cues "
-                             f"{tuple(cell_x.shape)} are on different grids")
-        logits = audio_mask_logits.flatten(2).float() + log_e.flatten(1)[:, None, :]
-        weights = logits.softmax(-1)  # (B, Q, T'F')
-        return torch.einsum("bqc,bc->bq", weights, cell_x.flatten(1).to(weights.dtype))
+                             f"{(shared['x'].shape[0],) + shared['grid']} are on different grids")
+        weights = (audio_mask_logits.flatten(2).float() + shared["log_e"]).softmax(-1)  # (B, Q, T'F')
+        return torch.bmm(weights, shared["x"][..., None])[..., 0]
 
     def gain(self, emb: torch.Tensor) -> torch.Tensor:
         """g (B, Q) >= 0 from the normalised query embeddings (B, Q, D)."""
         return F.softplus(emb.float() @ self.gain_weight + self.gain_bias)
 
     def forward(self, emb: torch.Tensor, audio_mask_logits: torch.Tensor, audio: Dict[str, torch.Tensor],
-                mask_width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (bias (B, Q, 1, mask_width) to add to the mask logits, x̂ (B, Q) in frame coordinates)."""
-        frame = audio.get("stereo_frame")
-        if frame is None:
-            frame = torch.tensor([[0.0, 1.0]], device=emb.device).expand(emb.shape[0], 2)
-        x_hat = self.estimate(audio_mask_logits, audio)
-        offset, scale = frame[:, 0:1].float(), frame[:, 1:2].float()  # (B, 1)
-        centre = offset + scale * x_hat  # (B, Q) on the canvas
-        cols = (torch.arange(mask_width, device=emb.device, dtype=torch.float32) + 0.5) / mask_width
-        dist = (cols[None, None, :] - centre[..., None]) / (scale[..., None] * self.width)  # (B, Q, W_m)
-        bias = -self.gain(emb)[..., None] * dist.square()
+                mask_width: int, shared: Optional[Dict[str, torch.Tensor]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (bias (B, Q, 1, mask_width) to add to the mask logits, x̂ (B, Q) in frame coordinates).
+        ``shared``: ``prepare(audio, mask_width)``, computed here when not given."""
+        if shared is None:
+            shared = self.prepare(audio, mask_width)
+        x_hat = self.estimate(audio_mask_logits, shared)
+        dist = shared["cols"] - (x_hat * shared["x_scale"])[..., None]  # (B, Q, W_m), in sigmas
+        bias = dist.square() * (-self.gain(emb))[..., None]
         return bias.unsqueeze(2).to(emb.dtype), x_hat
 
     def extra_repr(self) -> str:
