@@ -38,6 +38,12 @@ What it measures (medians over ``--repeats``; every repeat runs ``--iters`` step
   the paper-size model (``--r50-config``, default configs/avss_r50_224.yaml: R50 + deformable
   pixel decoder, 9 + 3 decoder layers, 12544 points; random init, synthesised 224x224 batches).
 
+* ``--stereo-position`` (issue #12; replaces everything above): the config with
+  MODEL.AUDIO.STEREO_POSITION off vs on (same seed: every shared weight identical; the "on" model
+  has two more parameters), fed the same mapped batches of the config's datasets, interleaved:
+  inference per frame (target: ratio <= 1.05) and the training step. E.g.
+  ``python tools/benchmark.py --stereo-position --config configs/synthetic/baseline_r18_stereo_msmi.yaml``.
+
 CPU runs default to ONE intra-op thread (``--threads``): on a small shared machine, torch's
 thread pool competing with other processes makes step times swing by 10x or more.
 Prints GitHub-markdown tables and writes everything to ``--output`` (JSON).
@@ -908,6 +914,59 @@ def check_targets(res):
     return t
 
 
+def stereo_position_cost(cfg, args, device):
+    """Interleaved inference / training-step timing of the config with MODEL.AUDIO.STEREO_POSITION off
+    vs on (see module docstring); returns a JSON-able dict."""
+    from cpm_d2.engine.trainer import build_optimizer
+
+    sync = _sync_fn(device)
+    cfgs = {}
+    for name, on in (("stem_only", False), ("stereo_position", True)):
+        c = cfg.clone()
+        c.defrost()
+        c.MODEL.DEVICE = device
+        c.MODEL.AUDIO.STEREO_POSITION.ENABLED = on
+        cfgs[name] = c
+    if int(cfg.INPUT.AUDIO.CHANNELS) != 2:
+        raise SystemExit("tools/benchmark.py --stereo-position needs a stereo config (INPUT.AUDIO.CHANNELS 2)")
+    n = max(2, min(args.iters, 10))
+    bsz = int(cfg.SOLVER.IMS_PER_BATCH)
+    train_b = dataset_batches(cfgs["stereo_position"], n, bsz, is_train=True, seed=args.seed)
+    test_b = dataset_batches(cfgs["stereo_position"], n, 1, is_train=False, seed=args.seed)
+    models, optims = {}, {}
+    for name, c in cfgs.items():
+        torch.manual_seed(args.seed)
+        models[name] = build_model(c)
+        optims[name] = build_optimizer(c, models[name])
+    for m in models.values():
+        m.eval()
+    infer_runners = {k: (lambda i, k=k: infer_step(models[k], test_b[i], sync)) for k in models}
+    infer, infer_ratio = interleaved(infer_runners, n, args.iters, args.warmup, args.repeats)
+    for m in models.values():
+        m.train()
+    train_runners = {k: (lambda i, k=k: train_step(models[k], optims[k], train_b[i], sync)) for k in models}
+    train, train_ratio = interleaved(train_runners, n, args.iters, args.warmup, args.repeats)
+    res = {
+        "inference_per_frame_s": {k: v["median_s"] for k, v in infer.items()},
+        "inference_ratio": infer_ratio["stereo_position"]["median"],
+        "inference_ratio_per_repeat": infer_ratio["stereo_position"]["per_repeat"],
+        "train_step_s": {k: v["median_s"] for k, v in train.items()},
+        "train_ratio": train_ratio["stereo_position"]["median"],
+        "train_ratio_per_repeat": train_ratio["stereo_position"]["per_repeat"],
+        "params": {k: _num_params(m) for k, m in models.items()},
+        "batch_size": bsz,
+        "target_inference_ratio_max": 1.05,
+    }
+    res["pass"] = res["inference_ratio"] <= res["target_inference_ratio_max"]
+    print("\n| MODEL.AUDIO.STEREO_POSITION | inference s / frame | training s / step | parameters |")
+    print("|---|---|---|---|")
+    for k in models:
+        print(f"| {k} | {res['inference_per_frame_s'][k]:.4f} | {res['train_step_s'][k]:.4f} | {res['params'][k]} |")
+    print(f"\ninference ratio (on / off, median of {args.repeats} interleaved repeats): {res['inference_ratio']:.3f} "
+          f"(target <= 1.05: {'pass' if res['pass'] else 'FAIL'}); training-step ratio {res['train_ratio']:.3f}")
+    return res
+
+
 def print_report(res):
     from tabulate import tabulate
 
@@ -1044,6 +1103,8 @@ def get_parser():
     p.add_argument("--sweep-memory-steps", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stereo-position", action="store_true",
+                   help="only time MODEL.AUDIO.STEREO_POSITION off vs on (a stereo config; issue #12)")
     p.add_argument("--memory-probe", choices=("baseline", "cpm"), help=argparse.SUPPRESS)
     p.add_argument("--probe-size", type=int, nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -1065,6 +1126,19 @@ def main(argv=None):
         return memory_probe_child(args)
     t_start = time.perf_counter()
     cfg = _load_cfg(args.config, args.opts)
+    if args.stereo_position:
+        res = {"command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "config": os.path.relpath(os.path.abspath(args.config), REPO), "device": device,
+               "machine": machine_info(device), "threads": threads}
+        print(f"[benchmark] {res['config']} on {device} ({threads} thread(s)): stereo position off vs on", flush=True)
+        res["stereo_position"] = stereo_position_cost(cfg, args, device)
+        res["wall_s"] = time.perf_counter() - t_start
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump(_jsonable(res), f, indent=1)
+            print(f"[benchmark] wrote {args.output}")
+        return res
     base_cfg, cpm_cfg = make_pair_cfgs(cfg, device)
     bsz = int(cfg.SOLVER.IMS_PER_BATCH)
     interval = int(cpm_cfg.MODEL.CPM.GMM.UPDATE_INTERVAL)
