@@ -365,3 +365,30 @@ def test_ablation_rows_dir_and_extra_eval_command():
     assert ablation.extra_columns(res) == ["pick_rate", "frames_two_one"]
     table = ablation.format_table(["a"], res, [1], ["pick_rate"])
     assert "| pick_rate |" in table.splitlines()[0] and "91.00 (1 seed)" in table
+
+
+def test_cpm_prompt_pass_uses_the_stereo_cues_of_the_mixture():
+    # full CPM (ACP mixes off-screen noise into the magnitudes): the prompt pass re-derives the cues
+    cfg = _tiny_cfg(on=True)
+    cfg.merge_from_file(str(ROOT / "configs/synthetic/cpm_r18_tiny.yaml"))
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 7
+    cfg.MODEL.AUDIO.IN_CHANNELS = cfg.INPUT.AUDIO.CHANNELS = 2
+    cfg.MODEL.AUDIO.STEREO_POSITION.ENABLED = True
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _inputs(n=2)
+    for i, x in enumerate(batch):
+        sem = torch.zeros(64, 96, dtype=torch.long)
+        sem[10:30, 10 + 40 * i:30 + 40 * i] = i + 1
+        x.update(sem_seg=sem, instances=instances_from_sem_seg(sem), noise_audio=torch.rand(2, 97, 64))
+    seen = []
+    decode = model.decode
+    model.decode = lambda visual, audio, **kw: seen.append(audio) or decode(visual, audio, **kw)
+    losses = model(batch)
+    assert {"loss_acp", "loss_pcl"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert len(seen) == 2  # class-agnostic pass, prompt pass
+    mixed = stereo_cues(torch.stack([x["audio"] + x["noise_audio"] for x in batch]), seen[1]["stereo_x"].shape[-2:])
+    torch.testing.assert_close(seen[1]["stereo_x"], mixed["stereo_x"])
+    assert torch.equal(seen[0]["stereo_frame"], seen[1]["stereo_frame"])
+    sum(losses.values()).backward()
+    assert model.transformer_decoder.stereo_position.gain_weight.grad.abs().sum() > 0
