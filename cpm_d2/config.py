@@ -182,10 +182,12 @@ def add_avs_config(cfg):
     # Gain of the prior at initialisation, the same for every query; afterwards each query's gain is
     # learned from its embedding (>= 0, so a query can switch the prior off, e.g. background).
     sp.INIT_GAIN = 0.5
-    # What the audio backbone sees: "stereo" = both channels (the paper's 2-channel stem; position and
-    # semantics jointly, plus the explicit position above) or "mid" = the channel mean in both of its
-    # input channels (semantics cannot see position: the model is exactly mirror-symmetric in the channels).
-    sp.BACKBONE_INPUT = "stereo"
+    # What the audio backbone sees when the switch is on: "mid" = the channel mean in both of its input
+    # channels (semantics cannot see position, which only the explicit cue above carries: the two are
+    # encoded separately, and the audio side is exactly mirror-symmetric in the channels) or "stereo" =
+    # both channels (the paper's 2-channel stem, position and semantics jointly, plus the cue above).
+    # Off, the backbone always sees both channels (the paper).
+    sp.BACKBONE_INPUT = "mid"
     # ---------------- end MODEL.AUDIO.STEREO_POSITION ----------------
 
     t = _C.TEST.AVS = CN()

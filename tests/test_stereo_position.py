@@ -170,7 +170,7 @@ def test_mapper_keeps_the_estimate_on_the_object_through_flips_and_crops(tmp_pat
 
 
 def test_mid_backbone_model_mirrors_every_query_position_exactly():
-    model = _model(on=True, **{"MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT": "mid"}).eval()
+    model = _model(on=True).eval()  # BACKBONE_INPUT "mid", the default
     inputs = _inputs()
     swapped = [dict(x, audio=x["audio"].flip(0)) for x in inputs]
 
@@ -240,7 +240,9 @@ def test_switch_off_reproduces_the_model_before_the_switch():
 
 
 def test_switch_on_adds_two_parameters_and_with_zero_gain_changes_nothing():
-    off, on = _model(on=False).eval(), _model(on=True).eval()
+    # with the backbone on both channels (as off) and zero gain, the switch changes no output
+    off = _model(on=False).eval()
+    on = _model(on=True, **{"MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT": "stereo"}).eval()
     sd_off, sd_on = off.state_dict(), on.state_dict()
     assert set(sd_on) - set(sd_off) == {"transformer_decoder.stereo_position.gain_weight",
                                         "transformer_decoder.stereo_position.gain_bias"}
@@ -254,7 +256,7 @@ def test_switch_on_adds_two_parameters_and_with_zero_gain_changes_nothing():
 
 
 # ------------------------------------------------------------------------------ it learns
-H, W, S = 32, 64, 10
+H, W, S = 32, 48, 8
 
 
 def _frame(rng):
@@ -263,7 +265,7 @@ def _frame(rng):
     sem = np.zeros((H, W), np.int64)
     while True:
         xs = sorted(rng.choice(np.arange(2, W - S - 2), 2, replace=False))
-        if xs[1] - xs[0] >= S + 8:
+        if xs[1] - xs[0] >= S + 6:
             break
     ys = [int(rng.integers(2, H - S - 2)) for _ in range(2)]
     k = int(rng.integers(2))
@@ -271,9 +273,9 @@ def _frame(rng):
         img[:, y:y + S, x:x + S] = np.array([220, 40, 40])[:, None, None]
     sem[ys[k]:ys[k] + S, xs[k]:xs[k] + S] = 1
     left, right = _pan((xs[k] + S / 2) / W)
-    mag = rng.uniform(0.0, 0.01, (2, 32, 24)).astype(np.float32)
-    mag[0, :, 8:11] += left
-    mag[1, :, 8:11] += right
+    mag = rng.uniform(0.0, 0.01, (2, 16, 16)).astype(np.float32)
+    mag[0, :, 6:9] += left
+    mag[1, :, 6:9] += right
     sem = torch.as_tensor(sem)
     return {"image": torch.as_tensor(img), "audio": torch.as_tensor(mag), "sem_seg": sem, "height": H, "width": W,
             "instances": instances_from_sem_seg(sem), "boxes": (ys, xs, k)}
@@ -281,7 +283,8 @@ def _frame(rng):
 
 def _train_and_pick(on, iters=40):
     torch.manual_seed(0)
-    model = build_model(_tiny_cfg(on=on, classes=2, **{"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 4}))
+    model = build_model(_tiny_cfg(on=on, classes=2, **{"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 4,
+                                                        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS": 256}))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng, losses = np.random.default_rng(0), []
@@ -306,6 +309,15 @@ def _train_and_pick(on, iters=40):
 
 @pytest.mark.slow
 def test_short_training_learns_to_pick_the_sounding_instance():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small model on a shared machine: more threads only contend
+    try:
+        _check_training_picks()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_training_picks():
     first, last, pick = _train_and_pick(on=True)
     assert last < 0.5 * first, (first, last)
     assert pick >= 0.85, pick  # the sounding square scores higher in (almost) every held-out frame
@@ -344,10 +356,10 @@ def test_ablation_rows_dir_and_extra_eval_command():
     import ablation
 
     rows_dir = str(ROOT / "configs" / "stereo_rows")
-    assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_mid"]
+    assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_stem"]
     assert ablation.row_switches("stem_only", rows_dir) == ["MODEL.AUDIO.STEREO_POSITION.ENABLED", "False"]
     assert ablation.row_switches("stereo_position", rows_dir) == [
-        "MODEL.AUDIO.STEREO_POSITION.ENABLED", "True", "MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT", "stereo"]
+        "MODEL.AUDIO.STEREO_POSITION.ENABLED", "True", "MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT", "mid"]
     assert ablation.row_switches("t4_1_baseline")[:2] == ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor"]
 
     class Args:

@@ -66,8 +66,8 @@ ROW_TITLES = {
     "t5_gmm_m7": "M = 7",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
-    "stereo_position": "+ stereo position",
-    "stereo_position_mid": "+ stereo position, mid-only backbone",
+    "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
+    "stereo_position_stem": "stereo position + 2-channel stem",
 }
 
 

@@ -103,7 +103,7 @@ class CPM(nn.Module):
         observe_all_layers: bool = False,
         cpm_loss: Optional[nn.Module] = None,
         stereo_position: bool = False,
-        stereo_backbone_input: str = "stereo",
+        stereo_backbone_input: str = "mid",
     ):
         super().__init__()
         if semantic_inference not in SEMANTIC_INFERENCE:

@@ -58,11 +58,15 @@ under the flip (the mapper swaps the channels when it mirrors the image: X ↦ 1
 columns mirror), and costs O(Q · T'F' · D_a + Q · W_m) per audio-decoder layer and one addition
 per visual-decoder layer (tools/benchmark.py --stereo-position measures it).
 
+Separate encoding (``STEREO_POSITION.BACKBONE_INPUT``, default "mid"): the audio backbone sees the
+channel mean in both of its input channels, so the semantic features cannot see position and
+the cue above is the only way position enters: the separation the paper's "Limitations" asks
+for. "stereo" keeps the paper's 2-channel stem as well (position also enters jointly). In a
+300-step sanity run on the stereo_msmi preset "mid" learned faster (docs/stereo.md).
+
 Flip / swap symmetry: X is exactly mirrored by a channel swap; x̂ is too when the query's audio
-mask m^a does not change under the swap, which holds exactly with
-``STEREO_POSITION.BACKBONE_INPUT "mid"`` (the audio backbone sees the channel mean in both input
-channels, so semantics cannot see position) and approximately with "stereo" (the paper's
-2-channel stem, trained with flips that swap the channels).
+mask m^a does not change under the swap, which holds exactly with "mid" and approximately with
+"stereo" (trained with flips that swap the channels).
 """
 import math
 from typing import Dict, Optional, Sequence, Tuple
