@@ -20,8 +20,7 @@ Design (B images, Q queries, D query width, D_a audio width; all shapes batch-fi
        x (B, T, F) = (2/π) · atan2(R, L) ∈ [0, 1], 0 = left edge, 1 = right edge of the frame.
    The generator pans with L = cos(θ) s, R = sin(θ) s, θ = (π/2) · x_src/W, so for one source per
    time-frequency bin the estimate is the source centre x_src / W exactly (a mel filterbank keeps
-   it: every band's R/L ratio is
-   still tan θ). The front end keeps magnitudes only, so there is no inter-channel phase or
+   it: every band's R/L ratio is still tan θ). The front end keeps magnitudes only, so there is no inter-channel phase or
    time difference here; for panned sources the level difference alone determines x, and it is
    all VPO's synthesised stereo carries. Pooled to the grid (T', F') of the dense audio map ũ_a
    by energy-weighted adaptive average pooling over each cell:
