@@ -166,6 +166,30 @@ def add_avs_config(cfg):
     # Audio decoder layers: queries cross-attend the audio tokens before the visual decoder.
     _C.MODEL.MASK_FORMER.AUDIO_DEC_LAYERS = 3
 
+    # ---------------- MODEL.AUDIO.STEREO_POSITION: stereo-aware decoding (issue #12, docs/stereo.md) ----------------
+    # The paper feeds stereo only to the audio backbone's 2-channel stem (position and semantics
+    # encoded jointly). With this switch each query also estimates where its sound is from the
+    # inter-channel level difference of the time-frequency bins its audio mask selects, and adds a
+    # prior over image columns to its mask logits (and so to the masked attention); see
+    # cpm_d2/modeling/transformer_decoder/stereo_position.py for the design and shapes.
+    sp = m.STEREO_POSITION = CN()
+    # False = the paper's model, parameter for parameter. True needs stereo audio (INPUT.AUDIO.CHANNELS 2
+    # and MODEL.AUDIO.IN_CHANNELS 2): mono input (config or wav file) is an error.
+    sp.ENABLED = False
+    # Width sigma of the column prior, as a fraction of the frame width:
+    # mask logit += -gain * ((column x - estimated source x) / WIDTH)^2.
+    sp.WIDTH = 0.1
+    # Gain of the prior at initialisation, the same for every query; afterwards each query's gain is
+    # learned from its embedding (>= 0, so a query can switch the prior off, e.g. background).
+    sp.INIT_GAIN = 0.5
+    # What the audio backbone sees when the switch is on: "mid" = the channel mean in both of its input
+    # channels (semantics cannot see position, which only the explicit cue above carries: the two are
+    # encoded separately, and the audio side is exactly mirror-symmetric in the channels) or "stereo" =
+    # both channels (the paper's 2-channel stem, position and semantics jointly, plus the cue above).
+    # Off, the backbone always sees both channels (the paper).
+    sp.BACKBONE_INPUT = "mid"
+    # ---------------- end MODEL.AUDIO.STEREO_POSITION ----------------
+
     t = _C.TEST.AVS = CN()
     t.SUBSETS = []  # extra result blocks for named subsets: [[subset_name, dataset-dict key, value], ...]
     t.SAVE_BEST_METRIC = "sem_seg/mIoU"  # the best checkpoint is kept by this metric

@@ -4,6 +4,10 @@
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --seeds 1 2 3
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --rows t4_1_baseline t4_6_cpm_full
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --print-only   # cached runs only
+    # other rows, and a per-run evaluation script whose summary becomes extra columns:
+    python tools/ablation.py --config-file configs/synthetic/baseline_r18_stereo_msmi.yaml \
+        --rows-dir configs/stereo_rows --rows stem_only stereo_position \
+        --extra-eval tools/eval_stereo_instances.py --extra-columns pick_rate swap_flip_rate
 
 Rows are the files of ``configs/ablations/``: each row's switches (its YAML without ``_BASE_``
 and ``OUTPUT_DIR``) are applied on top of the full-CPM switches of ``Base-Ablation.yaml``, on top
@@ -23,6 +27,14 @@ different config is an error, never silently reused.
 Table columns (mean ± std over seeds, std with ddof = 1; "dataset" protocol, percent): val mIoU,
 test mIoU, test F-beta, matching-stability STS at the end of training (lower = steadier), and
 test mIoU with the audio muted.
+
+``--rows-dir DIR``: rows are ``DIR/<row>.yaml`` instead (default rows: every file of DIR), with
+``DIR/Base-Ablation.yaml`` applied first when it exists. ``--extra-eval SCRIPT``: after the
+evaluations above, every run also runs ``python SCRIPT --output <run>/extra_eval.json --threads N
+--dataset <test split> CONFIG <run>/model_final.pth KEY VALUE ...`` (the run's exact config: ``--config-file``, overrides,
+row switches, SEED); the ``"summary"`` dict of that JSON is cached in the run's ``result.json``
+(under ``"extra"``) and its numbers become extra table columns (``--extra-columns`` picks them).
+A cached run without that script's summary runs only the script.
 """
 import argparse
 import hashlib
@@ -52,6 +64,10 @@ ROW_TITLES = {
     "t5_gmm_m3": "M = 3",
     "t5_gmm_m5": "M = 5",
     "t5_gmm_m7": "M = 7",
+    # configs/stereo_rows/ (issue #12, docs/stereo.md)
+    "stem_only": "2-channel stem only (the paper)",
+    "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
+    "stereo_position_stem": "stereo position + 2-channel stem",
 }
 
 
@@ -67,13 +83,19 @@ def _flatten(node, prefix=""):
     return out
 
 
-def row_switches(row):
-    """The overrides a row applies: Base-Ablation's switches, then the row file's."""
+def row_switches(row, rows_dir=ABLATIONS):
+    """The overrides a row applies: Base-Ablation's switches (when ``rows_dir`` has that file), then
+    the row file's."""
     switches = []
-    for name in ("Base-Ablation", row):
-        path = os.path.join(ABLATIONS, f"{name}.yaml")
+    names = [row]
+    if os.path.isfile(os.path.join(rows_dir, "Base-Ablation.yaml")):
+        names.insert(0, "Base-Ablation")
+    elif os.path.abspath(rows_dir) == os.path.abspath(ABLATIONS):
+        raise FileNotFoundError(f"{os.path.join(rows_dir, 'Base-Ablation.yaml')} does not exist")
+    for name in names:
+        path = os.path.join(rows_dir, f"{name}.yaml")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"ablation row {row!r}: {path} does not exist (rows: {sorted(all_rows())})")
+            raise FileNotFoundError(f"ablation row {row!r}: {path} does not exist (rows: {sorted(all_rows(rows_dir))})")
         with open(path) as f:
             node = yaml.safe_load(f) or {}
         node.pop("_BASE_", None)
@@ -82,8 +104,8 @@ def row_switches(row):
     return switches
 
 
-def all_rows():
-    return sorted(f[:-5] for f in os.listdir(ABLATIONS) if f.endswith(".yaml") and f != "Base-Ablation.yaml")
+def all_rows(rows_dir=ABLATIONS):
+    return sorted(f[:-5] for f in os.listdir(rows_dir) if f.endswith(".yaml") and f != "Base-Ablation.yaml")
 
 
 def split_names(cfg, val=None, test=None):
@@ -129,16 +151,24 @@ def _run(cmd, log_path, env):
 
 
 class Job:
-    """One (row, seed): train, then evaluate with the audio muted; result.json at the end."""
+    """One (row, seed): train, evaluate with the audio muted, run the extra evaluation (if any);
+    result.json at the end. ``cached``: a finished run's result.json that only lacks the extra
+    evaluation's summary (only that stage runs)."""
 
-    def __init__(self, args, row, seed, opts, out_dir, datasets, digest, config_text, threads):
+    def __init__(self, args, row, seed, opts, out_dir, datasets, digest, config_text, threads, cached=None):
         self.row, self.seed, self.out_dir = row, seed, out_dir
         self.datasets, self.digest, self.config_text = datasets, digest, config_text
+        self.config_file = args.config_file
         self.base = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", args.config_file]
         self.opts = opts
+        self.extra_eval = args.extra_eval
+        self.threads = threads
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.log = os.path.join(out_dir, "log.txt")
         self.stage, self.proc = 0, None
+        self.cached = cached
+        if cached is not None:
+            self.stage, self.train_seconds = 2, cached.get("train_seconds")
 
     def _train_cmd(self):
         val, test = self.datasets
@@ -155,6 +185,12 @@ class Job:
             "MODEL.WEIGHTS", os.path.join(self.out_dir, "model_final.pth"), "DATASETS.TEST", f'("{test}",)',
             "INPUT.AUDIO.MUTE", "True",
         ]
+
+    def _extra_cmd(self):
+        _, test = self.datasets
+        return [sys.executable, _extra_script(self.extra_eval), "--output", os.path.join(self.out_dir, "extra_eval.json"),
+                "--threads", str(self.threads), "--dataset", test, self.config_file,
+                os.path.join(self.out_dir, "model_final.pth")] + self.opts + ["OUTPUT_DIR", self.out_dir, "SEED", str(self.seed)]
 
     def step(self):
         """Advance; returns True when finished."""
@@ -175,22 +211,42 @@ class Job:
             self.train_seconds = time.time() - self.started
             self.proc = _run(self._mute_cmd(), self.log, self.env)
             return False
+        if self.stage == 2 and self.extra_eval:
+            self.proc = _run(self._extra_cmd(), self.log, self.env)
+            return False
         val, test = self.datasets
-        result = {
-            "row": self.row, "seed": self.seed, "config_digest": self.digest,
-            "val": _read_eval(self.out_dir, val), "test": _read_eval(self.out_dir, test),
-            "test_muted": _read_eval(os.path.join(self.out_dir, "muted"), test),
-            "sts": _final_sts(self.out_dir), "train_seconds": round(self.train_seconds, 1),
-        }
+        if self.cached is not None:
+            result = dict(self.cached)
+        else:
+            result = {
+                "row": self.row, "seed": self.seed, "config_digest": self.digest,
+                "val": _read_eval(self.out_dir, val), "test": _read_eval(self.out_dir, test),
+                "test_muted": _read_eval(os.path.join(self.out_dir, "muted"), test),
+                "sts": _final_sts(self.out_dir), "train_seconds": round(self.train_seconds, 1),
+            }
+        if self.extra_eval:
+            with open(os.path.join(self.out_dir, "extra_eval.json")) as f:
+                result["extra"] = json.load(f)["summary"]
+            result["extra_eval"] = _extra_name(self.extra_eval)
         with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
             f.write(self.config_text)
         tmp = os.path.join(self.out_dir, "result.json.tmp")
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, os.path.join(self.out_dir, "result.json"))
+        seconds = "cached" if self.cached is not None else f"{self.train_seconds:.0f}s"
         print(f"[ablation] {self.row} seed {self.seed}: test mIoU {result['test']['mIoU']:.2f}, "
-              f"val mIoU {result['val']['mIoU']:.2f}, STS {result['sts']}, {self.train_seconds:.0f}s", flush=True)
+              f"val mIoU {result['val']['mIoU']:.2f}, STS {result['sts']}, {seconds}", flush=True)
         return True
+
+
+def _extra_script(path):
+    return path if os.path.isabs(path) else os.path.join(REPO, path)
+
+
+def _extra_name(path):
+    """How a result names its extra evaluation (repo-relative script path)."""
+    return os.path.relpath(os.path.abspath(_extra_script(path)), REPO)
 
 
 def _cached(path, digest):
@@ -215,9 +271,23 @@ def _mean_std(values):
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def format_table(rows, results, seeds):
-    """Markdown table of mean ± std per row (``results[row]`` = list of result dicts)."""
-    head = ["row", "seeds", "val mIoU", "test mIoU", "test F-β", "STS ↓ (end)", "test mIoU, audio muted"]
+def extra_columns(results, wanted=None):
+    """Numeric keys of the runs' extra summaries (``wanted``: those, in that order)."""
+    if wanted:
+        return list(wanted)
+    keys = []
+    for res in results.values():
+        for r in res:
+            for k, v in r.get("extra", {}).items():
+                if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    keys.append(k)
+    return keys
+
+
+def format_table(rows, results, seeds, extra=()):
+    """Markdown table of mean ± std per row (``results[row]`` = list of result dicts); ``extra``:
+    keys of the runs' extra-evaluation summaries shown as more columns."""
+    head = ["row", "seeds", "val mIoU", "test mIoU", "test F-β", "STS ↓ (end)", "test mIoU, audio muted"] + list(extra)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         res = results.get(row, [])
@@ -229,7 +299,7 @@ def format_table(rows, results, seeds):
             _mean_std([r["test"]["Fbeta"] for r in res]),
             _mean_std([r["sts"] for r in res]),
             _mean_std([r["test_muted"]["mIoU"] for r in res]),
-        ]
+        ] + [_mean_std([r.get("extra", {}).get(k) for r in res]) for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -237,7 +307,15 @@ def format_table(rows, results, seeds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="the setting to ablate (e.g. a CPM config)")
-    parser.add_argument("--rows", nargs="+", default=TABLE4 + TABLE5, help=f"rows of configs/ablations/ ({', '.join(all_rows())})")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help=f"rows of --rows-dir (default: Table 4 + 5 of configs/ablations/: {', '.join(all_rows())}; "
+                             "every row of another --rows-dir)")
+    parser.add_argument("--rows-dir", default=ABLATIONS, help="folder of the row files (default configs/ablations)")
+    parser.add_argument("--extra-eval", default=None,
+                        help="script run on every finished run: SCRIPT --output JSON --threads N --dataset TEST CONFIG WEIGHTS "
+                             "[KEY VALUE ...]; its JSON's 'summary' is cached and tabulated")
+    parser.add_argument("--extra-columns", nargs="+", default=None,
+                        help="keys of the extra summary to tabulate (default: every number in it)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--output", default=None, help="cache folder (default output/ablation/<config name>)")
     parser.add_argument("--val", default=None, help="validation dataset (default: <train name>_val)")
@@ -248,6 +326,11 @@ def main(argv=None):
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
     args = parser.parse_args(argv)
+    if args.rows is None:
+        same = os.path.abspath(args.rows_dir) == os.path.abspath(ABLATIONS)
+        args.rows = TABLE4 + TABLE5 if same else all_rows(args.rows_dir)
+    if args.extra_eval and not os.path.isfile(_extra_script(args.extra_eval)):
+        parser.error(f"--extra-eval {args.extra_eval}: no such file")
     os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
     import cpm_d2  # noqa: F401  (registers the datasets)
 
@@ -256,7 +339,7 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     plan, keys, where = [], {}, {}
     for row in args.rows:
-        opts = list(args.opts) + row_switches(row)
+        opts = list(args.opts) + row_switches(row, args.rows_dir)
         cfg = _effective_config(args.config_file, opts)
         datasets = split_names(cfg, args.val, args.test)
         digest, text = _digest(cfg)
@@ -264,8 +347,13 @@ def main(argv=None):
         where[row] = (digest, key)
         for seed in args.seeds:
             out_dir = os.path.join(output, key, f"seed{seed}")
-            if key == row and not args.print_only and _cached(os.path.join(out_dir, "result.json"), digest) is None:
+            if key != row or args.print_only:
+                continue
+            cached = _cached(os.path.join(out_dir, "result.json"), digest)
+            if cached is None:
                 plan.append(Job(args, row, seed, opts, out_dir, datasets, digest, text, threads))
+            elif args.extra_eval and cached.get("extra_eval") != _extra_name(args.extra_eval):
+                plan.append(Job(args, row, seed, opts, out_dir, datasets, digest, text, threads, cached=cached))
     if plan:
         print(f"[ablation] {len(plan)} run(s) to do, {args.jobs} at a time, {threads} thread(s) each; cache: {output}",
               flush=True)
@@ -283,7 +371,7 @@ def main(argv=None):
     for row, (digest, key) in where.items():
         found = [_cached(os.path.join(output, key, f"seed{seed}", "result.json"), digest) for seed in args.seeds]
         results[row] = [r for r in found if r is not None]
-    table = format_table(args.rows, results, args.seeds)
+    table = format_table(args.rows, results, args.seeds, extra_columns(results, args.extra_columns))
     print(f"\n{args.config_file} {' '.join(args.opts)} (seeds {args.seeds}; dataset protocol, %)\n")
     print(table)
     if args.markdown:

@@ -65,6 +65,8 @@ def get_parser():
     p.add_argument("--sweep-memory-steps", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stereo-position", action="store_true",
+                   help="only time MODEL.AUDIO.STEREO_POSITION off vs on, on a stereo --config (docs/stereo.md)")
     p.add_argument("--output", default="", help="write the results here (JSON)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return p
@@ -75,10 +77,34 @@ def main(argv=None):
     if args.device == "cpu":
         # Kineto (torch.profiler) logs a spurious "gpuGetDeviceCount failed" ERROR on CPU-only runs
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.stereo_position:
+        return _stereo_position(args, command.strip())
     from cpm_d2.benchmark.suite import run
 
-    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     return run(args, command=command.strip())
+
+
+def _stereo_position(args, command):
+    import json
+
+    import torch
+
+    from cpm_d2.benchmark.models import load_cfg
+    from cpm_d2.benchmark.report import machine_info, relpath
+    from cpm_d2.benchmark.stereo import stereo_position_cost
+
+    threads = args.threads or (1 if args.device == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    cfg = load_cfg(args.config, args.opts)
+    res = {"command": command, "config": relpath(args.config), "device": args.device,
+           "machine": machine_info(args.device), "threads": threads}
+    res["stereo_position"] = stereo_position_cost(cfg, args.iters, args.warmup, args.repeats, args.device, args.seed)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ Output (the model's input contract): every key of the dataset dict (cpm_d2/data/
   ``Ca x T x F`` magnitude of an off-screen noise window
   (:mod:`cpm_d2.data.offscreen_noise`); ``noise_clip_id`` names its source;
 * ``audio_labels``: float32 ``(C,)`` multi-hot of the non-background classes present in the
-  (augmented) ``sem_seg``; index 0 is always 0.
+  (augmented) ``sem_seg``; index 0 is always 0;
+* ``audio_frame_span`` (stereo audio only): float32 ``(2,)``, where the left and right edges of
+  the audio's frame land in the output image, as fractions of its width: the original frame's
+  edges moved by the resize / crop, mirrored by a flip (which also swaps the channels, so the
+  audio's left is still the span's first entry). ``(0, 1)`` when the image is the whole frame.
+  A source panned to x (0 = left, 1 = right channel only) is at image fraction
+  ``span[0] + x * (span[1] - span[0])`` (MODEL.AUDIO.STEREO_POSITION uses it).
 
 ``INPUT.AUDIO.MUTE`` (ablation): the frame's audio window is replaced by silence (zeros) before
 the spectrogram, so ``audio`` is 0 everywhere (the wav is still read, so a bad file still
@@ -29,6 +35,10 @@ absolute size) or ``"fixed"`` (``INPUT.FIXED_SIZE``); then a random flip per
 so the left source becomes the right one). Test: ``INPUT.TEST_RESIZE_MODE`` ``"short_edge"`` or
 ``"fixed"``.
 
+With ``MODEL.AUDIO.STEREO_POSITION.ENABLED`` the audio must be stereo: a config with
+``INPUT.AUDIO.CHANNELS`` 1, or a clip whose wav file has one channel (which the front end would
+otherwise duplicate into two identical channels, a source always in the middle), is an error.
+
 With ``INPUT.SIZE_DIVISIBILITY`` > 0, training images (value 0) and label maps (ignore value)
 are padded on the bottom/right to a multiple of it (Mask2Former's semantic mapper).
 
@@ -36,6 +46,7 @@ Randomness: detectron2 augmentations use ``np.random`` (seeded per worker by det
 noise sampler has its own seeded generator (see :mod:`cpm_d2.data.offscreen_noise`).
 """
 import copy
+import functools
 import logging
 import math
 import os
@@ -77,6 +88,29 @@ def instances_from_sem_seg(sem_seg, ignore_label=255):
 logger = logging.getLogger(__name__)
 
 # Keys of a dataset dict the mapper reads (``clip_id`` only for noise and messages).
+
+
+def _mono_message(what):
+    return (f"{what}, but MODEL.AUDIO.STEREO_POSITION.ENABLED needs stereo audio (INPUT.AUDIO.CHANNELS 2, "
+            "MODEL.AUDIO.IN_CHANNELS 2, 2-channel wav files): a mono track would give every source the centre; "
+            "use stereo data or set MODEL.AUDIO.STEREO_POSITION.ENABLED False")
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_channels(path):
+    """Channels of an audio file, from its header (cached per absolute path)."""
+    import soundfile as sf
+
+    return int(sf.info(path).channels)
+
+
+def frame_span(transforms, frame_width, out_width):
+    """float32 (2,): the x fractions of ``out_width`` where the frame's left and right edges land after
+    ``transforms`` (resize, crop, flip; a flip mirrors them, and the mapper swaps the channels with it,
+    so the smaller one is always the audio's left edge)."""
+    xs = transforms.apply_coords(np.array([[0.0, 0.0], [float(frame_width), 0.0]]))[:, 0]
+    lo, hi = float(min(xs)), float(max(xs))
+    return torch.tensor([lo / out_width, hi / out_width], dtype=torch.float32)
 
 
 class RandomResizedCrop(T.Augmentation):
@@ -173,6 +207,7 @@ class AVSDatasetMapper:
         window_seconds=None,
         mute=False,
         size_divisibility=-1,
+        require_stereo=False,
     ):
         """
         Args:
@@ -187,6 +222,7 @@ class AVSDatasetMapper:
                 ``audio_duration`` must equal it (all items of a batch share one audio shape).
             mute: replace the frame's audio window by silence (``INPUT.AUDIO.MUTE``).
             size_divisibility: > 0: pad training images / label maps to a multiple of it.
+            require_stereo: every clip's wav must have >= 2 channels (MODEL.AUDIO.STEREO_POSITION).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -198,6 +234,9 @@ class AVSDatasetMapper:
         self.window_seconds = None if window_seconds is None else float(window_seconds)
         self.mute = bool(mute)
         self.size_divisibility = int(size_divisibility) if is_train else -1
+        self.require_stereo = bool(require_stereo)
+        if self.require_stereo and audio_front_end.config.channels != 2:
+            raise ValueError(_mono_message(f"INPUT.AUDIO.CHANNELS = {audio_front_end.config.channels}"))
         noise = type(self.noise_sampler).__name__ if self.noise_sampler is not None else None
         logger.info(f"[AVSDatasetMapper] is_train={is_train}, augmentations: {self.augmentations}, "
                     f"off-screen noise: {noise}")
@@ -217,6 +256,7 @@ class AVSDatasetMapper:
             "window_seconds": cfg.INPUT.AUDIO.WINDOW_SECONDS,
             "mute": cfg.INPUT.AUDIO.MUTE,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "require_stereo": bool(cfg.MODEL.AUDIO.STEREO_POSITION.ENABLED),
         }
 
     # ------------------------------------------------------------------ pieces
@@ -327,6 +367,8 @@ class AVSDatasetMapper:
         if flipped and magnitude.shape[0] == 2:
             magnitude = magnitude.flip(0)  # a mirrored scene: the left source is now on the right
         out["audio"] = magnitude
+        if magnitude.shape[0] == 2:
+            out["audio_frame_span"] = frame_span(transforms, width, image.shape[1])
         return out
 
     # ------------------------------------------------------------------ call
@@ -342,6 +384,8 @@ class AVSDatasetMapper:
                 f"INPUT.AUDIO.WINDOW_SECONDS is {self.window_seconds} s (VPO uses 3.0, AVSBench 1.0)"
             )
         wave = self.front_end.load_window(d["audio_file_name"], float(d["audio_start"]), duration)
+        if self.require_stereo and _file_channels(os.path.abspath(d["audio_file_name"])) < 2:
+            raise ValueError(_mono_message(f"clip {d.get('clip_id')}: its audio file {d['audio_file_name']} is mono"))
 
         inputs = self.inference_input(image, wave, sem_seg=sem_seg)
         sem_seg = torch.as_tensor(np.ascontiguousarray(inputs.pop("sem_seg")).astype(np.int64))

@@ -250,6 +250,7 @@ class AVSPredictor:
         self._to_channels = _to_channels
         self.sample_rate = int(cfg.INPUT.AUDIO.SAMPLE_RATE)
         self.channels = int(cfg.INPUT.AUDIO.CHANNELS)
+        self.require_stereo = bool(cfg.MODEL.AUDIO.STEREO_POSITION.ENABLED)
         self.window_samples = int(round(float(cfg.INPUT.AUDIO.WINDOW_SECONDS) * self.sample_rate))
 
     # ------------------------------------------------------------------ audio
@@ -260,7 +261,12 @@ class AVSPredictor:
         """
         import torchaudio
 
-        wave = self._to_channels(_as_wave(waveform), self.channels, source)
+        wave = _as_wave(waveform)
+        if getattr(self, "require_stereo", False) and wave.shape[0] < 2:
+            raise ValueError(f"AVSPredictor: {source} is mono, but MODEL.AUDIO.STEREO_POSITION.ENABLED needs a stereo "
+                             "track (a mono one would put every source in the middle); use a 2-channel track or a "
+                             "config with MODEL.AUDIO.STEREO_POSITION.ENABLED False")
+        wave = self._to_channels(wave, self.channels, source)
         if int(sample_rate) <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         if int(sample_rate) != self.sample_rate:

@@ -14,6 +14,11 @@ dice at every prediction) and, with MODEL.CPM.ENABLED, CPM's prompt pass (§3.2)
     decode       the same visual features, the (mixed) audio, queries = the prompts
     losses       CPMLoss (ACP, VCP, PCL; modeling/cpm/), from those tensors
 
+With MODEL.AUDIO.STEREO_POSITION.ENABLED (issue #12, transformer_decoder/stereo_position.py) the
+audio dict also carries the inter-channel level-difference cues of the clean (or, in ACP's pass,
+mixed) magnitudes and where each image's audio frame lies on the padded canvas; the decoder turns
+them into a per-query column prior on the masks.
+
 Inference is the class-agnostic path either way, so CPM costs nothing at test time. With
 MODEL.CPM.ENABLED False the model is the plain audio-visual Mask2Former (the baseline) and the
 CPM package is not imported.
@@ -23,6 +28,8 @@ Pieces (separate methods, reused by tools and tests):
     preprocess_audio(batched_inputs, key="audio") -> (B, Ca, T, F) magnitudes; log_spectrogram(mag)
     encode_visual(images (B, 3, H, W)) -> (mask_features u~_v, multi_scale_features [3])
     encode_audio(log-magnitude (B, Ca, T, F)) -> dict(tokens, tokens_pos, dense u~_a, feature_map u_a)
+    audio_features(magnitudes (B, Ca, T, F), stereo_frame=None) -> encode_audio of the log (+ stereo cues)
+    stereo_frame(batched_inputs, images) -> (B, 2) where each image's audio frame lies on the canvas
     decode(visual, audio, queries=None, query_pos=None, query_padding_mask=None, audio_masks=False)
     prepare_targets(batched_inputs, images) -> [{"labels", "masks", "sem_seg"}] (padded)
     class_agnostic_losses(outputs, targets) -> (weighted losses, final-layer indices, num_masks)
@@ -48,6 +55,7 @@ from ..backbone import build_audio_backbone
 from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
 from ..pixel_decoder import AudioPixelDecoder, build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
+from ..transformer_decoder.stereo_position import check_stereo_config, frame_on_canvas, stereo_cues
 
 __all__ = ["CPM"]
 
@@ -94,6 +102,8 @@ class CPM(nn.Module):
         semantic_inference: str = "argmax_query",
         observe_all_layers: bool = False,
         cpm_loss: Optional[nn.Module] = None,
+        stereo_position: bool = False,
+        stereo_backbone_input: str = "mid",
     ):
         super().__init__()
         if semantic_inference not in SEMANTIC_INFERENCE:
@@ -117,6 +127,15 @@ class CPM(nn.Module):
         self.observe_all_layers = bool(observe_all_layers)
         # CPM's prompting losses (training only), None = the class-agnostic baseline.
         self.cpm_loss = cpm_loss
+        # MODEL.AUDIO.STEREO_POSITION: stereo cues for the decoder; "mid": the backbone sees the channel mean
+        self.stereo_position = bool(stereo_position)
+        self.stereo_backbone_input = stereo_backbone_input
+        if self.stereo_position and audio_channels != 2:
+            raise ValueError(f"cpm.py: MODEL.AUDIO.STEREO_POSITION.ENABLED needs stereo audio, but "
+                             f"MODEL.AUDIO.IN_CHANNELS = {audio_channels}; set it and INPUT.AUDIO.CHANNELS to 2")
+        if self.stereo_position and getattr(self.transformer_decoder, "stereo_position", None) is None:
+            raise ValueError("cpm.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the transformer decoder "
+                             f"{type(self.transformer_decoder).__name__} has no stereo_position module")
         if cpm_loss is not None and not getattr(self.class_predictor, "can_sample", False):
             raise ValueError(
                 "cpm.py: MODEL.CPM.ENABLED needs a class predictor that samples prompts "
@@ -172,6 +191,8 @@ class CPM(nn.Module):
             "semantic_inference": mf.TEST.SEMANTIC_INFERENCE,
             "observe_all_layers": cfg.MODEL.CPM.GMM.OBSERVE_LAYERS == "all",
             "cpm_loss": cpm_loss,
+            "stereo_position": check_stereo_config(cfg),
+            "stereo_backbone_input": cfg.MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT,
         }
 
     @property
@@ -241,6 +262,35 @@ class CPM(nn.Module):
     def log_spectrogram(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The audio backbone's input: log(magnitude + MODEL.AUDIO.LOG_OFFSET), same shape."""
         return torch.log(magnitude + self.audio_log_offset)
+
+    def stereo_frame(self, batched_inputs: List[dict], images: ImageList) -> torch.Tensor:
+        """(B, 2): (left edge, width) of each image's audio frame as fractions of the padded canvas,
+        from the mapper's "audio_frame_span" ((0, 1) when absent: the image is the whole frame)."""
+        spans = []
+        for x in batched_inputs:
+            span = x.get("audio_frame_span")
+            span = torch.as_tensor([0.0, 1.0] if span is None else span, dtype=torch.float32)
+            if span.shape != (2,) or not torch.isfinite(span).all() or not span[1] > span[0]:
+                raise ValueError(f"cpm.py: input {_where(x)}: 'audio_frame_span' must be 2 increasing finite "
+                                 f"fractions, got {span.tolist()}")
+            spans.append(span)
+        return frame_on_canvas(torch.stack(spans).to(self.device), images.image_sizes, images.tensor.shape[-1])
+
+    def audio_features(self, magnitudes: torch.Tensor, stereo_frame: Optional[torch.Tensor] = None
+                       ) -> Dict[str, torch.Tensor]:
+        """Linear magnitudes (B, Ca, T, F) -> encode_audio(log) and, with the stereo position, the
+        cues "stereo_x", "stereo_log_energy" (B, T', F') on the dense map's grid and "stereo_frame"
+        (B, 2) (``stereo_frame``; None: every image is the whole, unpadded frame)."""
+        if not self.stereo_position:
+            return self.encode_audio(self.log_spectrogram(magnitudes))
+        backbone_input = magnitudes
+        if self.stereo_backbone_input == "mid":  # semantics from the channel mean only
+            backbone_input = magnitudes.mean(1, keepdim=True).expand_as(magnitudes)
+        audio = self.encode_audio(self.log_spectrogram(backbone_input))
+        audio.update(stereo_cues(magnitudes, audio["dense"].shape[-2:]))
+        if stereo_frame is not None:
+            audio["stereo_frame"] = stereo_frame
+        return audio
 
     # ------------------------------------------------------------------------------ encoders / decoder
     # record_function labels name the pieces for torch.profiler (tools/benchmark.py reads them)
@@ -380,7 +430,7 @@ class CPM(nn.Module):
         if self.cpm_loss.acp_enabled:
             noise = self.noise_magnitudes(batched_inputs, magnitudes)
             with frozen_norm_statistics(self.audio_backbone, self.audio_pixel_decoder), record_function("cpm.acp_mixture"):
-                audio = self.encode_audio(self.log_spectrogram(magnitudes + noise))
+                audio = self.audio_features(magnitudes + noise, audio.get("stereo_frame"))
         outputs = self.decode(visual, audio, queries=prompts, query_padding_mask=~valid,
                               audio_masks=self.cpm_loss.needs_audio_masks)
         if not self.deep_supervision:
@@ -393,7 +443,8 @@ class CPM(nn.Module):
         images = self.preprocess_image(batched_inputs)
         magnitudes = self.preprocess_audio(batched_inputs)
         visual = self.encode_visual(images.tensor)
-        audio = self.encode_audio(self.log_spectrogram(magnitudes))
+        frame = self.stereo_frame(batched_inputs, images) if self.stereo_position else None
+        audio = self.audio_features(magnitudes, frame)
         outputs = self.decode(visual, audio)
 
         if self.training:

@@ -10,6 +10,16 @@ After every layer the shared heads predict, from q̃ = LayerNorm(q):
 The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
 gives the attention mask of the first visual layer and the "audio_pred_logits" (coverage score).
 
+With MODEL.AUDIO.STEREO_POSITION.ENABLED (stereo_position.py) every audio-decoder prediction (the
+raw queries' one when AUDIO_DEC_LAYERS = 0) also estimates where the query's sound is, from the
+inter-channel level difference of the bins its audio mask selects, x̂ (B, Q) ("pred_stereo_x"),
+and adds a prior over image columns to its mask logits:
+    mask logits   = <mask_embed(q̃), ũ_v> - g(q̃) ((u - x̂) / σ)^2      (B, Q, H/4, W/4)
+The visual decoder does not hear the audio again, so the last audio prediction's prior is added
+to every visual prediction's mask logits as it is; every attention mask, derived from those
+logits, carries it too. Switched off, nothing of it is built or computed (the paper's model,
+parameter for parameter).
+
 Layer count, as in Mask2Former: MODEL.MASK_FORMER.DEC_LAYERS counts the predictions of the
 visual decoder including the one made before its first layer, so DEC_LAYERS - 1 masked-attention
 layers are built (Mask2Former's 10 -> 9). Here that first prediction is the audio decoder's last.
@@ -27,6 +37,7 @@ import fvcore.nn.weight_init as weight_init
 from ..class_predictor import build_class_predictor
 from .position_encoding import PositionEmbeddingSine
 from .registry import TRANSFORMER_DECODER_REGISTRY
+from .stereo_position import StereoPositionPrior, check_stereo_config
 
 __all__ = ["AudioVisualTransformerDecoder", "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP"]
 
@@ -111,7 +122,8 @@ class AudioVisualTransformerDecoder(nn.Module):
     @configurable
     def __init__(self, in_channels: int, *, class_predictor: nn.Module, hidden_dim: int, num_queries: int,
                  nheads: int, dim_feedforward: int, dec_layers: int, audio_dec_layers: int, pre_norm: bool,
-                 mask_dim: int, audio_mask_dim: int, enforce_input_project: bool, dropout: float = 0.0):
+                 mask_dim: int, audio_mask_dim: int, enforce_input_project: bool, dropout: float = 0.0,
+                 stereo_position: bool = False, stereo_width: float = 0.1, stereo_init_gain: float = 0.5):
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"audio_visual_decoder.py: MODEL.MASK_FORMER.DEC_LAYERS must be >= 2 (one "
@@ -153,6 +165,10 @@ class AudioVisualTransformerDecoder(nn.Module):
             for p in layers.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+        # Last, and drawing no random numbers: every other weight of a seeded model is the same with
+        # the switch on or off. None when off (no parameters, no state-dict keys, no computation).
+        self.stereo_position = (StereoPositionPrior(hidden_dim, stereo_width, stereo_init_gain)
+                                if stereo_position else None)
 
     @classmethod
     def from_config(cls, cfg, in_channels):
@@ -171,6 +187,9 @@ class AudioVisualTransformerDecoder(nn.Module):
             "audio_mask_dim": cfg.MODEL.AUDIO.PIXEL_DECODER_DIM,
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
             "dropout": mf.DROPOUT,
+            "stereo_position": check_stereo_config(cfg),
+            "stereo_width": cfg.MODEL.AUDIO.STEREO_POSITION.WIDTH,
+            "stereo_init_gain": cfg.MODEL.AUDIO.STEREO_POSITION.INIT_GAIN,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -198,19 +217,32 @@ class AudioVisualTransformerDecoder(nn.Module):
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
         return queries, query_pos, query_padding_mask
 
-    def _predict(self, output, mask_features, audio_dense, attn_size):
+    def _predict(self, output, mask_features, audio, audio_masks, attn_size, stereo=None, prior=None):
+        """One prediction -> (pred dict, attention mask for the next layer, stereo prior or None).
+        ``stereo``: the stereo prior's per-forward constants; ``prior``: (bias, x̂) to reuse (visual
+        layers) instead of estimating it from this prediction's audio mask (audio layers)."""
         emb = self.decoder_norm(output)
         logits = self.class_predictor(emb)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
+        estimate = self.stereo_position is not None and prior is None
+        audio_logits = None
+        if audio_masks or estimate:
+            audio_logits = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio["dense"])
+        if estimate:
+            prior = self.stereo_position(emb, audio_logits, audio, masks.shape[-1], stereo)
+        if prior is not None:
+            masks = masks + prior[0]  # (B, Q, 1, W) over the columns: the stereo prior
         with torch.no_grad():
             attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
             attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
             attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
             attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
         pred = {"pred_logits": logits, "pred_masks": masks, "query_embeddings": emb}
-        if audio_dense is not None:
-            pred["pred_audio_masks"] = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio_dense)
-        return pred, attn
+        if audio_masks:
+            pred["pred_audio_masks"] = audio_logits
+        if prior is not None:
+            pred["pred_stereo_x"] = prior[1]
+        return pred, attn, prior
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
                 queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
@@ -219,12 +251,15 @@ class AudioVisualTransformerDecoder(nn.Module):
         Args:
             x: 3 visual maps (B, in_channels, h_l, w_l), coarsest first.
             mask_features: ũ_v (B, MASK_DIM, H/4, W/4).
-            audio: dict with "tokens" (B, L, D), "tokens_pos" (B, L, D), "dense" ũ_a (B, D_a, T', F').
+            audio: dict with "tokens" (B, L, D), "tokens_pos" (B, L, D), "dense" ũ_a (B, D_a, T', F');
+                with the stereo position on also "stereo_x", "stereo_log_energy" (B, T', F')
+                (stereo_position.stereo_cues) and optionally "stereo_frame" (B, 2).
             queries / query_pos: (B, Q, D) custom queries (None: the N learnable ones); query_pos
                 None with custom queries means no positional embedding.
             query_padding_mask: (B, Q) bool, True = padding (ignored as a self-attention key).
             audio_masks: also predict audio masks "pred_audio_masks" (B, Q, T', F') at every layer.
-        Returns: dict pred_logits, pred_masks, query_embeddings (final layer) [, pred_audio_masks],
+        Returns: dict pred_logits, pred_masks, query_embeddings (final layer) [, pred_audio_masks]
+            [, pred_stereo_x (B, Q): the stereo position's x̂, when on],
             audio_pred_logits, aux_outputs (list of per-layer dicts with the same keys), and
             query_padding_mask when given.
         """
@@ -238,17 +273,22 @@ class AudioVisualTransformerDecoder(nn.Module):
             srcs.append(self.input_proj[i](x[i]).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
         output, qpos, pad = self._initial_queries(b, queries, query_pos, query_padding_mask)
         tokens, tokens_pos = audio["tokens"], audio.get("tokens_pos")
-        audio_dense = audio["dense"] if audio_masks else None
+        if self.stereo_position is not None and ("stereo_x" not in audio or "stereo_log_energy" not in audio):
+            raise ValueError("audio_visual_decoder.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has no "
+                             "'stereo_x' / 'stereo_log_energy' (add stereo_position.stereo_cues(magnitudes, grid); "
+                             "CPM.audio_features does)")
+        # per-forward constants of the stereo prior (cues flattened, column grid)
+        stereo = self.stereo_position.prepare(audio, mask_features.shape[-1]) if self.stereo_position is not None else None
 
         predictions = []
         if self.num_audio_layers == 0:
-            pred, attn_mask = self._predict(output, mask_features, audio_dense, sizes[0])
+            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
             predictions.append(pred)
         for j in range(self.num_audio_layers):
             output = self.audio_cross_attention[j](output, tokens, pos=tokens_pos, query_pos=qpos)
             output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos)
             output = self.audio_ffn[j](output)
-            pred, attn_mask = self._predict(output, mask_features, audio_dense, sizes[0])
+            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
             predictions.append(pred)
         audio_pred_logits = predictions[-1]["pred_logits"]
 
@@ -257,8 +297,9 @@ class AudioVisualTransformerDecoder(nn.Module):
             output = self.cross_attention[i](output, srcs[lvl], memory_mask=attn_mask, pos=poss[lvl], query_pos=qpos)
             output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos)
             output = self.ffn[i](output)
-            pred, attn_mask = self._predict(output, mask_features, audio_dense,
-                                            sizes[(i + 1) % self.num_feature_levels])
+            # the visual layers reuse the last audio prediction's stereo prior (they do not hear the audio)
+            pred, attn_mask, _ = self._predict(output, mask_features, audio, audio_masks,
+                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior)
             predictions.append(pred)
 
         out = dict(predictions[-1])
