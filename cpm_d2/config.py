@@ -234,5 +234,7 @@ def add_cpm_config(cfg):
     # Logits given to the CE loss: "per_dim" = log p(q|c) / D (a tempered posterior with the same
     # argmax; keeps CE finite in D = 256), "sqrt_dim" = log p(q|c) / sqrt(D), "learned" = log p(q|c) / T
     # with T learned (from sqrt(D)), "none" = log p(q|c) exactly as eq. 1. Inference always uses eq. 1.
-    g.LOGIT_NORM = "per_dim"
+    # Chosen on the hard synthetic preset's val split (CCDM alone, one seed): per_dim 23.3,
+    # sqrt_dim 32.0, learned 24.5 val mIoU.
+    g.LOGIT_NORM = "sqrt_dim"
     return cfg

@@ -236,11 +236,17 @@ def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
         pairs = [(torch.arange(3), torch.arange(3)), (torch.arange(1), torch.arange(1))]
         raw = model.criterion(out, tg, indices=pairs, num_masks=6.0)
         per_prompt = model.criterion(out, tg, indices=pairs, num_masks=4.0)
+        # the CE is over the C classes only (no-object logit left out), a plain mean over the 4 prompts
+        rows = [out["pred_logits"][0, 0], out["pred_logits"][0, 1], out["pred_logits"][0, 2], out["pred_logits"][1, 0]]
+        ce = -sum(torch.log_softmax(r[:-1], -1)[c] for r, c in zip(rows, (1, 2, 3, 4))) / 4
+    assert ref["loss_vcp_ce"].item() == pytest.approx(model.weight_dict["loss_ce"] * ce.item(), rel=1e-5)
     for k, v in raw.items():
+        if "ce" in k:
+            continue
         expected = v * model.weight_dict[k]
         assert torch.allclose(ref["loss_vcp_" + k[5:]], expected, rtol=1e-5, atol=1e-6), k
-        if "ce" not in k:  # normalised by 4 prompts the mask terms would be 1.5x larger
-            assert per_prompt[k].item() == pytest.approx(1.5 * v.item(), rel=1e-5), k
+        # normalised by 4 prompts the mask terms would be 1.5x larger
+        assert per_prompt[k].item() == pytest.approx(1.5 * v.item(), rel=1e-5), k
 
 
 def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):

@@ -45,8 +45,8 @@ class GMMClassPredictor(ClassPredictor):
     """Generative class predictor: one M-component Gaussian mixture per class (C + 1 mixtures).
 
     forward(embeddings (..., D)) -> logits (..., C+1) with, in training mode,
-        logits = log p(q~ | c) / D   (``logit_norm="per_dim"``, the default), or
-        logits = log p(q~ | c)       (``logit_norm="none"``),
+        logits = log p(q~ | c) / sqrt(D)  (``logit_norm="sqrt_dim"``, the default), / D (``"per_dim"``),
+        / a learned temperature (``"learned"``), or exactly log p(q~ | c) (``"none"``),
     and in eval mode always logits = log p(q~ | c): inference uses eq. 1's posterior exactly.
 
     With ``"none"`` softmax(logits) is exactly eq. 1's posterior (uniform prior). In D = 256 these
@@ -108,7 +108,7 @@ class GMMClassPredictor(ClassPredictor):
         em_iters: int = 3,
         momentum: float = 0.9,
         eps: float = 1e-4,
-        logit_norm: str = "per_dim",
+        logit_norm: str = "sqrt_dim",
         init_std: float = 1.0,
         seed: int = 0,
         max_age: int = 0,

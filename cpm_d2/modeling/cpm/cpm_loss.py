@@ -21,8 +21,12 @@ Decisions where the paper is silent:
   positives and negatives from its own image; "batch" from every image. Pixels are L2-normalised
   (cosine similarity) and drawn class-balanced (:func:`~.losses.sample_pixels`).
 * VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
-  the queries; its mask and dice sums are divided by l_agn's number of masks, so one prompted
-  mask weighs what one matched class-agnostic mask weighs.
+  the queries, but over the C classes only: the "no object" logit is left out. A prompt is an
+  object by construction; training it to say so pushes the shared no-object decision towards
+  "object" for every query (measured with the GMM head on the hard synthetic preset: every
+  unmatched query was then called an object at test time). Its mask and dice sums are divided
+  by l_agn's number of masks, so one prompted mask weighs what one matched class-agnostic mask
+  weighs.
 * Images without sounding classes have no prompts and contribute nothing; every loss still
   exists (a zero attached to the graph), so the set of keys never changes (DDP-safe).
 """
@@ -40,6 +44,11 @@ from .losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, s
 __all__ = ["CPMLoss"]
 
 _WHERE = "cpm_d2/modeling/cpm/cpm_loss.py"
+
+
+def _without_no_object(logits: torch.Tensor) -> torch.Tensor:
+    """(..., C+1) logits with the no-object one pushed out of the softmax (VCP's CE is over the C classes)."""
+    return torch.cat([logits[..., :-1], torch.full_like(logits[..., -1:], -1e4)], dim=-1)
 
 
 def _projection(in_dim: int, out_dim: int) -> nn.Module:
@@ -158,6 +167,9 @@ class CPMLoss(nn.Module):
         for t, labels in zip(targets, prompt_labels):
             keep = torch.isin(t["labels"], labels.to(t["labels"].device))
             vcp_targets.append({"labels": t["labels"][keep], "masks": t["masks"][keep]})
+        outputs = dict(outputs, pred_logits=_without_no_object(outputs["pred_logits"]),
+                       aux_outputs=[dict(a, pred_logits=_without_no_object(a["pred_logits"]))
+                                    for a in outputs.get("aux_outputs", [])])
         raw = self.criterion(outputs, vcp_targets, indices=vcp_indices(prompt_labels, vcp_targets),
                              num_masks=num_masks)
         s = self._scale(self.vcp_weight)
