@@ -220,16 +220,20 @@ def add_cpm_config(cfg):
     g.MAX_AGE = 0  # > 0: EM ignores bank entries older than this many iterations
     # Matched embeddings the bank receives: "last" (the final prediction's) or "all" (every
     # prediction's: the GMM head scores every decoder layer, and the bank refreshes faster).
-    g.OBSERVE_LAYERS = "last"
+    g.OBSERVE_LAYERS = "all"
     # How "no object" is scored: "objectness" (a learned logit o; p(no object) = sigmoid(o) and the
     # classes share 1 - sigmoid(o) by the GMM posterior) or "gmm" (a mixture fitted to the unmatched
     # queries' embeddings, like any class). The unmatched queries are diverse (silent objects,
     # background) and a broad mixture loses to the tight class mixtures: measured on the hard
     # synthetic preset, "gmm" called 59% of unmatched queries an object (the softmax head: 6.5%).
     g.NO_OBJECT = "objectness"
-    g.UPDATE_INTERVAL = 10  # run EM every this many iterations
+    # Run EM every this many iterations. Prompts come from the GMM: with a bank refreshed by every
+    # layer's embeddings, EM every iteration and momentum 0.5, the bank's mean age on the hard
+    # synthetic preset fell from ~135 to ~34 iterations and full CPM from 11.6 to 32.0 val mIoU
+    # (one seed); logged as gmm_bank_age. 10 keeps EM cheap at the paper's size (C = 71, D = 256).
+    g.UPDATE_INTERVAL = 10
     g.EM_ITERS = 3
-    g.MOMENTUM = 0.9  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
+    g.MOMENTUM = 0.5  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
     g.EPS = 1e-4  # variance floor
     # Logits given to the CE loss: "per_dim" = log p(q|c) / D (a tempered posterior with the same
     # argmax; keeps CE finite in D = 256), "sqrt_dim" = log p(q|c) / sqrt(D), "learned" = log p(q|c) / T
