@@ -500,16 +500,17 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
         totals.append(total.item())
     assert np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5]), totals
     # memory banks of the classes 0..3 filled ("no object", 4, is scored by the objectness logit and
-    # has no bank) and EM ran (UPDATE_INTERVAL 5 -> 6 updates)
+    # has no bank) and EM ran (UPDATE_INTERVAL 1: every iteration)
     assert (gmm.bank_count[:4] > 0).all() and int(gmm.bank_count.max()) == gmm.memory_size
     assert int(gmm.bank_count[4]) == 0
     assert gmm.initialized[:4].all() and not gmm.initialized[4]
     assert ((gmm.means - means0).abs().flatten(1).amax(1)[:4] > 1e-3).all()
     assert not torch.allclose(gmm.covariances, cov0)
     assert int(model._iter) == 30
-    # entries are stamped with their iteration: every image has background (class 0), 4 per step;
-    # its 64 slots hold iterations 14..29 -> at 30 the ages are 1..16 (4 each), mean 8.5
-    assert gmm.bank_age(30)[0].item() == pytest.approx(8.5)
+    # entries are stamped with their iteration: every image has background (class 0), and with
+    # OBSERVE_LAYERS "all" each of the 4 predictions adds it: 16 per step; its 64 slots hold
+    # iterations 26..29 -> at 30 the ages are 1..4 (16 each), mean 2.5
+    assert gmm.bank_age(30)[0].item() == pytest.approx(2.5)
 
 
 def test_observe_all_layers_feeds_every_prediction_to_the_bank():
