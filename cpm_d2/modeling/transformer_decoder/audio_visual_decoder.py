@@ -217,12 +217,13 @@ class AudioVisualTransformerDecoder(nn.Module):
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
         return queries, query_pos, query_padding_mask
 
-    def _predict(self, output, mask_features, audio, audio_masks, attn_size, stereo=None, prior=None):
+    def _predict(self, output, mask_features, audio, audio_masks, attn_size, stereo=None, prior=None,
+                 classify=True):
         """One prediction -> (pred dict, attention mask for the next layer, stereo prior or None).
         ``stereo``: the stereo prior's per-forward constants; ``prior``: (bias, x̂) to reuse (visual
-        layers) instead of estimating it from this prediction's audio mask (audio layers)."""
+        layers) instead of estimating it from this prediction's audio mask (audio layers);
+        ``classify=False`` skips the class head (intermediate predictions at inference)."""
         emb = self.decoder_norm(output)
-        logits = self.class_predictor(emb)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
         estimate = self.stereo_position is not None and prior is None
         audio_logits = None
@@ -237,7 +238,9 @@ class AudioVisualTransformerDecoder(nn.Module):
             attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
             attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
             attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
-        pred = {"pred_logits": logits, "pred_masks": masks, "query_embeddings": emb}
+        pred = {"pred_masks": masks, "query_embeddings": emb}
+        if classify:
+            pred["pred_logits"] = self.class_predictor(emb)
         if audio_masks:
             pred["pred_audio_masks"] = audio_logits
         if prior is not None:
@@ -260,7 +263,8 @@ class AudioVisualTransformerDecoder(nn.Module):
             audio_masks: also predict audio masks "pred_audio_masks" (B, Q, T', F') at every layer.
         Returns: dict pred_logits, pred_masks, query_embeddings (final layer) [, pred_audio_masks]
             [, pred_stereo_x (B, Q): the stereo position's x̂, when on],
-            audio_pred_logits, aux_outputs (list of per-layer dicts with the same keys), and
+            audio_pred_logits, aux_outputs (list of per-layer dicts with the same keys; in eval mode
+            without "pred_logits": the class head runs only where inference reads it), and
             query_padding_mask when given.
         """
         if len(x) != self.num_feature_levels:
@@ -281,6 +285,8 @@ class AudioVisualTransformerDecoder(nn.Module):
         stereo = self.stereo_position.prepare(audio, mask_features.shape[-1]) if self.stereo_position is not None else None
 
         predictions = []
+        # at inference only the last audio prediction (coverage) and the final one need classes
+        every = self.training
         if self.num_audio_layers == 0:
             pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
             predictions.append(pred)
@@ -288,7 +294,8 @@ class AudioVisualTransformerDecoder(nn.Module):
             output = self.audio_cross_attention[j](output, tokens, pos=tokens_pos, query_pos=qpos)
             output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos)
             output = self.audio_ffn[j](output)
-            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
+            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo,
+                                                   classify=every or j == self.num_audio_layers - 1)
             predictions.append(pred)
         audio_pred_logits = predictions[-1]["pred_logits"]
 
@@ -299,7 +306,8 @@ class AudioVisualTransformerDecoder(nn.Module):
             output = self.ffn[i](output)
             # the visual layers reuse the last audio prediction's stereo prior (they do not hear the audio)
             pred, attn_mask, _ = self._predict(output, mask_features, audio, audio_masks,
-                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior)
+                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior,
+                                               classify=every or i == self.num_layers - 1)
             predictions.append(pred)
 
         out = dict(predictions[-1])
