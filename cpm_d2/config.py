@@ -202,6 +202,10 @@ def add_cpm_config(cfg):
     c = cfg.MODEL.CPM = CN()
     c.ENABLED = False  # False: class-agnostic training only (the baseline)
     c.LAMBDA = 1.0  # l = l_agn + LAMBDA * (w_ACP l_ACP + w_VCP l_VCP + w_PCL l_PCL)
+    # Prompts when the class head is LinearClassPredictor: "embedding" (a learnable vector per
+    # class, the paper's "Point Rep.") or "gmm" (samples of per-class mixtures fitted by EM, as
+    # CCDM's, while the softmax still classifies).
+    c.LINEAR_HEAD_PROMPTS = "embedding"
     c.ACP = CN({"ENABLED": True, "WEIGHT": 1.0})
     c.VCP = CN({"ENABLED": True, "WEIGHT": 1.0})
     c.PCL = CN()

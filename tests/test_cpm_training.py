@@ -141,6 +141,7 @@ ROWS = {
     "t5_gmm_m3": ("GMMClassPredictor", True, True, True, 3),
     "t5_gmm_m5": ("GMMClassPredictor", True, True, True, 5),
     "t5_gmm_m7": ("GMMClassPredictor", True, True, True, 7),
+    "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
 }
 
 
@@ -511,6 +512,32 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
     # OBSERVE_LAYERS "all" each of the 4 predictions adds it: 16 per step; its 64 slots hold
     # iterations 26..29 -> at 30 the ages are 1..4 (16 each), mean 2.5
     assert gmm.bank_age(30)[0].item() == pytest.approx(2.5)
+
+
+def test_softmax_head_with_gmm_prompts():
+    """LINEAR_HEAD_PROMPTS "gmm": the softmax classifies, prompts are drawn from per-class mixtures
+    fitted by EM to the matched embeddings ("no object" never banked nor prompted)."""
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor",
+                               "MODEL.CPM.LINEAR_HEAD_PROMPTS": "gmm"}))
+    head = model.class_predictor
+    assert head.can_sample and head.prompt_gmm is not None and not hasattr(head, "prompts")
+    model.train()
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 91), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 92)]
+    for _ in range(3):
+        losses = model(batch)
+    assert set(losses) >= VCP_KEYS | {"loss_acp", "loss_pcl"}
+    gmm = head.prompt_gmm
+    assert gmm.bank_count[:3].tolist() != [0, 0, 0] and int(gmm.bank_count[5]) == 0
+    assert gmm.initialized[:3].all()  # EM every iteration (cpm_r18_tiny)
+    torch.manual_seed(0)
+    z = head.sample(torch.tensor([1, 2]))
+    torch.manual_seed(0)
+    assert torch.equal(z, gmm.sample(torch.tensor([1, 2])))
+    assert set(model.state_dict()) >= {"transformer_decoder.class_predictor.prompt_gmm.means",
+                                       "transformer_decoder.class_predictor.linear.weight"}
+    with pytest.raises(ValueError, match="prompts must be"):
+        _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor",
+                           "MODEL.CPM.LINEAR_HEAD_PROMPTS": "points"}))
 
 
 def test_observe_all_layers_feeds_every_prediction_to_the_bank():

@@ -1,4 +1,4 @@
-"""Softmax classifier over mask embeddings (Mask2Former's class head; with CPM, the paper's "Point Rep.")."""
+"""Softmax classifier over mask embeddings (Mask2Former's class head), with CPM's prompts."""
 import torch
 from torch import nn
 from torch.profiler import record_function
@@ -14,33 +14,66 @@ __all__ = ["LinearClassPredictor"]
 class LinearClassPredictor(ClassPredictor):
     """logits = W q̃ + b, (..., D) -> (..., C+1); softmax gives p(c | q̃), index C = no object.
 
-    With ``prompt_embedding=True`` (built so when MODEL.CPM.ENABLED) it also holds the paper's
-    "Point Rep." prompts (Table 5): a learnable (C+1) x D embedding, one vector per label;
-    ``sample(labels)`` returns its rows, with gradient, so the prompting losses train it.
+    Prompts for CPM (``prompts``, built only when MODEL.CPM.ENABLED; MODEL.CPM.LINEAR_HEAD_PROMPTS):
+    * ``"embedding"``: the paper's "Point Rep." (Table 5): a learnable (C+1) x D embedding, one
+      vector per label; ``sample(labels)`` returns its rows, with gradient, so the prompting losses
+      train it;
+    * ``"gmm"``: samples of per-class Gaussian mixtures fitted by EM to the matched embeddings
+      (the CCDM generative model, ``MODEL.CPM.GMM.*``), used for the prompts only: the classes
+      are still predicted by the softmax. Separates "prompts from a distribution" from "a
+      generative classifier".
     """
 
     @configurable
-    def __init__(self, *, num_classes: int, embed_dim: int, prompt_embedding: bool = False):
+    def __init__(self, *, num_classes: int, embed_dim: int, prompts: str = "none", prompt_gmm: nn.Module = None):
         super().__init__()
+        if prompts not in ("none", "embedding", "gmm"):
+            raise ValueError(f"linear.py: prompts must be none | embedding | gmm, got {prompts!r}")
+        if (prompts == "gmm") != (prompt_gmm is not None):
+            raise ValueError("linear.py: prompts 'gmm' needs a prompt_gmm (and only it)")
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.linear = nn.Linear(embed_dim, num_classes + 1)
-        self.can_sample = bool(prompt_embedding)
-        if self.can_sample:
+        self.prompt_source = prompts
+        self.can_sample = prompts != "none"
+        if prompts == "embedding":
             self.prompts = nn.Embedding(num_classes + 1, embed_dim)
+        self.prompt_gmm = prompt_gmm
 
     @classmethod
     def from_config(cls, cfg, num_classes, embed_dim):
-        return {"num_classes": num_classes, "embed_dim": embed_dim, "prompt_embedding": cfg.MODEL.CPM.ENABLED}
+        prompts = cfg.MODEL.CPM.LINEAR_HEAD_PROMPTS if cfg.MODEL.CPM.ENABLED else "none"
+        prompt_gmm = None
+        if prompts == "gmm":
+            from .gmm import GMMClassPredictor
+
+            # only sampled from: "no object" is never prompted (observe leaves it out)
+            prompt_gmm = GMMClassPredictor(cfg, num_classes=num_classes, embed_dim=embed_dim)
+        return {"num_classes": num_classes, "embed_dim": embed_dim, "prompts": prompts, "prompt_gmm": prompt_gmm}
 
     @record_function("cpm.class_head")
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.linear(embeddings)
 
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
+        if self.prompt_gmm is not None:
+            keep = labels < self.num_classes
+            self.prompt_gmm.observe(embeddings[keep], labels[keep], iteration)
+
+    def step(self, iteration: int) -> None:
+        if self.prompt_gmm is not None:
+            self.prompt_gmm.step(iteration)
+
+    def bank_age(self, iteration: int):
+        """The prompt mixtures' bank ages (C+1,) (``"gmm"`` prompts), else None."""
+        return None if self.prompt_gmm is None else self.prompt_gmm.bank_age(iteration)
+
     def sample(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (K,) -> the learnable prompts (K, D) of those labels."""
+        """labels (K,) -> prompts (K, D): learnable rows ("embedding") or mixture samples ("gmm")."""
         if not self.can_sample:
             return super().sample(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
             raise ValueError(f"linear.py: sample labels must lie in [0, {self.num_classes}]")
+        if self.prompt_gmm is not None:
+            return self.prompt_gmm.sample(labels)
         return self.prompts(labels.to(self.prompts.weight.device).long())

@@ -358,8 +358,10 @@ class CPM(nn.Module):
         iteration = int(self._iter)
         self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labels), iteration)
         self.class_predictor.step(iteration)
-        if hasattr(self.class_predictor, "bank_age"):
-            age = self.class_predictor.bank_age(iteration)[: self.num_classes]  # real classes, not no-object
+        bank_age = getattr(self.class_predictor, "bank_age", None)
+        age = bank_age(iteration) if bank_age is not None else None
+        if age is not None:
+            age = age[: self.num_classes]  # real classes, not no-object
             _put_scalar("gmm_bank_age", age[torch.isfinite(age)].mean())
         self._iter += 1
         self.last_assignments = assigned.cpu()
