@@ -249,14 +249,44 @@ def _extra_name(path):
     return os.path.relpath(os.path.abspath(_extra_script(path)), REPO)
 
 
-def _cached(path, digest):
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_drift(stored_text, cfg):
+    """Keys whose value differs between a cached run's config and ``cfg``; keys the run's code did
+    not have yet are fine when ``cfg`` holds them at their default (added later, no effect)."""
+    from cpm_d2.config import get_cfg
+
+    old, new = _flat(yaml.safe_load(stored_text)), _flat(yaml.safe_load(cfg.dump()))
+    defaults = _flat(yaml.safe_load(get_cfg().dump()))
+    drift = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                   and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+    return drift
+
+
+def _cached(path, digest, cfg=None):
+    """A run's cached result, None if absent; a result of another config raises (never reused)."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         res = json.load(f)
-    if res.get("config_digest") != digest:
-        raise ValueError(f"{path} was computed with another config (digest {res.get('config_digest')} != {digest}); "
-                         "use another --output or delete that run")
+    if res.get("config_digest") == digest:
+        return res
+    stored = os.path.join(os.path.dirname(path), "config.yaml")
+    drift = ["<no config.yaml>"]
+    if cfg is not None and os.path.isfile(stored):
+        with open(stored) as f:
+            drift = _config_drift(f.read(), cfg)
+    if drift:
+        raise ValueError(f"{path} was computed with another config (differs in {drift[:8]}); use another --output "
+                         "or delete that run")
     return res
 
 
@@ -337,7 +367,7 @@ def main(argv=None):
     name = os.path.splitext(os.path.basename(args.config_file))[0]
     output = args.output or os.path.join(REPO, "output", "ablation", name)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    plan, keys, where = [], {}, {}
+    plan, keys, where, cfgs = [], {}, {}, {}
     for row in args.rows:
         opts = list(args.opts) + row_switches(row, args.rows_dir)
         cfg = _effective_config(args.config_file, opts)
@@ -345,11 +375,12 @@ def main(argv=None):
         digest, text = _digest(cfg)
         key = keys.setdefault(digest, row)  # rows with identical effective configs share their runs
         where[row] = (digest, key)
+        cfgs[row] = cfg
         for seed in args.seeds:
             out_dir = os.path.join(output, key, f"seed{seed}")
             if key != row or args.print_only:
                 continue
-            cached = _cached(os.path.join(out_dir, "result.json"), digest)
+            cached = _cached(os.path.join(out_dir, "result.json"), digest, cfg)
             if cached is None:
                 plan.append(Job(args, row, seed, opts, out_dir, datasets, digest, text, threads))
             elif args.extra_eval and cached.get("extra_eval") != _extra_name(args.extra_eval):
@@ -369,7 +400,8 @@ def main(argv=None):
             time.sleep(2)
     results = {}
     for row, (digest, key) in where.items():
-        found = [_cached(os.path.join(output, key, f"seed{seed}", "result.json"), digest) for seed in args.seeds]
+        found = [_cached(os.path.join(output, key, f"seed{seed}", "result.json"), digest, cfgs[row])
+                 for seed in args.seeds]
         results[row] = [r for r in found if r is not None]
     table = format_table(args.rows, results, args.seeds, extra_columns(results, args.extra_columns))
     print(f"\n{args.config_file} {' '.join(args.opts)} (seeds {args.seeds}; dataset protocol, %)\n")
