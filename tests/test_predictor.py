@@ -146,17 +146,8 @@ def test_video_file_gives_the_evaluation_path_predictions(setup):
     assert limited["labels"].shape[0] == 2
 
 
-def test_bad_inputs_are_clear_errors(setup, tmp_path):
-    import av
-
-    silent = tmp_path / "silent.mkv"
-    with av.open(str(silent), "w") as c:
-        v = c.add_stream("ffv1", rate=1)
-        v.width, v.height, v.pix_fmt = 32, 32, "bgr0"
-        for p in v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
-            c.mux(p)
-        for p in v.encode():
-            c.mux(p)
+def test_bad_inputs_are_clear_errors(setup, tmp_path, silent_video):
+    silent = silent_video("silent.mkv")
     predictor = AVSPredictor(setup["cfg"])
     with pytest.raises(ValueError, match=rf"{silent}.*no audio track"):
         predictor.predict_video(str(silent))

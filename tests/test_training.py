@@ -315,20 +315,11 @@ def test_video_demo_writes_playable_mp4_with_all_frames(tiny_root, tmp_path):
     assert decoded[0].shape[1] > 2 * 64  # frame | prediction side by side
 
 
-def test_video_without_audio_track_is_a_clear_error(tmp_path):
-    import av
-
+def test_video_without_audio_track_is_a_clear_error(silent_video):
     sys.path.insert(0, str(REPO / "tools"))
     import demo
 
-    path = tmp_path / "silent.mp4"
-    with av.open(str(path), mode="w") as container:
-        v = container.add_stream("mpeg4", rate=2)
-        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
-        for packet in v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
-            container.mux(packet)
-        for packet in v.encode():
-            container.mux(packet)
+    path = silent_video("silent.mp4", codec="mpeg4", pix_fmt="yuv420p", rate=2)
     with pytest.raises(ValueError, match="no audio track"):
         demo.decode_audio(str(path), 16000)
 
