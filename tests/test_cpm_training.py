@@ -142,6 +142,7 @@ ROWS = {
     "t5_gmm_m5": ("GMMClassPredictor", True, True, True, 5),
     "t5_gmm_m7": ("GMMClassPredictor", True, True, True, 7),
     "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
+    "x_pcl_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
 }
 
 
@@ -639,3 +640,11 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
             "backbone", "pixel_decoder", "audio_backbone", "audio_pixel_decoder", "transformer_decoder",
             "criterion", "weight_dict", "num_classes", "num_queries", "size_divisibility")},
             pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0), cpm_loss=model.cpm_loss)
+
+
+def test_pcl_batch_negatives_row_differs_from_full_cpm_only_in_the_negatives():
+    full, row = _load(ABLATIONS / "t4_6_cpm_full.yaml"), _load(ABLATIONS / "x_pcl_batch_negatives.yaml")
+    assert (full.MODEL.CPM.PCL.NEGATIVES, row.MODEL.CPM.PCL.NEGATIVES) == ("image", "batch")
+    row.defrost()
+    row.MODEL.CPM.PCL.NEGATIVES, row.OUTPUT_DIR = "image", full.OUTPUT_DIR
+    assert row == full
