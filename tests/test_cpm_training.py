@@ -143,6 +143,7 @@ ROWS = {
     "t5_gmm_m7": ("GMMClassPredictor", True, True, True, 7),
     "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
     "x_pcl_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
+    "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
 }
 
 
@@ -642,9 +643,17 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
             pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0), cpm_loss=model.cpm_loss)
 
 
-def test_pcl_batch_negatives_row_differs_from_full_cpm_only_in_the_negatives():
-    full, row = _load(ABLATIONS / "t4_6_cpm_full.yaml"), _load(ABLATIONS / "x_pcl_batch_negatives.yaml")
-    assert (full.MODEL.CPM.PCL.NEGATIVES, row.MODEL.CPM.PCL.NEGATIVES) == ("image", "batch")
-    row.defrost()
-    row.MODEL.CPM.PCL.NEGATIVES, row.OUTPUT_DIR = "image", full.OUTPUT_DIR
-    assert row == full
+@pytest.mark.parametrize("row, key, full_value, row_value", [
+    ("x_pcl_batch_negatives", "MODEL.CPM.PCL.NEGATIVES", "image", "batch"),
+    ("x_lambda_0.25", "MODEL.CPM.LAMBDA", 1.0, 0.25),
+])
+def test_beyond_the_paper_rows_differ_from_full_cpm_in_one_key(row, key, full_value, row_value):
+    full, cfg = _load(ABLATIONS / "t4_6_cpm_full.yaml"), _load(ABLATIONS / f"{row}.yaml")
+    *path, leaf = key.split(".")
+    node_full, node_row = full, cfg
+    for name in path:
+        node_full, node_row = node_full[name], node_row[name]
+    assert (node_full[leaf], node_row[leaf]) == (full_value, row_value)
+    cfg.defrost()
+    node_row[leaf], cfg.OUTPUT_DIR = full_value, full.OUTPUT_DIR
+    assert cfg == full

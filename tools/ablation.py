@@ -66,6 +66,7 @@ ROW_TITLES = {
     "t5_gmm_m7": "M = 7",
     "x_softmax_gmm_prompts": "softmax head + GMM-sampled prompts",
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
+    "x_lambda_0.25": "CPM, lambda = 0.25",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
