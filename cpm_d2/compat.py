@@ -86,7 +86,7 @@ class _MissingCModule(types.ModuleType):
             f"detectron2._C.{name} is a compiled detectron2 op, but this detectron2 was built "
             "without its C++/CUDA extensions (e.g. the registry's pb1-detectron2 sdist). cpm_d2 "
             "does not use it; if your code needs it, install detectron2 from its Git repository "
-            "(see README: 'Installing official detectron2')."
+            "(see docs/getting_started.md, 'detectron2')."
         )
 
 
