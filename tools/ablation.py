@@ -74,15 +74,22 @@ ROW_TITLES = {
 }
 
 
-def _flatten(node, prefix=""):
+def _flat(node, prefix=""):
+    """Nested YAML dict -> {"A.B.KEY": value} (leaves in file order)."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _flatten(node):
     """Nested YAML dict -> [KEY, VALUE, ...] detectron2 overrides (values as Python literals)."""
     out = []
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += _flatten(value, name + ".")
-        else:
-            out += [name, value if isinstance(value, str) else repr(value)]
+    for name, value in _flat(node).items():
+        out += [name, value if isinstance(value, str) else repr(value)]
     return out
 
 
@@ -250,16 +257,6 @@ def _extra_script(path):
 def _extra_name(path):
     """How a result names its extra evaluation (repo-relative script path)."""
     return os.path.relpath(os.path.abspath(_extra_script(path)), REPO)
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _config_drift(stored_text, cfg):
