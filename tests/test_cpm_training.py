@@ -523,6 +523,7 @@ def test_softmax_head_with_gmm_prompts():
                                "MODEL.CPM.LINEAR_HEAD_PROMPTS": "gmm"}))
     head = model.class_predictor
     assert head.can_sample and head.prompt_gmm is not None and not hasattr(head, "prompts")
+    assert not list(head.prompt_gmm.parameters())  # never run forward: nothing for a loss to train
     model.train()
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 91), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 92)]
     for _ in range(3):

@@ -47,8 +47,11 @@ class LinearClassPredictor(ClassPredictor):
         if prompts == "gmm":
             from .gmm import GMMClassPredictor
 
-            # only sampled from: "no object" is never prompted (observe leaves it out)
-            prompt_gmm = GMMClassPredictor(cfg, num_classes=num_classes, embed_dim=embed_dim)
+            # Only observed and sampled from, never run forward: no objectness layer or learned
+            # temperature (they would be parameters no loss reaches); "no object" is never banked
+            # (observe leaves it out) nor prompted.
+            prompt_gmm = GMMClassPredictor(cfg, num_classes=num_classes, embed_dim=embed_dim,
+                                           no_object="gmm", logit_norm="none")
         return {"num_classes": num_classes, "embed_dim": embed_dim, "prompts": prompts, "prompt_gmm": prompt_gmm}
 
     @record_function("cpm.class_head")
