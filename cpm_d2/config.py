@@ -208,6 +208,12 @@ def add_cpm_config(cfg):
     c.LINEAR_HEAD_PROMPTS = "embedding"
     c.ACP = CN({"ENABLED": True, "WEIGHT": 1.0})
     c.VCP = CN({"ENABLED": True, "WEIGHT": 1.0})
+    # Audio the VCP prompts are decoded with when ACP is on: "mixture" (the ACP pass's a_i + a_j, one
+    # prompt decode for both) or "clean" (a second prompt decode on a_i alone: VCP's targets are the
+    # objects a_i makes sound). The paper runs VCP "simultaneously with ACP" and does not say which;
+    # see docs/results.md for the measurement (with the GMM head, "mixture" teaches the decoder to
+    # segment a prompted class whatever the audio, and it then segments silent objects).
+    c.VCP.AUDIO = "mixture"
     c.PCL = CN()
     c.PCL.ENABLED = True
     c.PCL.WEIGHT = 1.0

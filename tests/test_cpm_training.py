@@ -144,6 +144,7 @@ ROWS = {
     "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
     "x_pcl_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
     "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
+    "x_vcp_clean_audio": ("GMMClassPredictor", True, True, True, 3),
 }
 
 
@@ -457,6 +458,38 @@ def test_noise_falls_back_to_the_batchs_other_audio():
         model([with_noise[0], batch[1]])
 
 
+@pytest.mark.parametrize("vcp_audio", ["mixture", "clean"])
+def test_vcp_audio_selects_the_audio_the_vcp_prompts_hear(monkeypatch, vcp_audio):
+    """VCP.AUDIO "clean": VCP's losses are those of the prompts decoded on the clean audio (as with ACP
+    off), whatever the noise; ACP's loss still sees the mixture. "mixture": VCP changes with the noise."""
+    monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", _grid_points)
+    model = _build(_cpm_cfg(**{"MODEL.CPM.PCL.ENABLED": "False", "MODEL.CPM.VCP.AUDIO": vcp_audio}))
+    model.train()
+    assert model.cpm_loss.separate_vcp_decode == (vcp_audio == "clean")
+    _fixed_prompts(model, torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(3)))
+    sem = _sem(boxes=[(1, (2, 30, 2, 36)), (3, (10, 50, 44, 78))])
+    quiet, loud = [_frame(sem, 41, noise="zero")], [_frame(sem, 41, noise="random")]
+    loud[0]["noise_audio"] = loud[0]["noise_audio"] * 50  # a mixture the noise dominates
+    with torch.no_grad():
+        pieces = _pieces(model, quiet)
+        with_quiet, with_loud = _prompt_losses(model, quiet, pieces), _prompt_losses(model, loud, pieces)
+        model.cpm_loss.acp_enabled = False  # VCP on the clean encoding, one decode
+        acp_off = _prompt_losses(model, loud, pieces)
+    assert abs(with_loud["loss_acp"].item() - with_quiet["loss_acp"].item()) > 1e-4
+    moved = max(abs(with_loud[k].item() - with_quiet[k].item()) for k in VCP_KEYS)
+    if vcp_audio == "clean":
+        for k in VCP_KEYS:
+            assert with_loud[k].item() == pytest.approx(acp_off[k].item(), rel=1e-6, abs=1e-8), k
+        assert moved == 0.0
+    else:
+        assert moved > 1e-4
+
+
+def test_vcp_audio_rejects_unknown_values():
+    with pytest.raises(ValueError, match=r"MODEL\.CPM\.VCP\.AUDIO"):
+        build_model(_cpm_cfg(**{"MODEL.CPM.VCP.AUDIO": "noisy"}))
+
+
 # ------------------------------------------------------------------------------------------ (f) training
 COLORS = torch.tensor([[0, 0, 0], [230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=torch.float)
 
@@ -647,6 +680,7 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
 @pytest.mark.parametrize("row, key, full_value, row_value", [
     ("x_pcl_batch_negatives", "MODEL.CPM.PCL.NEGATIVES", "image", "batch"),
     ("x_lambda_0.25", "MODEL.CPM.LAMBDA", 1.0, 0.25),
+    ("x_vcp_clean_audio", "MODEL.CPM.VCP.AUDIO", "mixture", "clean"),
 ])
 def test_beyond_the_paper_rows_differ_from_full_cpm_in_one_key(row, key, full_value, row_value):
     full, cfg = _load(ABLATIONS / "t4_6_cpm_full.yaml"), _load(ABLATIONS / f"{row}.yaml")

@@ -356,7 +356,7 @@ def test_ablation_rows_dir_and_extra_eval_command():
     import ablation
 
     rows_dir = str(ROOT / "configs" / "stereo_rows")
-    assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_stem"]
+    assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_sharp", "stereo_position_stem"]
     assert ablation.row_switches("stem_only", rows_dir) == ["MODEL.AUDIO.STEREO_POSITION.ENABLED", "False"]
     assert ablation.row_switches("stereo_position", rows_dir) == [
         "MODEL.AUDIO.STEREO_POSITION.ENABLED", "True", "MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT", "mid"]

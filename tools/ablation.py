@@ -67,10 +67,12 @@ ROW_TITLES = {
     "x_softmax_gmm_prompts": "softmax head + GMM-sampled prompts",
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
     "x_lambda_0.25": "CPM, lambda = 0.25",
+    "x_vcp_clean_audio": "CPM, VCP prompts decoded on the clean audio",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
     "stereo_position_stem": "stereo position + 2-channel stem",
+    "stereo_position_sharp": "stereo-aware, prior twice as sharp (WIDTH 0.05)",
 }
 
 

@@ -6,7 +6,8 @@ the resulting tensors here; this module only computes the losses:
 
     ACP (eq. 5)    MSE(sigma(sum_k m^a_k), a_i / (a_i + a_j)) on the audio-mask grid T' x F'
     VCP (eq. 6)    the class-agnostic criterion with the fixed assignment prompt k <-> target of
-                   class k (every decoder layer), normalised like l_agn (its number of masks)
+                   class k (every decoder layer), normalised like l_agn (its number of masks); the
+                   prompts decoded on the ACP mixture or (VCP.AUDIO "clean") on the clean audio
     PCL (eqs. 7-9) supervised InfoNCE between anchors f(k) (masked average pooling of the audio
                    features u_a under the prompt's binarised audio saliency) and sampled pixels of
                    the pixel features, both through small projection heads
@@ -70,6 +71,7 @@ class CPMLoss(nn.Module):
         acp_weight: float = 1.0,
         vcp_enabled: bool = True,
         vcp_weight: float = 1.0,
+        vcp_audio: str = "mixture",
         pcl_enabled: bool = True,
         pcl_weight: float = 1.0,
         pcl_temperature: float = 0.1,
@@ -85,6 +87,8 @@ class CPMLoss(nn.Module):
             criterion: a SetCriterion (VCP reuses it with fixed assignments; it holds no parameters).
             weight_dict: the class-agnostic loss weights ("loss_ce", ..., "loss_dice_<i>").
             loss_lambda: lambda of l = l_agn + lambda * l_CPM.
+            vcp_audio: "mixture" or "clean", the audio VCP's prompts are decoded with when ACP is on
+                (the meta-architecture decodes; here it only selects ``separate_vcp_decode``).
             acp_* / vcp_* / pcl_*: the parts' switches and weights; PCL's tau, pixels per image and
                 negative set ("image" or "batch").
             pixel_dim / audio_dim: channels of u~_v (MASK_DIM) and u_a (AUDIO.PIXEL_DECODER_DIM).
@@ -100,6 +104,8 @@ class CPMLoss(nn.Module):
         if pcl_enabled and (pcl_temperature <= 0 or pcl_num_pixels < 1):
             raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
                              f"{pcl_temperature} and {pcl_num_pixels}")
+        if vcp_audio not in ("mixture", "clean"):
+            raise ValueError(f"{_WHERE}: MODEL.CPM.VCP.AUDIO must be 'mixture' or 'clean', got {vcp_audio!r}")
         if pcl_negatives not in ("image", "batch"):
             raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
         self.criterion = criterion
@@ -107,6 +113,7 @@ class CPMLoss(nn.Module):
         self.loss_lambda = float(loss_lambda)
         self.acp_enabled, self.acp_weight = bool(acp_enabled), float(acp_weight)
         self.vcp_enabled, self.vcp_weight = bool(vcp_enabled), float(vcp_weight)
+        self.vcp_audio = vcp_audio
         self.pcl_enabled, self.pcl_weight = bool(pcl_enabled), float(pcl_weight)
         self.pcl_temperature = float(pcl_temperature)
         self.pcl_num_pixels = int(pcl_num_pixels)
@@ -127,6 +134,7 @@ class CPMLoss(nn.Module):
             "acp_weight": c.ACP.WEIGHT,
             "vcp_enabled": c.VCP.ENABLED,
             "vcp_weight": c.VCP.WEIGHT,
+            "vcp_audio": c.VCP.AUDIO,
             "pcl_enabled": c.PCL.ENABLED,
             "pcl_weight": c.PCL.WEIGHT,
             "pcl_temperature": c.PCL.TEMPERATURE,
@@ -143,6 +151,11 @@ class CPMLoss(nn.Module):
                                                    ("VCP", self.vcp_enabled, self.vcp_weight),
                                                    ("PCL", self.pcl_enabled, self.pcl_weight)) if on]
         return f"lambda={self.loss_lambda}, {', '.join(parts)}, pcl_negatives={self.pcl_negatives}"
+
+    @property
+    def separate_vcp_decode(self) -> bool:
+        """Whether VCP needs its own prompt decode on the clean audio (ACP's decode is on the mixture)."""
+        return self.acp_enabled and self.vcp_enabled and self.vcp_audio == "clean"
 
     @property
     def needs_audio_masks(self) -> bool:
@@ -197,7 +210,7 @@ class CPMLoss(nn.Module):
     def forward(self, outputs: Dict, prompt_labels: List[torch.Tensor], valid: torch.Tensor,
                 targets: List[Dict[str, torch.Tensor]], num_masks: float, pixel_features: torch.Tensor,
                 audio_features: torch.Tensor, clean_audio: Optional[torch.Tensor] = None,
-                noise_audio: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                noise_audio: Optional[torch.Tensor] = None, vcp_outputs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: the decoder's outputs for the prompts (with "pred_audio_masks" when ACP/PCL is on).
@@ -207,6 +220,8 @@ class CPMLoss(nn.Module):
             pixel_features: u~_v (B, MASK_DIM, H/4, W/4); audio_features: u_a (B, D_a, T', F') of the
                 audio the prompts were decoded with.
             clean_audio / noise_audio: (B, Ca, T, F) linear magnitudes a_i / a_j (ACP).
+            vcp_outputs: the prompts' outputs decoded on the clean audio for VCP (``separate_vcp_decode``);
+                None = ``outputs``.
         """
         losses = {}
         if self.acp_enabled:
@@ -214,7 +229,7 @@ class CPMLoss(nn.Module):
                 raise ValueError(f"{_WHERE}: ACP needs the clean and noise magnitudes")
             losses["loss_acp"] = self.acp(outputs, valid, clean_audio, noise_audio)
         if self.vcp_enabled:
-            losses.update(self.vcp(outputs, targets, prompt_labels, num_masks))
+            losses.update(self.vcp(outputs if vcp_outputs is None else vcp_outputs, targets, prompt_labels, num_masks))
         if self.pcl_enabled:
             losses["loss_pcl"] = self.pcl(outputs, valid, prompt_labels, targets, pixel_features, audio_features)
         return losses

@@ -11,7 +11,8 @@ dice at every prediction) and, with MODEL.CPM.ENABLED, CPM's prompt pass (§3.2)
                  from the class's mixture; linear head: the learnable "Point Rep." embedding)
     ACP audio    a_p = a_i + a_j (a_j off-screen noise from the mapper, or the next clip of the batch),
                  re-encoded with every normalisation statistic left as it was
-    decode       the same visual features, the (mixed) audio, queries = the prompts
+    decode       the same visual features, the (mixed) audio, queries = the prompts (with
+                 MODEL.CPM.VCP.AUDIO "clean" a second decode on the clean audio feeds VCP)
     losses       CPMLoss (ACP, VCP, PCL; modeling/cpm/), from those tensors
 
 With MODEL.AUDIO.STEREO_POSITION.ENABLED (issue #12, transformer_decoder/stereo_position.py) the
@@ -428,17 +429,21 @@ class CPM(nn.Module):
 
         labels = self.prompt_labels(targets)
         prompts, valid = self.sample_prompts(labels, visual[0].dtype)
-        noise = None
+        noise, vcp_outputs = None, None
+        if self.cpm_loss.separate_vcp_decode:  # VCP.AUDIO "clean": the prompts also decode the clean audio
+            vcp_outputs = self._without_aux(self.decode(visual, audio, queries=prompts, query_padding_mask=~valid))
         if self.cpm_loss.acp_enabled:
             noise = self.noise_magnitudes(batched_inputs, magnitudes)
             with frozen_norm_statistics(self.audio_backbone, self.audio_pixel_decoder), record_function("cpm.acp_mixture"):
                 audio = self.audio_features(magnitudes + noise, audio.get("stereo_frame"))
-        outputs = self.decode(visual, audio, queries=prompts, query_padding_mask=~valid,
-                              audio_masks=self.cpm_loss.needs_audio_masks)
-        if not self.deep_supervision:
-            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        outputs = self._without_aux(self.decode(visual, audio, queries=prompts, query_padding_mask=~valid,
+                                                audio_masks=self.cpm_loss.needs_audio_masks))
         return self.cpm_loss(outputs, labels, valid, targets, num_masks, visual[0], audio["feature_map"],
-                             clean_audio=magnitudes, noise_audio=noise)
+                             clean_audio=magnitudes, noise_audio=noise, vcp_outputs=vcp_outputs)
+
+    def _without_aux(self, outputs: Dict) -> Dict:
+        """The decoder outputs without the intermediate predictions when deep supervision is off."""
+        return outputs if self.deep_supervision else {k: v for k, v in outputs.items() if k != "aux_outputs"}
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[dict]):
