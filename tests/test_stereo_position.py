@@ -359,7 +359,8 @@ def test_ablation_rows_dir_and_extra_eval_command():
     assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_sharp", "stereo_position_stem"]
     assert ablation.row_switches("stem_only", rows_dir) == ["MODEL.AUDIO.STEREO_POSITION.ENABLED", "False"]
     assert ablation.row_switches("stereo_position", rows_dir) == [
-        "MODEL.AUDIO.STEREO_POSITION.ENABLED", "True", "MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT", "mid"]
+        "MODEL.AUDIO.STEREO_POSITION.ENABLED", "True", "MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT", "mid",
+        "MODEL.AUDIO.STEREO_POSITION.WIDTH", "0.1"]
     assert ablation.row_switches("t4_1_baseline")[:2] == ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor"]
 
     class Args:
