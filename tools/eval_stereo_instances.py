@@ -36,7 +36,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 
 
-def _default_dataset(cfg):
+def default_test_dataset(cfg):
     train = cfg.DATASETS.TRAIN[0]
     if not train.endswith("_train"):
         raise ValueError(f"DATASETS.TRAIN[0] = {train!r} does not end in _train: pass --dataset")
@@ -183,7 +183,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(args.config, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
-    dataset = args.dataset or _default_dataset(cfg)
+    dataset = args.dataset or default_test_dataset(cfg)
     output = args.output or os.path.join(cfg.OUTPUT_DIR, "stereo_instances.json")
     result = evaluate(cfg, args.weights, dataset, output)
     s = result["summary"]
