@@ -68,6 +68,7 @@ ROW_TITLES = {
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
     "x_lambda_0.25": "CPM, lambda = 0.25",
     "x_vcp_clean_audio": "CPM, VCP prompts decoded on the clean audio",
+    "x_vcp_clean_batch_negatives": "CPM, VCP on the clean audio + PCL negatives from the batch",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
