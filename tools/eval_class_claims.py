@@ -17,15 +17,12 @@ the frames' sounding classes that are claimed), ``silent_per_frame`` and ``absen
 claims per frame), ``claims_per_frame``, and the counts. Default split: the test split
 (``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
 """
-import argparse
-import json
 import os
 import sys
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_eval import load_model_and_info, setup_from_cli, write_json  # noqa: E402
 
 
 def classify_claims(claimed, sounding, visible):
@@ -57,23 +54,9 @@ def summarize(records):
 
 def evaluate(cfg, weights, dataset, output_json):
     import torch
-    from detectron2.data import MetadataCatalog
-    from cpm_d2.checkpoint import AVSCheckpointer
-    from cpm_d2.data import register_avs_datasets_from_cfg
-    from cpm_d2.data.datasets.synthetic import INFO_FILE
-    from cpm_d2.engine import Trainer
 
-    register_avs_datasets_from_cfg(cfg)
-    model = Trainer.build_model(cfg)
-    AVSCheckpointer(model, strict=True).load(weights)
-    model.eval()
-    loader = Trainer.build_test_loader(cfg, dataset)  # loads the dataset: metadata "root" is now current
-    info_path = os.path.join(MetadataCatalog.get(dataset).get("root"), INFO_FILE)
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"{info_path} not found: {dataset!r} is not a generated synthetic dataset "
-                                "(the visible objects are needed)")
-    with open(info_path) as f:
-        clips = json.load(f)["clips"]
+    model, loader, info = load_model_and_info(cfg, weights, dataset)
+    clips = info["clips"]
     records, start = [], time.perf_counter()
     with torch.no_grad():
         for inputs in loader:
@@ -88,35 +71,13 @@ def evaluate(cfg, weights, dataset, output_json):
                                 "silent": silent, "absent": absent})
     result = {"summary": summarize(records), "weights": os.path.abspath(weights), "dataset": dataset,
               "seconds": round(time.perf_counter() - start, 1), "frames": records}
-    os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
-    tmp = output_json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, output_json)
+    write_json(result, output_json)
     return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=None, help="dataset to score (default: <train name>_test)")
-    parser.add_argument("--output", default=None, help="result JSON (default <OUTPUT_DIR>/class_claims.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("config", help="config file of the model")
-    parser.add_argument("weights", help="checkpoint (.pth) of that model")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
-    import torch
-    import cpm_d2  # noqa: F401  (compat fixes, registries)
-    from cpm_d2.config import setup_cfg
-    from eval_stereo_instances import default_test_dataset
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
-    dataset = args.dataset or default_test_dataset(cfg)
-    output = args.output or os.path.join(cfg.OUTPUT_DIR, "class_claims.json")
-    s = evaluate(cfg, args.weights, dataset, output)["summary"]
+    cfg, weights, dataset, output = setup_from_cli(__doc__, "class_claims.json", argv)
+    s = evaluate(cfg, weights, dataset, output)["summary"]
     print(f"[eval_class_claims] {dataset}: {s['frames']} frames; sounding classes claimed {s['recall']:.1f}%; "
           f"false claims per frame: {s['silent_per_frame']:.2f} silent objects in view, "
           f"{s['absent_per_frame']:.2f} classes not in view. Wrote {output}", flush=True)

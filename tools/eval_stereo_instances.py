@@ -26,21 +26,12 @@ Writes a JSON (``--output``; default ``<OUTPUT_DIR>/stereo_instances.json``) wit
 the settings and one record per scored frame, so a run's result can be cached (tools/ablation.py
 ``--extra-eval`` runs this script for every (row, seed)). Chance for (b) is 50%.
 """
-import argparse
-import json
 import os
 import sys
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
-
-
-def default_test_dataset(cfg):
-    train = cfg.DATASETS.TRAIN[0]
-    if not train.endswith("_train"):
-        raise ValueError(f"DATASETS.TRAIN[0] = {train!r} does not end in _train: pass --dataset")
-    return train[: -len("_train")] + "_test"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_eval import load_model_and_info, setup_from_cli, write_json  # noqa: E402
 
 
 def _instances(frame_objects, classes, height, width):
@@ -94,25 +85,9 @@ def score_frames(records):
 def evaluate(cfg, weights, dataset, output_json):
     import numpy as np
     import torch
-    from detectron2.data import MetadataCatalog
-
-    from cpm_d2.checkpoint import AVSCheckpointer
-    from cpm_d2.data import register_avs_datasets_from_cfg
-    from cpm_d2.data.datasets.synthetic import INFO_FILE
     from cpm_d2.engine import Trainer
 
-    register_avs_datasets_from_cfg(cfg)
-    model = Trainer.build_model(cfg)
-    AVSCheckpointer(model, strict=True).load(weights)
-    model.eval()
-    loader = Trainer.build_test_loader(cfg, dataset)  # loads the dataset: metadata "root" is now current
-    root = MetadataCatalog.get(dataset).get("root")
-    info_path = os.path.join(root, INFO_FILE)
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"{info_path} not found: {dataset!r} is not a generated synthetic dataset "
-                                "(per-object positions are needed)")
-    with open(info_path) as f:
-        info = json.load(f)
+    model, loader, info = load_model_and_info(cfg, weights, dataset, needs="per-object positions")
     if not info["params"].get("stereo"):
         raise ValueError(f"{dataset!r} is a mono synthetic dataset: generate the stereo_msmi preset")
     out_dir = os.path.dirname(os.path.abspath(output_json))
@@ -157,35 +132,13 @@ def evaluate(cfg, weights, dataset, output_json):
     result = {"summary": summary, "config_file": cfg.get("_CONFIG_FILE", None), "weights": os.path.abspath(weights),
               "dataset": dataset, "seconds": round(time.perf_counter() - start, 1),
               "results": results, "frames": records}
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = output_json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, output_json)
+    write_json(result, output_json)
     return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=None, help="test dataset (default: <train name>_test)")
-    parser.add_argument("--output", default=None, help="result JSON (default <OUTPUT_DIR>/stereo_instances.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("config", help="config file of the model")
-    parser.add_argument("weights", help="checkpoint (.pth) of that model")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
-    import torch
-
-    import cpm_d2  # noqa: F401  (compat fixes, registries)
-    from cpm_d2.config import setup_cfg
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config, list(args.opts) + ["MODEL.WEIGHTS", args.weights])
-    dataset = args.dataset or default_test_dataset(cfg)
-    output = args.output or os.path.join(cfg.OUTPUT_DIR, "stereo_instances.json")
-    result = evaluate(cfg, args.weights, dataset, output)
+    cfg, weights, dataset, output = setup_from_cli(__doc__, "stereo_instances.json", argv)
+    result = evaluate(cfg, weights, dataset, output)
     s = result["summary"]
 
     def f(v):

@@ -328,9 +328,7 @@ class CPM(nn.Module):
     def class_agnostic_losses(self, outputs: Dict, targets: List[Dict]):
         """l_agn: weighted CE + mask + dice (+ aux), the matching of every prediction
         ([aux_0, ..., final], each [(query_idx, target_idx)] per image), and the mask normaliser."""
-        if not self.deep_supervision:
-            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses, indices, num_masks = self.criterion(outputs, targets, return_indices=True)
+        losses, indices, num_masks = self.criterion(self._without_aux(outputs), targets, return_indices=True)
         return self.weight_losses(losses), indices, num_masks
 
     def _assigned_labels(self, emb: torch.Tensor, targets: List[Dict], indices) -> torch.Tensor:
