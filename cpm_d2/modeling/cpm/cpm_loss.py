@@ -19,7 +19,8 @@ Decisions where the paper is silent:
 * PCL works on projections (2-layer MLPs to PCL.PROJ_DIM) of u_a and of the mask features u~_v,
   as contrastive methods do: contrasting u~_v itself would pull the very map every class-agnostic
   mask is a dot product with. Negatives (PCL.NEGATIVES): "image" (default) takes an anchor's
-  positives and negatives from its own image; "batch" from every image. Pixels are L2-normalised
+  positives and negatives from its own image; "batch" from every image (a silent object of the
+  anchor's class in another image is then a negative). Chosen by ablation (docs/results.md). Pixels are L2-normalised
   (cosine similarity) and drawn class-balanced (:func:`~.losses.sample_pixels`).
 * VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
   the queries, but over the C classes only: the "no object" logit is left out. A prompt is an
