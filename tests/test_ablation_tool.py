@@ -20,7 +20,8 @@ HARD = str(ROOT / "configs" / "synthetic" / "cpm_r18_hard.yaml")
 
 def test_row_switches_are_the_base_then_the_row():
     base = ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor", "MODEL.CPM.ENABLED", "True",
-            "MODEL.CPM.ACP.ENABLED", "True", "MODEL.CPM.VCP.ENABLED", "True", "MODEL.CPM.PCL.ENABLED", "True",
+            "MODEL.CPM.ACP.ENABLED", "True", "MODEL.CPM.VCP.ENABLED", "True", "MODEL.CPM.VCP.AUDIO", "mixture",
+            "MODEL.CPM.PCL.ENABLED", "True",
             "MODEL.CPM.GMM.NUM_COMPONENTS", "3"]
     assert ablation.row_switches("t4_6_cpm_full") == base
     assert ablation.row_switches("t4_3_ccdm_vcp") == base + ["MODEL.CPM.ACP.ENABLED", "False",

@@ -165,9 +165,11 @@ def test_breakdown_finds_every_label_and_partitions_the_step(tiny_pair):
         assert 0 <= labels[name]["cpu_self_ms"] <= labels[name]["cpu_total_ms"], name
     assert labels["gmm.em"]["calls_per_step"] == 0.5
     # deep supervision over 1 audio + 3 visual predictions: 4 matchings; 4 class-head calls in each
-    # of the two decodes (class-agnostic queries, prompts)
+    # of the three decodes (class-agnostic queries; prompts on the clean audio for VCP, the configs'
+    # MODEL.CPM.VCP.AUDIO "clean"; prompts on the ACP mixture)
+    assert cfg.MODEL.CPM.VCP.AUDIO == "clean"
     assert labels["cpm.matcher"]["calls_per_step"] == 4 and bd["matching_calls_per_step"] == 4
-    assert labels["cpm.class_head"]["calls_per_step"] == 8
+    assert labels["cpm.class_head"]["calls_per_step"] == 12
 
     tree = {r["path"]: r for r in bd["tree"]}
     assert [r["path"] for r in bd["tree"] if r["depth"] == 0] == ["bench.step"]

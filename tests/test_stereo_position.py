@@ -399,9 +399,11 @@ def test_cpm_prompt_pass_uses_the_stereo_cues_of_the_mixture():
     model.decode = lambda visual, audio, **kw: seen.append(audio) or decode(visual, audio, **kw)
     losses = model(batch)
     assert {"loss_acp", "loss_pcl"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-    assert len(seen) == 2  # class-agnostic pass, prompt pass
-    mixed = stereo_cues(torch.stack([x["audio"] + x["noise_audio"] for x in batch]), seen[1]["stereo_x"].shape[-2:])
-    torch.testing.assert_close(seen[1]["stereo_x"], mixed["stereo_x"])
-    assert torch.equal(seen[0]["stereo_frame"], seen[1]["stereo_frame"])
+    # class-agnostic pass; prompts on the clean audio (VCP.AUDIO "clean", the configs'); prompts on the mixture
+    assert cfg.MODEL.CPM.VCP.AUDIO == "clean" and len(seen) == 3
+    assert seen[1] is seen[0]
+    mixed = stereo_cues(torch.stack([x["audio"] + x["noise_audio"] for x in batch]), seen[2]["stereo_x"].shape[-2:])
+    torch.testing.assert_close(seen[2]["stereo_x"], mixed["stereo_x"])
+    assert torch.equal(seen[0]["stereo_frame"], seen[2]["stereo_frame"])
     sum(losses.values()).backward()
     assert model.transformer_decoder.stereo_position.gain_weight.grad.abs().sum() > 0

@@ -20,8 +20,9 @@ Decisions where the paper is silent:
   as contrastive methods do: contrasting u~_v itself would pull the very map every class-agnostic
   mask is a dot product with. Negatives (PCL.NEGATIVES): "image" (default) takes an anchor's
   positives and negatives from its own image; "batch" from every image (a silent object of the
-  anchor's class in another image is then a negative). Chosen by ablation (docs/results.md). Pixels are L2-normalised
-  (cosine similarity) and drawn class-balanced (:func:`~.losses.sample_pixels`).
+  anchor's class in another image is then a negative). Chosen by ablation (docs/results.md).
+  Pixels are L2-normalised (cosine similarity) and drawn class-balanced
+  (:func:`~.losses.sample_pixels`).
 * VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
   the queries, but over the C classes only: the "no object" logit is left out. A prompt is an
   object by construction; training it to say so pushes the shared no-object decision towards
@@ -151,7 +152,8 @@ class CPMLoss(nn.Module):
         parts = [f"{n}(weight={w})" for n, on, w in (("ACP", self.acp_enabled, self.acp_weight),
                                                    ("VCP", self.vcp_enabled, self.vcp_weight),
                                                    ("PCL", self.pcl_enabled, self.pcl_weight)) if on]
-        return f"lambda={self.loss_lambda}, {', '.join(parts)}, pcl_negatives={self.pcl_negatives}"
+        return (f"lambda={self.loss_lambda}, {', '.join(parts)}, vcp_audio={self.vcp_audio}, "
+                f"pcl_negatives={self.pcl_negatives}")
 
     @property
     def separate_vcp_decode(self) -> bool:
