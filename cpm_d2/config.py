@@ -109,7 +109,67 @@ def add_maskformer_config(cfg):
     # class of the query i with c_i != no-object maximising p_i(c_i) * m_i) or "soft_sum"
     # (Mask2Former: argmax_c sum_i p_i(c) * m_i).
     mf.TEST.SEMANTIC_INFERENCE = "argmax_query"
+    _add_gmm_head_keys(mf)
+    for old, new in _RENAMED_NODES.items():  # an old YAML or KEY VALUE gets yacs's "was renamed" error
+        for key in [""] + ["." + k for k in cfg.MODEL.MASK_FORMER.GMM]:
+            if not cfg.key_is_renamed(old + key):
+                cfg.register_renamed_key(old + key, new + key, "see docs/architecture.md, 'Config keys'")
     return cfg
+
+
+# Keys that moved: the GMM keys apply wherever per-class mixtures are built (the GMM class head,
+# also without CPM, and the softmax head's MODEL.CPM.LINEAR_HEAD_PROMPTS "gmm"), not only under CPM.
+_RENAMED_NODES = {"MODEL.CPM.GMM": "MODEL.MASK_FORMER.GMM"}
+
+
+def _add_gmm_head_keys(mf):
+    """``MODEL.MASK_FORMER.GMM``: CCDM's per-class Gaussian mixtures (GMMClassPredictor, and the
+    prompts of MODEL.CPM.LINEAR_HEAD_PROMPTS "gmm"); docs/architecture.md draws how they are fed."""
+    g = mf.GMM = CN()
+    g.NUM_COMPONENTS = 3  # M Gaussians per class
+    g.COVARIANCE = "diag"  # "diag" or "full"
+    # --- the memory bank each class's mixture is fitted to
+    g.MEMORY_SIZE = 512  # entries kept per class (ring buffer, newest kept)
+    g.MAX_AGE = 0  # > 0: EM ignores bank entries older than this many iterations
+    # Matched embeddings the bank receives: "last" (the final prediction's) or "all" (every
+    # prediction's: each query then enters once per decoder layer, as near copies).
+    g.OBSERVE_LAYERS = "all"
+    # True: bank a matched embedding only where the head's own prediction (argmax) is its assigned
+    # class (GMMSeg keeps only correctly classified samples); False: every matched embedding.
+    g.OBSERVE_CORRECT_ONLY = False
+    # --- EM
+    g.UPDATE_INTERVAL = 10  # run EM every this many iterations
+    g.EM_ITERS = 3  # EM iterations per update
+    g.MOMENTUM = 0.5  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
+    # Variance floor, on the scale of the modelled embeddings (with NORMALIZE: unit vectors, whose
+    # coordinates have variance about 1 / HIDDEN_DIM).
+    g.EPS = 1e-4
+    # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
+    # component (copies of one query from several layers count once); until then it keeps its prior.
+    g.MIN_ENTRIES_PER_COMPONENT = 4
+    # Before each EM iteration a component whose mixing weight is below RESEED_BELOW / NUM_COMPONENTS
+    # (a fraction of the uniform weight) is re-seeded on the bank entry its class's mixture explains
+    # worst; 0 = never (a component left without responsibility then keeps its stale Gaussian).
+    g.RESEED_BELOW = 0.4
+    # Responsibilities of the E-step: "posterior" (EM, eq. 3) or "sinkhorn" (balanced so that every
+    # component takes an equal share of its class's bank: GMMSeg's guard against collapse).
+    g.ESTEP = "posterior"
+    # --- scoring (GMMClassPredictor)
+    # True: L2-normalise the embeddings and keep the means on the unit sphere (GMMSeg); prompts are
+    # rescaled to the class's mean embedding norm. False: model the embeddings as they are.
+    g.NORMALIZE = False
+    # A class's score from its components: "logsumexp" (log p(q|c), eq. 2) or "max" (the best
+    # component, GMMSeg).
+    g.COMPONENT_SCORE = "logsumexp"
+    # Logits given to the losses: "sqrt_dim" = score / sqrt(D), "per_dim" = score / D, "learned" =
+    # score / T with T learned (from sqrt(D)), "none" = the score exactly (eq. 1): these temperatures
+    # apply in training only, inference uses eq. 1. "class_layer_norm" = a LayerNorm over the classes'
+    # scores (GMMSeg), in training and inference.
+    g.LOGIT_NORM = "sqrt_dim"
+    # How "no object" is scored: "objectness" (a learned logit o; p(no object) = sigmoid(o) and the
+    # classes share 1 - sigmoid(o) by the GMM posterior) or "gmm" (a mixture fitted to the unmatched
+    # queries' embeddings, like any class: the paper pads its classes with no-object).
+    g.NO_OBJECT = "objectness"
 
 
 def add_avs_config(cfg):
@@ -207,16 +267,15 @@ def add_cpm_config(cfg):
     c.LAMBDA = 1.0  # l = l_agn + LAMBDA * (w_ACP l_ACP + w_VCP l_VCP + w_PCL l_PCL)
     # Prompts when the class head is LinearClassPredictor: "embedding" (a learnable vector per
     # class, the paper's "Point Rep.") or "gmm" (samples of per-class mixtures fitted by EM, as
-    # CCDM's, while the softmax still classifies).
+    # CCDM's, MODEL.MASK_FORMER.GMM, while the softmax still classifies).
     c.LINEAR_HEAD_PROMPTS = "embedding"
     c.ACP = CN({"ENABLED": True, "WEIGHT": 1.0})
     c.VCP = CN({"ENABLED": True, "WEIGHT": 1.0})
-    # Audio the VCP prompts are decoded with when ACP is on: "mixture" (the ACP pass's a_i + a_j, one
-    # prompt decode for both) or "clean" (a second prompt decode on a_i alone: VCP's targets are the
-    # objects a_i makes sound). The paper runs VCP "simultaneously with ACP" and does not say which.
-    # The configs (Base-AVS.yaml) use "clean", chosen on val (docs/results.md: with "mixture" the
-    # model learns to trust the prompt over the sound and labels silent objects in view).
-    c.VCP.AUDIO = "mixture"
+    # Audio the VCP prompts are decoded with when ACP is on: "clean" (a prompt decode on a_i alone:
+    # VCP's targets are the objects a_i makes sound) or "mixture" (the ACP pass's a_i + a_j, one
+    # prompt decode for both). The paper runs VCP "simultaneously with ACP" and does not say which
+    # (docs/results.md compares the two).
+    c.VCP.AUDIO = "clean"
     c.PCL = CN()
     c.PCL.ENABLED = True
     c.PCL.WEIGHT = 1.0
@@ -227,32 +286,4 @@ def add_cpm_config(cfg):
     # "batch" (of every image of the batch). Ablation on the hard proxy's val split (3 seeds,
     # docs/results.md): with VCP.AUDIO "clean" (the configs) "image" 41.51 vs "batch" 39.54 mIoU.
     c.PCL.NEGATIVES = "image"
-    g = c.GMM = CN()
-    g.NUM_COMPONENTS = 3  # M (paper Table 5: 3 is best)
-    g.COVARIANCE = "diag"  # "diag" or "full"
-    g.MEMORY_SIZE = 512  # matched embeddings kept per class
-    g.MAX_AGE = 0  # > 0: EM ignores bank entries older than this many iterations
-    # Matched embeddings the bank receives: "last" (the final prediction's) or "all" (every
-    # prediction's: the GMM head scores every decoder layer, and the bank refreshes faster).
-    g.OBSERVE_LAYERS = "all"
-    # How "no object" is scored: "objectness" (a learned logit o; p(no object) = sigmoid(o) and the
-    # classes share 1 - sigmoid(o) by the GMM posterior) or "gmm" (a mixture fitted to the unmatched
-    # queries' embeddings, like any class). The unmatched queries are diverse (silent objects,
-    # background) and a broad mixture loses to the tight class mixtures: measured on the hard
-    # synthetic preset, "gmm" called 59% of unmatched queries an object (the softmax head: 6.5%).
-    g.NO_OBJECT = "objectness"
-    # Run EM every this many iterations. Prompts come from the GMM: with a bank refreshed by every
-    # layer's embeddings, EM every iteration and momentum 0.5, the bank's mean age on the hard
-    # synthetic preset fell from ~135 to ~34 iterations and full CPM from 11.6 to 32.0 val mIoU
-    # (one seed); logged as gmm_bank_age. 10 keeps EM cheap at the paper's size (C = 71, D = 256).
-    g.UPDATE_INTERVAL = 10
-    g.EM_ITERS = 3
-    g.MOMENTUM = 0.5  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
-    g.EPS = 1e-4  # variance floor
-    # Logits given to the CE loss: "per_dim" = log p(q|c) / D (a tempered posterior with the same
-    # argmax; keeps CE finite in D = 256), "sqrt_dim" = log p(q|c) / sqrt(D), "learned" = log p(q|c) / T
-    # with T learned (from sqrt(D)), "none" = log p(q|c) exactly as eq. 1. Inference always uses eq. 1.
-    # Chosen on the hard synthetic preset's val split (CCDM alone, one seed): per_dim 23.3,
-    # sqrt_dim 32.0, learned 24.5 val mIoU.
-    g.LOGIT_NORM = "sqrt_dim"
     return cfg

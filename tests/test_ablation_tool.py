@@ -22,7 +22,7 @@ def test_row_switches_are_the_base_then_the_row():
     base = ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor", "MODEL.CPM.ENABLED", "True",
             "MODEL.CPM.ACP.ENABLED", "True", "MODEL.CPM.VCP.ENABLED", "True", "MODEL.CPM.VCP.AUDIO", "mixture",
             "MODEL.CPM.PCL.ENABLED", "True",
-            "MODEL.CPM.GMM.NUM_COMPONENTS", "3"]
+            "MODEL.MASK_FORMER.GMM.NUM_COMPONENTS", "3"]
     assert ablation.row_switches("t4_6_cpm_full") == base
     assert ablation.row_switches("t4_3_ccdm_vcp") == base + ["MODEL.CPM.ACP.ENABLED", "False",
                                                              "MODEL.CPM.PCL.ENABLED", "False"]

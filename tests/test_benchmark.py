@@ -26,7 +26,7 @@ from cpm_d2.benchmark import inputs, models, profiling, timing
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
 # EM every 5 iterations (the tiny config runs it every iteration): the breakdown tests count EM calls
-EM5 = ["MODEL.CPM.GMM.UPDATE_INTERVAL", "5"]
+EM5 = ["MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL", "5"]
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +291,7 @@ def test_cli_breakdown_covers_one_em_interval(cli):
     bd = data["breakdown"]
     cfg = models.load_cfg(str(TINY), EM5)
     _, cpm_cfg = models.pair_cfgs(cfg, "cpu")
-    assert bd["steps"] == cpm_cfg.MODEL.CPM.GMM.UPDATE_INTERVAL == 5  # default: one EM interval
+    assert bd["steps"] == cpm_cfg.MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL == 5  # default: one EM interval
     assert bd["gmm_em_calls"] == 1
     assert set(profiling.expected_train_labels(cpm_cfg, em_calls=1)) <= set(bd["labels"])
     assert sum(r["exclusive_ms"] for r in bd["tree"]) == pytest.approx(bd["step_ms"], rel=1e-6)

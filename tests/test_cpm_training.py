@@ -56,7 +56,7 @@ def _tiny_sizes(cfg):
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = predictor
     cfg.MODEL.CPM.PCL.NUM_PIXELS = 128
-    cfg.MODEL.CPM.GMM.MEMORY_SIZE = 32
+    cfg.MODEL.MASK_FORMER.GMM.MEMORY_SIZE = 32
     return cfg
 
 
@@ -582,7 +582,7 @@ def test_observe_all_layers_feeds_every_prediction_to_the_bank():
     tiny model) enter the bank, with the labels of that prediction's own matching."""
     counts = {}
     for mode in ("last", "all"):
-        model = _build(_cpm_cfg(**{"MODEL.CPM.GMM.OBSERVE_LAYERS": mode, "MODEL.CPM.GMM.MEMORY_SIZE": "512"}))
+        model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": mode, "MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "512"}))
         model.train()
         seen = []
         real = model.class_predictor.observe
@@ -596,7 +596,7 @@ def test_observe_all_layers_feeds_every_prediction_to_the_bank():
         assert ((per_pred < 5).sum(1) == 4).all() and (per_pred == 5).sum().item() == per_pred.shape[0] * 16
     assert counts == {"last": 2 * 10, "all": 4 * 2 * 10}
     with pytest.raises(ValueError, match="OBSERVE_LAYERS"):
-        _build(_cpm_cfg(**{"MODEL.CPM.GMM.OBSERVE_LAYERS": "some"}))
+        _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "some"}))
 
 
 def test_point_prompts_are_learned_through_the_prompt_losses():
@@ -635,7 +635,7 @@ def test_batch_without_sounding_classes_gives_zero_cpm_losses_in_the_graph():
 
 # ------------------------------------------------------------------------------------------ (h) checkpoint
 def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
-    model = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=0)
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2"}), seed=0)
     model.train()
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 51),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 52)]
@@ -644,7 +644,7 @@ def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
     gmm = model.class_predictor
     assert gmm.initialized.any()
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("cpm")
-    other = _build(_cpm_cfg(**{"MODEL.CPM.GMM.UPDATE_INTERVAL": "2"}), seed=1)
+    other = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2"}), seed=1)
     names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
     assert not all(torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)) for n in names)
     DetectionCheckpointer(other).load(str(tmp_path / "cpm.pth"))

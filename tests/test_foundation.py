@@ -97,5 +97,5 @@ def test_add_cpm_config_keys():
     from cpm_d2.config import get_cfg
 
     cfg = get_cfg()
-    assert cfg.MODEL.CPM.GMM.NUM_COMPONENTS == 3
+    assert cfg.MODEL.MASK_FORMER.GMM.NUM_COMPONENTS == 3
     assert cfg.INPUT.AUDIO.N_FFT == 512 and cfg.INPUT.AUDIO.HOP_LENGTH == 160

@@ -380,14 +380,14 @@ def test_built_from_config():
 
     cfg = get_cfg()
     cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
-    cfg.MODEL.CPM.GMM.NUM_COMPONENTS = 2
-    cfg.MODEL.CPM.GMM.COVARIANCE = "full"
-    cfg.MODEL.CPM.GMM.MEMORY_SIZE = 16
+    cfg.MODEL.MASK_FORMER.GMM.NUM_COMPONENTS = 2
+    cfg.MODEL.MASK_FORMER.GMM.COVARIANCE = "full"
+    cfg.MODEL.MASK_FORMER.GMM.MEMORY_SIZE = 16
     assert CLASS_PREDICTOR_REGISTRY.get("GMMClassPredictor") is GMMClassPredictor
     g = build_class_predictor(cfg, num_classes=4, embed_dim=8)
     assert isinstance(g, GMMClassPredictor)
     assert g.covariances.shape == (5, 2, 8, 8) and g.bank.shape == (5, 16, 8)
-    gc = cfg.MODEL.CPM.GMM
+    gc = cfg.MODEL.MASK_FORMER.GMM
     assert (g.update_interval, g.em_iters, g.momentum, g.eps) == (gc.UPDATE_INTERVAL, gc.EM_ITERS, gc.MOMENTUM, gc.EPS)
     assert g(torch.zeros(3, 8)).shape == (3, 5)
 

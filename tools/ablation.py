@@ -67,8 +67,13 @@ ROW_TITLES = {
     "x_softmax_gmm_prompts": "softmax head + GMM-sampled prompts",
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
     "x_lambda_0.25": "CPM, lambda = 0.25",
-    "x_vcp_clean_audio": "CPM, VCP prompts decoded on the clean audio",
-    "x_vcp_clean_batch_negatives": "CPM, VCP on the clean audio + PCL negatives from the batch",
+    "x_vcp_mixture_audio": "CPM, VCP prompts decoded on ACP's noise mixture",
+    "x_gmm_observe_last": "CPM, GMM banks fed by the last prediction only",
+    "x_gmm_observe_correct": "CPM, GMM banks fed by correctly classified queries only",
+    "x_gmm_sinkhorn": "CPM, Sinkhorn-balanced E-step",
+    "x_gmm_normalize": "CPM, mixtures of L2-normalised embeddings",
+    "x_gmm_gmmseg_scoring": "CPM, GMMSeg scoring (normalised, best component, LayerNorm over classes)",
+    "x_gmm_no_object_mixture": "CPM, no-object scored by a mixture",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
@@ -156,6 +161,31 @@ def _final_sts(output_dir):
     return sts
 
 
+def mixture_summary(checkpoint, min_entries=50):
+    """Live components of the class head's (or the prompts') per-class mixtures in a checkpoint:
+    {"live": [per class], "bank": [entries per class], "fitted": [...], "live_mean" / "live_min": over
+    the classes with >= ``min_entries`` bank entries} (no-object excluded), or None without mixtures."""
+    import torch
+
+    from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    prefix = next((k[: -len("weights")] for k in state if k.endswith(("class_predictor.mixtures.weights",
+                                                                      "class_predictor.prompt_gmm.weights"))), None)
+    if prefix is None:
+        return None
+    weights, bank, fitted = state[prefix + "weights"], state[prefix + "bank_count"], state[prefix + "initialized"]
+    live = ((weights >= LIVE_WEIGHT).sum(1) * fitted)[:-1]
+    bank, fitted = bank[:-1], fitted[:-1]
+    big = bank >= min_entries
+    out = {"live": live.tolist(), "bank": bank.tolist(), "fitted": fitted.tolist(), "min_entries": min_entries}
+    if bool(big.any()):
+        out["live_mean"] = float(live[big].float().mean())
+        out["live_min"] = int(live[big].min())
+    return out
+
+
 def _run(cmd, log_path, env):
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -236,6 +266,7 @@ class Job:
                 "val": _read_eval(self.out_dir, val), "test": _read_eval(self.out_dir, test),
                 "test_muted": _read_eval(os.path.join(self.out_dir, "muted"), test),
                 "sts": _final_sts(self.out_dir), "train_seconds": round(self.train_seconds, 1),
+                "mixtures": mixture_summary(os.path.join(self.out_dir, "model_final.pth")),
             }
         if self.extra_eval:
             with open(os.path.join(self.out_dir, "extra_eval.json")) as f:
@@ -304,6 +335,18 @@ def _mean_std(values):
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
+def _live_cell(res):
+    """Mean over seeds of the live components per class (classes with >= 50 bank entries) and the
+    minimum over classes and seeds; "–" for rows without mixtures."""
+    import numpy as np
+
+    mix = [r.get("mixtures") for r in res]
+    mix = [m for m in mix if m and "live_mean" in m]
+    if not mix:
+        return "–"
+    return f"{np.mean([m['live_mean'] for m in mix]):.2f} / {min(m['live_min'] for m in mix)}"
+
+
 def extra_columns(results, wanted=None):
     """Numeric keys of the runs' extra summaries (``wanted``: those, in that order)."""
     if wanted:
@@ -320,7 +363,8 @@ def extra_columns(results, wanted=None):
 def format_table(rows, results, seeds, extra=()):
     """Markdown table of mean ± std per row (``results[row]`` = list of result dicts); ``extra``:
     keys of the runs' extra-evaluation summaries shown as more columns."""
-    head = ["row", "seeds", "val mIoU", "test mIoU", "test F-β", "STS ↓ (end)", "test mIoU, audio muted"] + list(extra)
+    head = ["row", "seeds", "val mIoU", "test mIoU", "test F-β", "STS ↓ (end)", "test mIoU, audio muted",
+            "live comps. mean / min"] + list(extra)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         res = results.get(row, [])
@@ -332,6 +376,7 @@ def format_table(rows, results, seeds, extra=()):
             _mean_std([r["test"]["Fbeta"] for r in res]),
             _mean_std([r["sts"] for r in res]),
             _mean_std([r["test_muted"]["mIoU"] for r in res]),
+            _live_cell(res),
         ] + [_mean_std([r.get("extra", {}).get(k) for r in res]) for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

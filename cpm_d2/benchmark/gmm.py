@@ -1,6 +1,6 @@
 """Cost of the GMM class head's two training-time operations, measured in isolation.
 
-EM (``update``) runs once every MODEL.CPM.GMM.UPDATE_INTERVAL iterations, so a short profiled
+EM (``update``) runs once every MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL iterations, so a short profiled
 window may hold no EM call, or one whose cost depends on where the window starts. These helpers
 time single calls directly (wall clock around the public methods, nothing patched): EM on a
 *copy* of a trained predictor (the model is left as it was), and sampling 16 prompts.

@@ -211,7 +211,7 @@ def breakdown(model, optimizer, cfg, batches, steps, device="cpu"):
     if steps < 1:
         raise ValueError(f"{_WHERE}: the breakdown needs at least 1 step, got {steps}")
     sync = sync_fn(device)
-    interval = int(cfg.MODEL.CPM.GMM.UPDATE_INTERVAL)
+    interval = int(cfg.MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL)
     start = int(model._iter) if hasattr(model, "_iter") else 0
     em = em_iterations(start, steps, interval) if cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR == "GMMClassPredictor" else 0
     prof = profile_calls(lambda i: train_step(model, optimizer, batches[i % len(batches)], sync), steps, device)

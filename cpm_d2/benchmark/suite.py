@@ -202,7 +202,7 @@ def run(args, command=""):
     cfg = load_cfg(args.config, args.opts)
     base_cfg, cpm_cfg = pair_cfgs(cfg, device)
     bsz = int(cfg.SOLVER.IMS_PER_BATCH)
-    interval = int(cpm_cfg.MODEL.CPM.GMM.UPDATE_INTERVAL)
+    interval = int(cpm_cfg.MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL)
     if args.iters % interval:
         _log(f"note: --iters {args.iters} is not a multiple of GMM.UPDATE_INTERVAL {interval}; per-repeat means "
              "hold a varying number of EM calls")

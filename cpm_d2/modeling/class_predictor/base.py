@@ -20,18 +20,25 @@ class ClassPredictor(nn.Module):
         such as EM).
     sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label; only
         predictors with ``can_sample = True`` implement it (CPM's prompting needs one).
+    can_prompt(labels (K,)) -> (K,) bool: which labels can be prompted now (a mixture not yet
+        fitted cannot); prompts of the others are left out.
+    mixtures: the per-class Gaussian mixtures (``ClassMixtures``), on predictors that have them
+        (read it with ``getattr(predictor, "mixtures", None)``).
     """
 
     num_classes: int  # C, background included; logits have C + 1 entries
     can_sample: bool = False  # True if sample() draws class-conditional prompts
 
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None) -> None:
         pass
 
     def step(self, iteration: int) -> None:
         pass
 
-    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+    def can_prompt(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+
+    def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         raise RuntimeError(
             f"{type(self).__name__} has no class-conditional prompts to sample (can_sample is False); "
             "MODEL.CPM.ENABLED needs GMMClassPredictor or LinearClassPredictor"

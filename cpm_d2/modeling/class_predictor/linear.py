@@ -19,9 +19,9 @@ class LinearClassPredictor(ClassPredictor):
       vector per label; ``sample(labels)`` returns its rows, with gradient, so the prompting losses
       train it;
     * ``"gmm"``: samples of per-class Gaussian mixtures fitted by EM to the matched embeddings
-      (the CCDM generative model, ``MODEL.CPM.GMM.*``), used for the prompts only: the classes
-      are still predicted by the softmax. Separates "prompts from a distribution" from "a
-      generative classifier".
+      (CCDM's generative model, :class:`~.mixture.ClassMixtures` with ``MODEL.MASK_FORMER.GMM.*``),
+      used for the prompts only: the classes are still predicted by the softmax. Separates
+      "prompts from a distribution" from "a generative classifier".
     """
 
     @configurable
@@ -45,23 +45,22 @@ class LinearClassPredictor(ClassPredictor):
         prompts = cfg.MODEL.CPM.LINEAR_HEAD_PROMPTS if cfg.MODEL.CPM.ENABLED else "none"
         prompt_gmm = None
         if prompts == "gmm":
-            from .gmm import GMMClassPredictor
+            from .gmm import mixture_options_from_config
+            from .mixture import ClassMixtures
 
-            # Only observed and sampled from, never run forward: no objectness layer or learned
-            # temperature (they would be parameters no loss reaches); "no object" is never banked
-            # (observe leaves it out) nor prompted.
-            prompt_gmm = GMMClassPredictor(cfg, num_classes=num_classes, embed_dim=embed_dim,
-                                           no_object="gmm", logit_norm="none")
+            # only observed and sampled from; "no object" (index C) is never banked nor prompted
+            prompt_gmm = ClassMixtures(num_mixtures=num_classes + 1, embed_dim=embed_dim,
+                                       **mixture_options_from_config(cfg))
         return {"num_classes": num_classes, "embed_dim": embed_dim, "prompts": prompts, "prompt_gmm": prompt_gmm}
 
     @record_function("cpm.class_head")
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.linear(embeddings)
 
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None) -> None:
         if self.prompt_gmm is not None:
             keep = labels < self.num_classes
-            self.prompt_gmm.observe(embeddings[keep], labels[keep], iteration)
+            self.prompt_gmm.observe(embeddings[keep], labels[keep], iteration, None if sources is None else sources[keep])
 
     def step(self, iteration: int) -> None:
         if self.prompt_gmm is not None:
@@ -71,12 +70,23 @@ class LinearClassPredictor(ClassPredictor):
         """The prompt mixtures' bank ages (C+1,) (``"gmm"`` prompts), else None."""
         return None if self.prompt_gmm is None else self.prompt_gmm.bank_age(iteration)
 
-    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+    @property
+    def mixtures(self):
+        """The prompt mixtures (``"gmm"`` prompts), else None."""
+        return self.prompt_gmm
+
+    def can_prompt(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: with ``"gmm"`` prompts, the labels whose mixture has been fitted; else all."""
+        if self.prompt_gmm is None:
+            return super().can_prompt(labels)
+        return self.prompt_gmm.fitted[labels.to(self.prompt_gmm.fitted.device).long()]
+
+    def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         """labels (K,) -> prompts (K, D): learnable rows ("embedding") or mixture samples ("gmm")."""
         if not self.can_sample:
             return super().sample(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
             raise ValueError(f"linear.py: sample labels must lie in [0, {self.num_classes}]")
         if self.prompt_gmm is not None:
-            return self.prompt_gmm.sample(labels)
+            return self.prompt_gmm.sample(labels, generator)
         return self.prompts(labels.to(self.prompts.weight.device).long())

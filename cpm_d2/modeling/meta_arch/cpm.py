@@ -102,6 +102,7 @@ class CPM(nn.Module):
         deep_supervision: bool = True,
         semantic_inference: str = "argmax_query",
         observe_all_layers: bool = False,
+        observe_correct_only: bool = False,
         cpm_loss: Optional[nn.Module] = None,
         stereo_position: bool = False,
         stereo_backbone_input: str = "mid",
@@ -126,6 +127,7 @@ class CPM(nn.Module):
         self.deep_supervision = deep_supervision
         self.semantic_inference_rule = semantic_inference
         self.observe_all_layers = bool(observe_all_layers)
+        self.observe_correct_only = bool(observe_correct_only)
         # CPM's prompting losses (training only), None = the class-agnostic baseline.
         self.cpm_loss = cpm_loss
         # MODEL.AUDIO.STEREO_POSITION: stereo cues for the decoder; "mid": the backbone sees the channel mean
@@ -157,9 +159,7 @@ class CPM(nn.Module):
             raise ValueError(f"cpm.py: INPUT.FORMAT must be 'RGB' (images are RGB; PIXEL_MEAN is in RGB order), "
                              f"got {cfg.INPUT.FORMAT!r}")
         mf = cfg.MODEL.MASK_FORMER
-        if cfg.MODEL.CPM.GMM.OBSERVE_LAYERS not in ("last", "all"):
-            raise ValueError(f"cpm.py: MODEL.CPM.GMM.OBSERVE_LAYERS must be 'last' or 'all', got "
-                             f"{cfg.MODEL.CPM.GMM.OBSERVE_LAYERS!r}")
+        _check_bank_config(cfg)
         # built in this order (a seed gives the same weights as before the CPM loss existed)
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
@@ -190,7 +190,8 @@ class CPM(nn.Module):
             "audio_log_offset": cfg.MODEL.AUDIO.LOG_OFFSET,
             "deep_supervision": mf.DEEP_SUPERVISION,
             "semantic_inference": mf.TEST.SEMANTIC_INFERENCE,
-            "observe_all_layers": cfg.MODEL.CPM.GMM.OBSERVE_LAYERS == "all",
+            "observe_all_layers": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS == "all",
+            "observe_correct_only": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_CORRECT_ONLY,
             "cpm_loss": cpm_loss,
             "stereo_position": check_stereo_config(cfg),
             "stereo_backbone_input": cfg.MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT,
@@ -345,35 +346,64 @@ class CPM(nn.Module):
     def observe_assignments(self, outputs: Dict, targets: List[Dict], indices) -> torch.Tensor:
         """Give the class predictor the matched embeddings with their labels (unmatched -> C): the
         final prediction's, or with ``observe_all_layers`` every prediction's (``indices`` as from
-        class_agnostic_losses: [aux_0, ..., final]); step it, set ``last_assignments`` (B, N, the
-        final matching) on CPU and advance ``_iter``."""
+        class_agnostic_losses: [aux_0, ..., final]), each with the index of its query in the batch
+        (copies of one query from several layers share it); with ``observe_correct_only`` only the
+        embeddings whose predicted class (argmax of that prediction's logits) is their label. Step
+        the predictor, log its mixtures' state, set ``last_assignments`` (B, N, the final
+        matching) on CPU and advance ``_iter``."""
         emb = outputs["query_embeddings"]
         assigned = self._assigned_labels(emb, targets, indices[-1])
-        embs, labels = [emb.flatten(0, 1)], [assigned.flatten()]
+        preds = [outputs]
+        labels = [assigned]
         if self.observe_all_layers:
             for aux, aux_indices in zip(outputs.get("aux_outputs", []), indices[:-1]):
-                embs.append(aux["query_embeddings"].flatten(0, 1))
-                labels.append(self._assigned_labels(aux["query_embeddings"], targets, aux_indices).flatten())
+                preds.append(aux)
+                labels.append(self._assigned_labels(aux["query_embeddings"], targets, aux_indices))
+        sources = torch.arange(assigned.numel(), device=emb.device)
+        embs, labs, srcs = [], [], []
+        for pred, lab in zip(preds, labels):
+            e, l = pred["query_embeddings"].flatten(0, 1), lab.flatten()
+            if self.observe_correct_only:
+                keep = pred["pred_logits"].flatten(0, 1).argmax(-1) == l
+                e, l, src = e[keep], l[keep], sources[keep]
+            else:
+                src = sources
+            embs.append(e)
+            labs.append(l)
+            srcs.append(src)
         iteration = int(self._iter)
-        self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labels), iteration)
+        self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labs), iteration, torch.cat(srcs))
         self.class_predictor.step(iteration)
-        bank_age = getattr(self.class_predictor, "bank_age", None)
-        age = bank_age(iteration) if bank_age is not None else None
-        if age is not None:
-            age = age[: self.num_classes]  # real classes, not no-object
-            _put_scalar("gmm_bank_age", age[torch.isfinite(age)].mean())
+        self._log_mixtures(iteration)
         self._iter += 1
         self.last_assignments = assigned.cpu()
         return assigned
 
+    def _log_mixtures(self, iteration: int) -> None:
+        """Scalars of the class predictor's mixtures over the real classes (not no-object):
+        gmm_bank_age (mean entry age), gmm_live_components_mean / _min (components of weight
+        >= LIVE_WEIGHT, over the classes fitted so far) and gmm_fitted_classes."""
+        mixtures = getattr(self.class_predictor, "mixtures", None)
+        if mixtures is None:
+            return
+        age = mixtures.bank_age(iteration)[: self.num_classes]
+        _put_scalar("gmm_bank_age", age[torch.isfinite(age)].mean())
+        fitted = mixtures.fitted[: self.num_classes]
+        live = mixtures.live_components()[: self.num_classes][fitted].float()
+        _put_scalar("gmm_fitted_classes", fitted.sum().float())
+        if live.numel():
+            _put_scalar("gmm_live_components_mean", live.mean())
+            _put_scalar("gmm_live_components_min", live.min())
+
     # ------------------------------------------------------------------------------ CPM training
     def prompt_labels(self, targets: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
-        """Per image the sorted non-background classes of its targets, (K_b,) int64 (the classes
-        prompted; 0 is the background of every AVS dataset)."""
+        """Per image the sorted non-background classes of its targets that the class predictor can
+        prompt (a GMM not fitted yet cannot), (K_b,) int64; 0 is the background of every AVS dataset."""
         out = []
         for t in targets:
             labels = torch.unique(t["labels"])  # sorted
-            out.append(labels[labels != 0].long())
+            labels = labels[labels != 0].long()
+            out.append(labels[self.class_predictor.can_prompt(labels).to(labels.device)])
         return out
 
     def sample_prompts(self, prompt_labels: List[torch.Tensor], dtype: torch.dtype):
@@ -499,6 +529,27 @@ class CPM(nn.Module):
                 "audio_class_probs": audio_probs[i],
             })
         return results
+
+
+def _check_bank_config(cfg) -> None:
+    """MODEL.MASK_FORMER.GMM's bank keys, where per-class mixtures are built: a class must be able to
+    reach its first fit (MIN_ENTRIES_PER_COMPONENT x NUM_COMPONENTS distinct entries)."""
+    g, mf = cfg.MODEL.MASK_FORMER.GMM, cfg.MODEL.MASK_FORMER
+    if g.OBSERVE_LAYERS not in ("last", "all"):
+        raise ValueError(f"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS must be 'last' or 'all', got {g.OBSERVE_LAYERS!r}")
+    uses_mixtures = mf.CLASS_PREDICTOR == "GMMClassPredictor" or (
+        cfg.MODEL.CPM.ENABLED and cfg.MODEL.CPM.LINEAR_HEAD_PROMPTS == "gmm")
+    if not uses_mixtures:
+        return
+    copies = mf.DEC_LAYERS if g.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION else 1
+    needed = max(2, g.MIN_ENTRIES_PER_COMPONENT * g.NUM_COMPONENTS)
+    if needed * copies > g.MEMORY_SIZE:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.GMM: a class is first fitted once its bank holds {needed} distinct entries "
+            f"(MIN_ENTRIES_PER_COMPONENT {g.MIN_ENTRIES_PER_COMPONENT} x NUM_COMPONENTS {g.NUM_COMPONENTS}), but "
+            f"MEMORY_SIZE {g.MEMORY_SIZE} holds only {g.MEMORY_SIZE // copies} distinct queries when each is banked "
+            f"{copies} times (OBSERVE_LAYERS 'all', {copies} predictions): raise MEMORY_SIZE to >= {needed * copies}, "
+            "set OBSERVE_LAYERS 'last', or lower MIN_ENTRIES_PER_COMPONENT")
 
 
 def _put_scalar(name: str, value: torch.Tensor) -> None:

@@ -1,0 +1,580 @@
+"""Per-class Gaussian mixtures fitted by EM to memory banks of embeddings (CCDM's generative model).
+
+:class:`ClassMixtures` holds, for each of K mixtures (one per class), M Gaussians over D-dim
+embeddings (paper §3.2, eqs. 2-4) and a ring-buffer memory bank of the embeddings observed for that
+class. ``update`` fits the mixtures to the banks by EM and blends the estimate into the current
+parameters with momentum; ``sample`` draws from them. Nothing is learned by gradient: every piece
+of state is a buffer, so it is checkpointed and, by construction, identical on every rank (banks are
+gathered across ranks, EM draws come from a generator seeded identically everywhere).
+
+What keeps the M components of a mixture alive (each can be switched off):
+
+* a class is first fitted only once its bank holds ``min_entries`` *distinct* entries (entries
+  observed from the same query, e.g. by several decoder layers, count once); before that it keeps
+  its prior parameters and ``fitted`` is False for it (callers do not sample from it);
+* the first fit is seeded by k-means++; afterwards EM starts from the current parameters;
+* a component whose mixing weight falls below ``reseed_below / M`` is re-seeded before each EM
+  iteration on the bank entry the class's mixture explains worst (with the class-wide covariance
+  and half the heaviest component's weight), and is taken as estimated, not blended with momentum;
+* ``estep="sinkhorn"`` balances the responsibilities so that every component takes an equal share
+  of the bank (GMMSeg's guard against collapse; the weights then stay uniform).
+
+``normalize=True`` models L2-normalised embeddings (unit vectors, as GMMSeg): the bank stores unit
+vectors, the M-step projects each mean back onto the unit sphere, ``eps`` floors the variances on
+that scale (a unit vector's coordinates have variance about 1/D), and ``sample`` rescales its unit
+samples by the mean norm of the class's raw embeddings so that prompts live where the queries do.
+
+Shapes: K mixtures, M components, D dims, S bank slots per class. Buffers: weights (K, M), means
+(K, M, D), covariances (K, M, D) ("diag") or (K, M, D, D) ("full"), initialized (K,) bool,
+bank (K, S, D), bank_count / bank_ptr (K,), bank_iter (K, S) (the training iteration of each entry),
+bank_source (K, S) (which query of that iteration it came from), bank_norm (K,) (mean raw norm of
+the entries, for ``normalize``).
+
+Numerics: log-densities and EM run in float64; autocast is disabled. Full covariances need a
+(N, K, M, D) intermediate and are meant for small D or few classes.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.profiler import record_function
+
+from detectron2.utils import comm
+
+__all__ = ["ClassMixtures", "LIVE_WEIGHT"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_TINY = 1e-12  # guards divisions by an (almost) empty responsibility mass
+_MIN_WEIGHT = 1e-6  # mixing weights are floored here so log(pi) stays finite
+_DEAD = 1e-6  # without re-seeding, a component with less responsibility mass keeps its Gaussian
+LIVE_WEIGHT = 0.05  # a component counts as live (``live_components``) when its weight is at least this
+_SOURCE_STRIDE = 1 << 24  # bank_source = rank * stride + the query's index within its rank's batch
+ESTEPS = ("posterior", "sinkhorn")
+_SINKHORN_ITERS = 20  # alternating column / row normalisations of the balanced E-step
+
+
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where with ``mask`` (K,) or (K, M) broadcast over the trailing dims of ``a``/``b``."""
+    return torch.where(mask.view(*mask.shape, *([1] * (a.dim() - mask.dim()))), a, b)
+
+
+class ClassMixtures(nn.Module):
+    """K Gaussian mixtures of M components over D dims, each fitted to its own memory bank.
+
+    observe(embeddings (N, D), labels (N,) in [0, K), iteration, sources (N,) or None): bank them.
+    update(iteration) -> bool: EM on the banks now.  step(iteration): EM every ``update_interval``.
+    component_log_prob(x (N, D)) -> (N, K, M): log pi_km + log N(x; mu_km, Sigma_km).
+    log_prob(x (..., D)) -> (..., K): log p(x | k) (logsumexp over components, eq. 2).
+    sample(labels (N,)) -> (N, D).  fitted (K,) bool.  live_components() -> (K,) int.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_mixtures: int,
+        embed_dim: int,
+        num_components: int = 3,
+        covariance: str = "diag",
+        memory_size: int = 512,
+        update_interval: int = 10,
+        em_iters: int = 3,
+        momentum: float = 0.5,
+        eps: float = 1e-4,
+        min_entries: int = 2,
+        reseed_below: float = 0.0,
+        estep: str = "posterior",
+        normalize: bool = False,
+        max_age: int = 0,
+        init_std: float = 1.0,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            num_mixtures: K, one mixture (and bank) per class.
+            embed_dim: D.
+            num_components: M Gaussians per mixture.
+            covariance: "diag" or "full".
+            memory_size: S, entries kept per class (ring buffer, newest kept).
+            update_interval: ``step(it)`` runs EM when ``(it + 1) % update_interval == 0``.
+            em_iters: EM iterations per update.
+            momentum: theta <- momentum * theta_old + (1 - momentum) * theta_EM (not applied to a
+                class's first fit nor to re-seeded components).
+            eps: variance floor (diag: var >= eps; full: Sigma + eps * I), on the modelled scale.
+            min_entries: distinct bank entries a class needs before its first fit (>= 2).
+            reseed_below: re-seed, before each EM iteration, components whose weight is below
+                ``reseed_below / M`` (a fraction of the uniform weight); 0 = never (a component without
+                responsibility mass then keeps its old Gaussian).
+            estep: "posterior" (EM's responsibilities, eq. 3) or "sinkhorn" (balanced to equal
+                component mass).
+            normalize: model L2-normalised embeddings (means on the unit sphere).
+            max_age: > 0: EM uses only entries stored at most this many iterations ago.
+            init_std: std of the random prior means (unit prior variances; unit-norm with ``normalize``).
+            seed: seeds the prior means and every EM draw (the same on every rank).
+        """
+        super().__init__()
+        for name, value in (("num_mixtures", num_mixtures), ("embed_dim", embed_dim),
+                            ("num_components", num_components), ("memory_size", memory_size),
+                            ("update_interval", update_interval), ("em_iters", em_iters)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"GMM {name} must be a positive integer, got {value!r}")
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"GMM covariance must be 'diag' or 'full', got {covariance!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"GMM momentum must be in [0, 1), got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"GMM eps (variance floor) must be > 0, got {eps}")
+        if int(min_entries) != min_entries or min_entries < 2:
+            raise ValueError(f"GMM min_entries (distinct entries before a class is fitted) must be an integer >= 2, "
+                             f"got {min_entries!r}")
+        if not 0.0 <= reseed_below < 1.0:
+            raise ValueError(f"GMM reseed_below (a fraction of the uniform weight 1/M) must be in [0, 1), "
+                             f"got {reseed_below}")
+        if estep not in ESTEPS:
+            raise ValueError(f"GMM estep must be one of {ESTEPS}, got {estep!r}")
+        if int(max_age) != max_age or max_age < 0:
+            raise ValueError(f"GMM max_age must be an integer >= 0, got {max_age!r}")
+        self.num_mixtures = int(num_mixtures)
+        self.embed_dim = int(embed_dim)
+        self.num_components = int(num_components)
+        self.covariance = covariance
+        self.memory_size = int(memory_size)
+        self.update_interval = int(update_interval)
+        self.em_iters = int(em_iters)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.min_entries = int(min_entries)
+        self.reseed_below = float(reseed_below)
+        self.estep = estep
+        self.normalize = bool(normalize)
+        self.max_age = int(max_age)
+        self.seed = int(seed)
+
+        K, M, D, S = self.num_mixtures, self.num_components, self.embed_dim, self.memory_size
+        gen = torch.Generator().manual_seed(self.seed)
+        means = torch.randn(K, M, D, generator=gen) * float(init_std)
+        if self.normalize:
+            means = F.normalize(means, dim=-1)
+        self.register_buffer("weights", torch.full((K, M), 1.0 / M))
+        self.register_buffer("means", means)
+        prior_var = 1.0 / D if self.normalize else 1.0
+        if covariance == "diag":
+            self.register_buffer("covariances", torch.full((K, M, D), prior_var))
+        else:
+            self.register_buffer("covariances", (prior_var * torch.eye(D)).expand(K, M, D, D).clone())
+        self.register_buffer("initialized", torch.zeros(K, dtype=torch.bool))
+        self.register_buffer("bank", torch.zeros(K, S, D))
+        self.register_buffer("bank_count", torch.zeros(K, dtype=torch.long))
+        self.register_buffer("bank_ptr", torch.zeros(K, dtype=torch.long))
+        self.register_buffer("bank_iter", torch.zeros(K, S, dtype=torch.long))
+        self.register_buffer("bank_source", torch.arange(S).repeat(K, 1))
+        self.register_buffer("bank_norm", torch.ones(K))
+        self._factor_cache = None  # full covariance: (key, L, L^-1, log|Sigma|)
+        self._diag_cache = None  # diagonal: (key, 1/var, mu/var, sum mu^2/var, log-normaliser + log pi)
+
+    def extra_repr(self) -> str:
+        return (f"num_mixtures={self.num_mixtures}, embed_dim={self.embed_dim}, num_components={self.num_components}, "
+                f"covariance={self.covariance}, memory_size={self.memory_size}, update_interval={self.update_interval}, "
+                f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, min_entries={self.min_entries}, "
+                f"reseed_below={self.reseed_below}, estep={self.estep}, normalize={self.normalize}, "
+                f"max_age={self.max_age}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # banks saved before entries were stamped: ages unknown (0), every entry its own source,
+        # raw norms unknown (1: only used with ``normalize``)
+        if prefix + "bank" in state_dict:
+            defaults = {"bank_iter": torch.zeros_like(self.bank_iter), "bank_source": torch.arange(
+                self.memory_size).repeat(self.num_mixtures, 1), "bank_norm": torch.ones_like(self.bank_norm)}
+            for name, value in defaults.items():
+                state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------ checks
+    def check_labels(self, labels: torch.Tensor, what: str) -> None:
+        if labels.dim() != 1:
+            raise ValueError(f"GMM {what}: labels must be 1-D, got shape {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_mixtures):
+            raise ValueError(f"GMM {what}: labels must lie in [0, {self.num_mixtures - 1}], got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+
+    def _check_embeddings(self, x: torch.Tensor, what: str) -> None:
+        if x.dim() < 1 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"GMM {what} must have shape (..., {self.embed_dim}), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------------------ densities
+    def _full_factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cholesky factor L, its inverse and log|Sigma| of every component (float64), cached under
+        the covariance buffer's storage, device and version counter."""
+        cov = self.covariances
+        key = (cov.data_ptr(), cov.device, cov._version)
+        if self._factor_cache is None or self._factor_cache[0] != key:
+            L, info = torch.linalg.cholesky_ex(cov.double())
+            if bool((info != 0).any()):
+                raise RuntimeError("a full GMM covariance is not positive definite (corrupt checkpoint, or "
+                                   "eps too small)")
+            eye = torch.eye(self.embed_dim, dtype=L.dtype, device=L.device).expand_as(L)
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            self._factor_cache = (key, L, L_inv, logdet)
+        return self._factor_cache[1:]
+
+    def _diag_terms(self):
+        """Float64 terms of the diagonal log-density over the K x M = KM components: 1/var (D, KM),
+        mu/var (D, KM), sum_d mu^2/var (KM,), -0.5 (D log 2pi + log|Sigma|) + log pi (KM,); cached
+        under the buffers' storage, device and version counters."""
+        bufs = (self.weights, self.means, self.covariances)
+        key = tuple((t.data_ptr(), t.device, t._version) for t in bufs)
+        if self._diag_cache is None or self._diag_cache[0] != key:
+            KM, D = self.num_mixtures * self.num_components, self.embed_dim
+            var = self.covariances.double().reshape(KM, D)
+            mu = self.means.double().reshape(KM, D)
+            inv = var.reciprocal()
+            log_w = self.weights.double().clamp_min(_TINY).log().reshape(KM)
+            const = -0.5 * (D * _LOG_2PI + var.log().sum(-1)) + log_w
+            self._diag_cache = (key, inv.t().contiguous(), (mu * inv).t().contiguous(), (mu * mu * inv).sum(-1), const)
+        return self._diag_cache[1:]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., D) in the modelled space: L2-normalised with ``normalize``, else as they are."""
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> log pi_km + log N(prepare(x); mu_km, Sigma_km): (N, K, M) float64."""
+        K, M, D = self.num_mixtures, self.num_components, self.embed_dim
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.prepare(x.double() if x.dtype != torch.float64 else x)
+            if self.covariance == "diag":
+                inv_t, mu_inv_t, mu2_inv, const = self._diag_terms()
+                # sum((x - mu)^2 / var) = x^2 . (1/var) - 2 x . (mu/var) + mu^2 . (1/var): two fused matmuls
+                quad = torch.addmm(torch.addmm(mu2_inv, x, mu_inv_t, alpha=-2.0), x * x, inv_t).clamp_min(0.0)
+                return (const - 0.5 * quad).reshape(-1, K, M)
+            log_w = self.weights.double().clamp_min(_TINY).log()
+            _, L_inv, logdet = self._full_factors()
+            diff = x[:, None, None, :] - self.means.double()  # (N, K, M, D)
+            quad = torch.einsum("kmde,nkme->nkmd", L_inv, diff).pow(2).sum(-1)
+            return -0.5 * (D * _LOG_2PI + logdet + quad) + log_w
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | k) = logsumexp_m [log pi_km + log N] (eq. 2): (..., D) -> (..., K) float64."""
+        self._check_embeddings(x, "embeddings")
+        comp = self.component_log_prob(x.reshape(-1, self.embed_dim))
+        return torch.logsumexp(comp, dim=-1).reshape(*x.shape[:-1], self.num_mixtures)
+
+    # ------------------------------------------------------------------------------ memory bank
+    @staticmethod
+    def _all_gather_rows(*rows: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Concatenate per-rank tensors of N_r rows (variable N_r: padded to the max) in rank order."""
+        world = comm.get_world_size()
+        if world == 1:
+            return rows
+        size = torch.tensor([rows[0].shape[0]], dtype=torch.long, device=rows[0].device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        sizes = [int(s.item()) for s in sizes]
+        n_max = max(sizes)
+        if n_max == 0:
+            return rows
+        out = []
+        for r in rows:
+            pad = torch.zeros((n_max - r.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device)
+            padded = torch.cat([r, pad]).contiguous()
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+        return tuple(out)
+
+    @torch.no_grad()
+    def _push(self, emb: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, iteration: int) -> None:
+        """Write (N, D) entries into the class ring buffers, newest last, without Python loops."""
+        N = labels.numel()
+        if N == 0:
+            return
+        K, S = self.num_mixtures, self.memory_size
+        order = torch.argsort(labels, stable=True)  # group by class, keep arrival order inside
+        lab, emb, sources = labels[order], emb[order], sources[order]
+        counts = torch.bincount(lab, minlength=K)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(N, device=lab.device) - starts[lab]  # arrival index within its class
+        keep = rank >= counts[lab] - S  # only the newest S of a class survive this batch
+        slot = (self.bank_ptr[lab] + rank) % S
+        self.bank[lab[keep], slot[keep]] = emb[keep]
+        self.bank_iter[lab[keep], slot[keep]] = int(iteration)
+        self.bank_source[lab[keep], slot[keep]] = sources[keep]
+        self.bank_ptr.copy_((self.bank_ptr + counts) % S)
+        self.bank_count.copy_((self.bank_count + counts).clamp_max(S))
+
+    @torch.no_grad()
+    @record_function("gmm.observe")
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0,
+                sources: Optional[torch.Tensor] = None) -> None:
+        """Bank detached embeddings (N, D) under labels (N,) in [0, K), stamped with ``iteration``.
+
+        ``sources`` (N,) int: which query of this rank's batch each entry came from (entries with
+        the same source in one iteration are copies of one query and count once towards
+        ``min_entries``); None: every entry is its own source. A collective when torch.distributed
+        is initialised: every rank calls it (N may be 0) and every rank banks the rows of all ranks.
+        """
+        if embeddings.dim() != 2 or embeddings.shape[-1] != self.embed_dim:
+            raise ValueError(f"GMM observe expects embeddings (N, {self.embed_dim}), got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"GMM observe expects labels (N,) matching embeddings (N, D), got "
+                             f"{tuple(labels.shape)} and {tuple(embeddings.shape)}")
+        self.check_labels(labels, "observe")
+        dev = self.bank.device
+        emb = embeddings.detach().to(device=dev, dtype=self.bank.dtype)
+        lab = labels.detach().to(device=dev, dtype=torch.long)
+        src = (torch.arange(lab.numel(), device=dev) if sources is None
+               else sources.detach().to(device=dev, dtype=torch.long))
+        src = src + comm.get_rank() * _SOURCE_STRIDE
+        norms = emb.norm(dim=-1)
+        emb, lab, src, norms = self._all_gather_rows(emb, lab, src, norms)
+        if self.normalize and lab.numel():
+            # running mean of the raw norms per class (same momentum as the parameters)
+            count = torch.bincount(lab, minlength=self.num_mixtures)
+            mean = torch.bincount(lab, weights=norms.double(), minlength=self.num_mixtures) / count.clamp_min(1)
+            first = self.bank_count == 0
+            blend = torch.where(first, mean.to(self.bank_norm.dtype),
+                                self.momentum * self.bank_norm + (1 - self.momentum) * mean.to(self.bank_norm.dtype))
+            self.bank_norm.copy_(torch.where(count > 0, blend, self.bank_norm))
+            emb = F.normalize(emb, dim=-1)
+        self._push(emb, lab, src, iteration)
+
+    def bank_valid_mask(self, iteration: Optional[int] = None) -> torch.Tensor:
+        """(K, S) bool: slots holding an entry (slots fill from 0 before wrapping) and, with
+        ``max_age`` > 0 and ``iteration`` given, stored at most ``max_age`` iterations ago."""
+        slots = torch.arange(self.memory_size, device=self.bank.device)
+        valid = slots[None, :] < self.bank_count[:, None]
+        if self.max_age > 0 and iteration is not None:
+            valid &= self.bank_iter >= int(iteration) - self.max_age
+        return valid
+
+    def distinct_entries(self, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(K,) number of distinct (iteration, source) pairs among the valid bank entries."""
+        valid = self.bank_valid_mask() if valid is None else valid
+        key = self.bank_iter * (2 * _SOURCE_STRIDE * max(comm.get_world_size(), 1)) + self.bank_source
+        key = torch.where(valid, key, torch.full_like(key, -1)).sort(dim=1).values
+        new = torch.ones_like(valid)
+        new[:, 1:] = key[:, 1:] != key[:, :-1]
+        return (new & (key >= 0)).sum(1)
+
+    @torch.no_grad()
+    def bank_age(self, iteration: int) -> torch.Tensor:
+        """(K,) mean age in iterations of each class's entries (NaN for an empty bank)."""
+        valid = self.bank_valid_mask()
+        age = (int(iteration) - self.bank_iter).to(torch.float64) * valid
+        return (age.sum(1) / valid.sum(1)).to(torch.float32)  # 0 / 0 = NaN where empty
+
+    @property
+    def fitted(self) -> torch.Tensor:
+        """(K,) bool: mixtures estimated from their bank at least once (the others hold their prior)."""
+        return self.initialized
+
+    def live_components(self, threshold: float = LIVE_WEIGHT) -> torch.Tensor:
+        """(K,) number of components with weight >= ``threshold`` (0 for a class never fitted)."""
+        return torch.where(self.initialized, (self.weights >= threshold).sum(1), torch.zeros_like(self.bank_count))
+
+    # ------------------------------------------------------------------------------ EM
+    def _paired_log_normal(self, x: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """Class-paired log N: x (K, S, D), mu (K, M, D), cov (K, M, D[, D]) (float64) -> (K, S, M)."""
+        D = x.shape[-1]
+        if self.covariance == "diag":
+            inv = cov.reciprocal()
+            quad = (x * x) @ inv.transpose(1, 2) - 2.0 * (x @ (mu * inv).transpose(1, 2))
+            quad = (quad + (mu * mu * inv).sum(-1)[:, None, :]).clamp_min(0.0)
+            logdet = cov.log().sum(-1)
+        else:
+            L = torch.linalg.cholesky(cov)
+            eye = torch.eye(D, dtype=L.dtype, device=L.device).expand_as(L)
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            diff = x[:, :, None, :] - mu[:, None, :, :]  # (K, S, M, D)
+            quad = torch.einsum("kmde,ksme->ksmd", L_inv, diff).pow(2).sum(-1)
+            logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * (D * _LOG_2PI + logdet[:, None, :] + quad)
+
+    def _class_covariance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Per-class covariance of the bank (diag: (K, D); full: (K, D, D)), floored by eps."""
+        w = valid.to(X.dtype)[..., None]
+        cnt = n.clamp_min(1).to(X.dtype)[:, None]
+        mean = (w * X).sum(1) / cnt
+        centred = (X - mean[:, None]) * w
+        if self.covariance == "diag":
+            return (centred.pow(2).sum(1) / cnt).clamp_min(self.eps)
+        cov = centred.transpose(1, 2) @ centred / cnt[..., None]
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+        return 0.5 * (cov + cov.transpose(1, 2)) + self.eps * eye
+
+    def _kmeans_pp(self, X, valid, n, iteration):
+        """k-means++ seeding of M means per class from its bank (all classes at once); draws from a
+        CPU generator seeded from (seed, iteration): identical on every rank. Returns weights (K, M),
+        means (K, M, D) and the class-wide covariance for every component."""
+        K, S, D = X.shape
+        M = self.num_components
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(iteration))
+        rows = torch.arange(K, device=X.device)
+        base = valid.cpu().double()
+        base[base.sum(1) == 0] = 1.0  # classes without entries: dummy draw, result unused
+        chosen = torch.multinomial(base, 1, generator=gen)
+        centre = X[rows, chosen[:, 0].to(X.device)]
+        d2 = (X - centre[:, None]).pow(2).sum(-1)
+        for _ in range(1, M):
+            wts = (d2 * valid).cpu()
+            fallback = base.clone()
+            fallback.scatter_(1, chosen, 0.0)  # uniform over not-yet-chosen entries
+            fallback[fallback.sum(1) == 0] = 1.0
+            wts = torch.where(wts.sum(1, keepdim=True) > 0, wts, fallback)
+            nxt = torch.multinomial(wts, 1, generator=gen)
+            chosen = torch.cat([chosen, nxt], dim=1)
+            centre = X[rows, nxt[:, 0].to(X.device)]
+            d2 = torch.minimum(d2, (X - centre[:, None]).pow(2).sum(-1))
+        means = self._project(X[rows[:, None], chosen.to(X.device)])
+        cov = self._class_covariance(X, valid, n)
+        cov = cov[:, None].expand(K, M, *cov.shape[1:]).clone()
+        return torch.full((K, M), 1.0 / M, dtype=X.dtype, device=X.device), means, cov
+
+    def _project(self, mu: torch.Tensor) -> torch.Tensor:
+        return F.normalize(mu, dim=-1) if self.normalize else mu
+
+    def _reseed(self, X, valid, n, w, mu, cov, eligible):
+        """Re-seed components of eligible classes whose weight is below ``reseed_below / M``: mean = the
+        entry the class's mixture explains worst (the next-worst for a second one), class-wide
+        covariance, half of the heaviest component's weight. Returns (w, mu, cov, reseeded (K, M))."""
+        dead = (w < self.reseed_below / self.num_components) & eligible[:, None]
+        if not bool(dead.any()):
+            return w, mu, cov, dead
+        K, M = w.shape
+        log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
+        fit = torch.logsumexp(log_r, dim=-1).masked_fill(~valid, float("inf"))  # (K, S)
+        worst = fit.topk(min(M, X.shape[1]), dim=1, largest=False).indices  # (K, <=M) worst first
+        # the j-th dead component of a class takes its j-th worst entry (never past its valid ones)
+        order = torch.minimum(dead.cumsum(1) - 1, (n - 1)[:, None]).clamp(0, worst.shape[1] - 1)
+        entry = worst.gather(1, order)  # (K, M)
+        seeded = X[torch.arange(K, device=X.device)[:, None], entry]  # (K, M, D)
+        mu = _where(dead, self._project(seeded), mu)
+        class_cov = self._class_covariance(X, valid, n)
+        cov = _where(dead, class_cov[:, None].expand_as(cov), cov)
+        # the re-seeded components share half of the heaviest live component's weight
+        heavy = w.masked_fill(dead, -1.0).argmax(1, keepdim=True)  # (K, 1)
+        w_heavy = w.gather(1, heavy)
+        n_dead = dead.sum(1, keepdim=True)
+        w = w.scatter(1, heavy, torch.where(n_dead > 0, w_heavy / 2.0, w_heavy))
+        w = torch.where(dead, w_heavy / 2.0 / n_dead.clamp_min(1), w)
+        return w / w.sum(-1, keepdim=True), mu, cov, dead
+
+    def _responsibilities(self, log_r: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(K, S, M) responsibilities from log pi + log N, zero on invalid entries: the posterior, or
+        with ``estep="sinkhorn"`` balanced so that each component holds n / M of the mass."""
+        if self.estep == "posterior":
+            return torch.softmax(log_r, dim=-1) * valid[..., None].to(log_r.dtype)
+        M = log_r.shape[-1]
+        neg = torch.finfo(log_r.dtype).min
+        q = torch.where(valid[..., None], log_r, torch.full_like(log_r, neg))
+        target_col = (n.clamp_min(1).to(log_r.dtype) / M).log()[:, None]  # (K, 1)
+        for _ in range(_SINKHORN_ITERS):
+            q = q - torch.logsumexp(q, dim=1, keepdim=True) + target_col[:, None, :]  # columns -> n / M
+            q = q - torch.logsumexp(q, dim=2, keepdim=True)  # rows -> 1
+            q = torch.where(valid[..., None], q, torch.full_like(q, neg))
+        return q.exp() * valid[..., None].to(log_r.dtype)
+
+    def _em_iteration(self, X, valid, n, w, mu, cov):
+        """One E-step (eq. 3) + M-step (eq. 4) for all classes and components at once (float64)."""
+        log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
+        resp = self._responsibilities(log_r, valid, n)
+        nk = resp.sum(1)  # (K, M)
+        denom = nk.clamp_min(_TINY)
+        mu_new = resp.transpose(1, 2) @ X / denom[..., None]
+        mu_new = self._project(mu_new)
+        if self.covariance == "diag":
+            ex2 = resp.transpose(1, 2) @ (X * X) / denom[..., None]
+            ex = resp.transpose(1, 2) @ X / denom[..., None]
+            # E[(x - mu)^2] around the (possibly projected) mean
+            cov_new = (ex2 - 2.0 * mu_new * ex + mu_new * mu_new).clamp_min(self.eps)
+        else:
+            centred = X[:, None] - mu_new[:, :, None]  # (K, M, S, D)
+            weighted = resp.transpose(1, 2)[..., None] * centred
+            cov_new = weighted.transpose(-1, -2) @ centred / denom[..., None, None]
+            eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+            cov_new = 0.5 * (cov_new + cov_new.transpose(-1, -2)) + self.eps * eye
+        alive = nk >= _DEAD  # a component nobody is responsible for keeps its previous Gaussian
+        mu_new = _where(alive, mu_new, mu)
+        cov_new = _where(alive, cov_new, cov)
+        w_new = (nk / n.clamp_min(1).to(X.dtype)[:, None]).clamp_min(_MIN_WEIGHT)
+        return w_new / w_new.sum(-1, keepdim=True), mu_new, cov_new
+
+    @torch.no_grad()
+    @record_function("gmm.em")
+    def update(self, iteration: int = 0) -> bool:
+        """Run EM on the banks now (vectorised over classes and components); returns whether it did.
+
+        Classes with fewer than ``min_entries`` distinct (and, with ``max_age``, fresh) entries keep
+        their parameters. A class fitted for the first time is seeded by k-means++ and takes the EM
+        estimate as is; afterwards EM starts from the current parameters (re-seeding starved
+        components first) and the estimate is blended in with ``momentum``.
+        """
+        valid = self.bank_valid_mask(iteration)
+        n = valid.sum(1)
+        eligible = self.distinct_entries(valid) >= self.min_entries
+        if not bool(eligible.any()):
+            return False
+        X = self.bank.double()
+        w_old, mu_old, cov_old = self.weights.double(), self.means.double(), self.covariances.double()
+        w, mu, cov = w_old, mu_old, cov_old
+        fresh = eligible & ~self.initialized
+        if bool(fresh.any()):
+            w0, mu0, cov0 = self._kmeans_pp(X, valid, n, iteration)
+            w, mu, cov = _where(fresh, w0, w), _where(fresh, mu0, mu), _where(fresh, cov0, cov)
+        reseeded = torch.zeros_like(w, dtype=torch.bool)
+        for _ in range(self.em_iters):
+            if self.reseed_below > 0:
+                w, mu, cov, dead = self._reseed(X, valid, n, w, mu, cov, eligible)
+                reseeded |= dead
+            w_new, mu_new, cov_new = self._em_iteration(X, valid, n, w, mu, cov)
+            w, mu, cov = _where(eligible, w_new, w), _where(eligible, mu_new, mu), _where(eligible, cov_new, cov)
+        m = self.momentum
+        blend = (eligible & self.initialized)[:, None] & ~reseeded  # (K, M)
+        w_b = torch.where(blend, m * w_old + (1.0 - m) * w, w)
+        w = _where(eligible, w_b / w_b.sum(-1, keepdim=True), w)
+        mu = _where(blend, self._project(m * mu_old + (1.0 - m) * mu), mu)
+        cov = _where(blend, m * cov_old + (1.0 - m) * cov, cov)
+        self.weights.copy_(w)
+        self.means.copy_(mu)
+        self.covariances.copy_(cov)
+        self.initialized |= eligible
+        if comm.get_world_size() > 1:
+            # same banks + same draws give the same result everywhere; broadcasting rank 0's copy
+            # also removes last-bit differences between devices' reductions
+            for buf in (self.weights, self.means, self.covariances):
+                dist.broadcast(buf, src=0)
+        self._diag_cache = None  # collectives need not bump version counters: drop derived terms
+        return True
+
+    @torch.no_grad()
+    def step(self, iteration: int) -> None:
+        """Call once per training iteration after ``observe``: EM every ``update_interval`` iterations."""
+        if (int(iteration) + 1) % self.update_interval == 0:
+            self.update(iteration)
+
+    # ------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    @record_function("gmm.sample")
+    def sample(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One draw per label: labels (N,) -> (N, D) on the buffers' device. The component comes
+        from pi_k, then z = mu + L eps (diag: sqrt(var) * eps); with ``normalize`` z is scaled by the
+        class's mean raw norm. Random numbers come from ``generator`` (on its device) when given."""
+        self.check_labels(labels, "sample")
+        dev = self.means.device
+        N = labels.numel()
+        if N == 0:
+            return self.means.new_zeros(0, self.embed_dim)
+        draw_dev = generator.device if generator is not None else dev
+        lab = labels.to(dev).long()
+        comp = torch.multinomial(self.weights[lab].to(draw_dev), 1, generator=generator).squeeze(1).to(dev)
+        noise = torch.randn(N, self.embed_dim, generator=generator, device=draw_dev).to(dev)
+        mu = self.means[lab, comp]
+        if self.covariance == "diag":
+            z = mu + self.covariances[lab, comp].sqrt() * noise
+        else:
+            L, _, _ = self._full_factors()
+            z = mu + (L[lab, comp].to(noise.dtype) @ noise[..., None]).squeeze(-1)
+        return z * self.bank_norm[lab, None] if self.normalize else z
