@@ -74,6 +74,7 @@ ROW_TITLES = {
     "x_gmm_normalize": "CPM, mixtures of L2-normalised embeddings",
     "x_gmm_gmmseg_scoring": "CPM, GMMSeg scoring (normalised, best component, LayerNorm over classes)",
     "x_gmm_no_object_mixture": "CPM, no-object scored by a mixture",
+    "x_gmm_bank_128": "CPM, GMM banks of 128 entries per class",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
