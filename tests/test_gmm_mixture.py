@@ -1,27 +1,32 @@
-"""GMMClassPredictor (CCDM): densities vs scipy, EM recovery, ring buffer, sampling, state, DDP."""
+"""ClassMixtures (CCDM's per-class Gaussian mixtures): EM recovery, keeping the modes when fed as
+training feeds them, re-seeding, the balanced E-step, the bank, sampling, state, DDP."""
 import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from scipy.special import logsumexp
-from scipy.stats import multivariate_normal
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
 from cpm_d2 import compat
-from cpm_d2.modeling.class_predictor import CLASS_PREDICTOR_REGISTRY, build_class_predictor
-from cpm_d2.modeling.class_predictor.gmm import GMMClassPredictor
+from cpm_d2.config import get_cfg
+from cpm_d2.modeling.class_predictor.gmm import mixture_options_from_config
+from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, ClassMixtures
 
 torch.set_num_threads(1)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _gmm(**kw):
-    """A GMM head whose every label, "no object" (index C) included, is a mixture (the EM tests)."""
-    args = dict(num_classes=1, embed_dim=2, num_components=2, covariance="diag", memory_size=64,
-                update_interval=1, em_iters=1, momentum=0.0, eps=1e-4, no_object="gmm")
+def _gmm(num_classes=1, **kw):
+    """num_classes + 1 mixtures (the predictor's C classes and no-object), plain EM by default."""
+    args = dict(embed_dim=2, num_components=2, covariance="diag", memory_size=64,
+                update_interval=1, em_iters=1, momentum=0.0, eps=1e-4)
     args.update(kw)
-    return GMMClassPredictor(**args)
+    return ClassMixtures(num_mixtures=num_classes + 1, **args)
+
+
+def _log_likelihood(g, x, labels):
+    return g.log_prob(x).gather(1, labels[:, None]).squeeze(1)
 
 
 def _draw_mixture(rng, weights, means, covs, n):
@@ -43,7 +48,7 @@ def _match(est_means, true_means):
 
 
 def _set_params(g, rng, full):
-    C1, M, D = g.num_classes + 1, g.num_components, g.embed_dim
+    C1, M, D = g.num_mixtures, g.num_components, g.embed_dim
     w = rng.dirichlet(np.ones(M), size=C1)
     mu = rng.normal(0.0, 1.5, size=(C1, M, D))
     if full:
@@ -121,7 +126,7 @@ def test_bank_log_likelihood_never_decreases_without_momentum(cov_type):
     history = []
     for it in range(25):
         g.step(it)
-        ll = g.log_likelihood(bank.double(), labels).reshape(3, n).mean(1)  # per class
+        ll = _log_likelihood(g, bank.double(), labels).reshape(3, n).mean(1)  # per class
         history.append(ll.numpy())
     history = np.stack(history)
     diffs = np.diff(history, axis=0)
@@ -134,7 +139,7 @@ def test_too_few_samples_keep_parameters_and_momentum_blends():
     g = _gmm(num_classes=2, embed_dim=D, num_components=2, memory_size=50, em_iters=3, momentum=0.0)
     rng = np.random.default_rng(2)
     g.observe(torch.from_numpy(rng.normal(size=(40, D))).float(), torch.zeros(40, dtype=torch.long))
-    g.observe(torch.ones(1, D), torch.tensor([1]))  # class 1: one sample < max(M, 2)
+    g.observe(torch.ones(1, D), torch.tensor([1]))  # class 1: one entry < min_entries (2)
     before = copy.deepcopy(g.state_dict())
     g.update(0)
     assert g.initialized.tolist() == [True, False, False]
@@ -154,70 +159,6 @@ def test_too_few_samples_keep_parameters_and_momentum_blends():
     )
     w = 0.6 * old["weights"][0] + 0.4 * em_only.weights[0]
     np.testing.assert_allclose(g.weights[0], w / w.sum(), rtol=1e-5)
-
-
-# ----------------------------------------------------------------------------------- densities
-@pytest.mark.parametrize("cov_type", ["diag", "full"])
-@pytest.mark.parametrize("logit_norm", ["none", "per_dim"])
-def test_scores_equal_scipy_log_density(cov_type, logit_norm):
-    rng = np.random.default_rng(3)
-    D = 5
-    g = _gmm(num_classes=3, embed_dim=D, num_components=3, covariance=cov_type, logit_norm=logit_norm)
-    w, mu, cov = _set_params(g, rng, full=cov_type == "full")
-    x = rng.normal(0, 2.0, size=(4, 6, D)).astype(np.float32)
-    expected = _scipy_log_density(x.reshape(-1, D).astype(np.float64), w, mu, cov).reshape(4, 6, 4)
-    if logit_norm == "per_dim":
-        expected = expected / D
-    logits = g(torch.from_numpy(x))
-    assert logits.shape == (4, 6, 4) and logits.dtype == torch.float32
-    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
-    # eval mode (inference) always scores with the exact density: eq. 1's posterior
-    exact = expected * D if logit_norm == "per_dim" else expected
-    g.eval()
-    np.testing.assert_allclose(g(torch.from_numpy(x)).numpy(), exact, rtol=1e-5, atol=1e-4)
-    g.train()
-    # log_likelihood picks the exact (unscaled) density at the label
-    lab = torch.tensor([0, 3, 2, 1, 1, 0])
-    ll = g.log_likelihood(torch.from_numpy(x[0]).double(), lab)
-    full = _scipy_log_density(x[0].astype(np.float64), w, mu, cov)
-    np.testing.assert_allclose(ll.numpy(), full[np.arange(6), lab.numpy()], rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("cov_type", ["diag", "full"])
-def test_softmax_is_bayes_posterior_with_uniform_prior(cov_type):
-    rng = np.random.default_rng(4)
-    g = _gmm(num_classes=2, embed_dim=2, num_components=2, covariance=cov_type, logit_norm="none")
-    w, mu, cov = _set_params(g, rng, full=cov_type == "full")
-    x = rng.normal(0, 1.0, size=(20, 2))
-    # p(x|c) as plain densities, Bayes with p(c) = 1/3
-    lik = np.stack(
-        [sum(w[c, m] * multivariate_normal(mu[c, m], cov[c, m]).pdf(x) for m in range(2)) for c in range(3)], 1
-    )
-    post = lik / 3.0 / (lik / 3.0).sum(1, keepdims=True)
-    got = torch.softmax(g(torch.from_numpy(x).float()), -1).numpy()
-    np.testing.assert_allclose(got, post, atol=1e-5)
-    # per_dim: softmax is the posterior of the tempered likelihood p(x|c)^(1/D)
-    g.logit_norm = "per_dim"
-    tempered = lik ** 0.5 / (lik ** 0.5).sum(1, keepdims=True)
-    np.testing.assert_allclose(torch.softmax(g(torch.from_numpy(x).float()), -1).numpy(), tempered, atol=1e-5)
-    assert (got.argmax(1) == tempered.argmax(1)).all()
-
-
-def test_no_parameters_no_grad_into_buffers_and_grad_into_embeddings():
-    g = _gmm(num_classes=3, embed_dim=4, num_components=2, memory_size=30, em_iters=2)
-    g.observe(torch.randn(60, 4), torch.arange(60) % 4)
-    g.update(0)
-    assert list(g.parameters()) == []
-    emb = torch.randn(2, 5, 4, requires_grad=True)
-    loss = torch.nn.functional.cross_entropy(g(emb).reshape(-1, 4), torch.arange(10) % 4)
-    loss.backward()
-    assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
-    for name, buf in g.named_buffers():
-        assert not buf.requires_grad and buf.grad is None, name
-    # embeddings stored by observe are detached copies
-    e = torch.randn(3, 4, requires_grad=True)
-    g.observe(e * 2, torch.tensor([0, 1, 2]))
-    assert not g.bank.requires_grad
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -260,15 +201,15 @@ def test_state_dict_round_trip(cov_type):
     a.update(0)
     b = _gmm(num_classes=2, embed_dim=3, num_components=2, covariance=cov_type, memory_size=40, seed=7)
     x = torch.randn(6, 3)
-    before = b(x)  # fills b's factor cache for the old parameters
+    before = b.log_prob(x)  # fills b's factor cache for the old parameters
     b.load_state_dict(a.state_dict())
-    assert not torch.equal(before, b(x))
-    assert torch.equal(a(x), b(x))
+    assert not torch.equal(before, b.log_prob(x))
+    assert torch.equal(a.log_prob(x), b.log_prob(x))
     labels = torch.tensor([0, 1, 2, 2, 1, 0, 0])
     sa = a.sample(labels, generator=torch.Generator().manual_seed(11))
     sb = b.sample(labels, generator=torch.Generator().manual_seed(11))
     assert torch.equal(sa, sb)
-    for key in ("bank", "bank_count", "bank_ptr", "initialized"):
+    for key in ("bank", "bank_count", "bank_ptr", "initialized", "bank_source", "bank_iter"):
         assert torch.equal(getattr(a, key), getattr(b, key))
 
 
@@ -304,28 +245,6 @@ def test_ring_buffer_keeps_the_most_recent_per_class():
     assert g.bank_valid_mask().sum(1).tolist() == [S, S, 2]
 
 
-def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
-    """no_object "objectness": softmax(logits) = [(1 - sigmoid(o)) p_GMM(c | q), sigmoid(o)], with the
-    tempered posterior in training and eq. 1's exact one in eval; no mixture is fitted to "no object"."""
-    torch.manual_seed(0)
-    g = _gmm(num_classes=3, embed_dim=4, no_object="objectness", logit_norm="per_dim")
-    x = torch.randn(6, 4, requires_grad=True)
-    o = g.objectness(x).squeeze(-1).detach()
-    for training, temperature in ((True, 4.0), (False, 1.0)):
-        g.train(training)
-        p = g(x).softmax(-1)
-        post = torch.softmax(g.log_prob(x)[:, :3].detach() / temperature, -1)
-        torch.testing.assert_close(p[:, 3], torch.sigmoid(o))
-        torch.testing.assert_close(p[:, :3], (1 - torch.sigmoid(o))[:, None] * post)
-    g.train()
-    torch.nn.functional.cross_entropy(g(x), torch.tensor([0, 1, 2, 3, 3, 3])).backward()
-    assert g.objectness.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
-    g.observe(torch.randn(5, 4), torch.tensor([0, 3, 1, 3, 3]))
-    assert g.bank_count.tolist() == [1, 1, 0, 0]  # "no object" (3) is not banked
-    with pytest.raises(ValueError, match="no_object"):
-        _gmm(no_object="softmax")
-
-
 def test_bank_age_and_max_age():
     """Entries carry the iteration they were stored at; bank_age is their mean age; with max_age,
     EM fits only the fresh ones (stale entries are ignored, not deleted)."""
@@ -355,46 +274,211 @@ def test_bank_age_and_max_age():
     assert not g2.update(20) and torch.equal(g2.means, before)
 
 
-def test_checkpoints_without_bank_iter_still_load():
+def test_checkpoints_without_bank_stamps_still_load():
     g = _gmm()
-    g.observe(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), iteration=7)
+    g.observe(torch.ones(3, 2), torch.zeros(3, dtype=torch.long), iteration=7, sources=torch.zeros(3))
     state = g.state_dict()
-    del state["bank_iter"]  # a checkpoint written before entries were stamped
+    for key in ("bank_iter", "bank_source", "bank_norm"):  # a checkpoint written before entries were stamped
+        del state[key]
     other = _gmm()
     other.load_state_dict(state)
     assert torch.equal(other.bank, g.bank) and int(other.bank_iter.max()) == 0
+    assert other.distinct_entries()[0] == 3  # unknown sources: every entry counts
 
 
 def test_bad_input_raises_clear_errors():
     g = _gmm(num_classes=2, embed_dim=3)
-    with pytest.raises(ValueError, match="gmm.py.*labels must lie in"):
+    with pytest.raises(ValueError, match="labels must lie in"):
         g.observe(torch.zeros(2, 3), torch.tensor([0, 3 + 1]))
-    with pytest.raises(ValueError, match="gmm.py.*embeddings"):
-        g(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="embeddings"):
+        g.log_prob(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="covariance"):
         _gmm(covariance="spherical")
+    with pytest.raises(ValueError, match="min_entries"):
+        _gmm(min_entries=1)
+    with pytest.raises(ValueError, match="reseed_below"):
+        _gmm(reseed_below=1.0)
+    with pytest.raises(ValueError, match="estep"):
+        _gmm(estep="hard")
 
 
-def test_built_from_config():
-    from cpm_d2.config import get_cfg
 
+# ----------------------------------------------------------------------------------- keeping the modes
+def _modes(rng, classes, m, d, spacing):
+    """(classes, m, d) mode centres: per class, m points pairwise ``spacing`` apart around a random centre."""
+    out = []
+    for _ in range(classes):
+        q, _ = np.linalg.qr(rng.normal(size=(d, m)))
+        out.append(rng.normal(size=d) * 3 + q.T * spacing / np.sqrt(2))
+    return np.stack(out)
+
+
+def _feed_like_training(g, modes, iterations, layers, rng, noise=2.0):
+    """What training does to the banks: each iteration 1-4 queries of random classes (a random mode
+    each, within-mode noise of norm ~``noise``), each observed once per decoder layer (``layers``
+    near copies sharing a source), then ``step``."""
+    classes, m, d = modes.shape
+    for it in range(iterations):
+        k = int(rng.integers(1, 5))
+        cls, comp = rng.integers(0, classes, size=k), rng.integers(0, m, size=k)
+        x = modes[cls, comp] + rng.normal(size=(k, d)) * noise / np.sqrt(d)
+        copies = np.concatenate([x + rng.normal(size=(k, d)) * 0.05 / np.sqrt(d) for _ in range(layers)])
+        g.observe(torch.from_numpy(copies).float(), torch.from_numpy(np.tile(cls, layers)), it,
+                  sources=torch.from_numpy(np.tile(np.arange(k), layers)))
+        g.step(it)
+
+
+def _mode_errors(g, modes):
+    """Per class: (live components, distance from each true mode to the nearest live mean)."""
+    out = []
+    for c in range(modes.shape[0]):
+        live = g.weights[c] >= LIVE_WEIGHT
+        mu = g.means[c][live].double().numpy()
+        out.append((int(live.sum()), np.sqrt(((modes[c][:, None] - mu[None]) ** 2).sum(-1)).min(1)))
+    return out
+
+
+def _config_options(name):
     cfg = get_cfg()
-    cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
-    cfg.MODEL.MASK_FORMER.GMM.NUM_COMPONENTS = 2
-    cfg.MODEL.MASK_FORMER.GMM.COVARIANCE = "full"
-    cfg.MODEL.MASK_FORMER.GMM.MEMORY_SIZE = 16
-    assert CLASS_PREDICTOR_REGISTRY.get("GMMClassPredictor") is GMMClassPredictor
-    g = build_class_predictor(cfg, num_classes=4, embed_dim=8)
-    assert isinstance(g, GMMClassPredictor)
-    assert g.covariances.shape == (5, 2, 8, 8) and g.bank.shape == (5, 16, 8)
-    gc = cfg.MODEL.MASK_FORMER.GMM
-    assert (g.update_interval, g.em_iters, g.momentum, g.eps) == (gc.UPDATE_INTERVAL, gc.EM_ITERS, gc.MOMENTUM, gc.EPS)
-    assert g(torch.zeros(3, 8)).shape == (3, 5)
+    cfg.merge_from_file(str(CONFIGS / name))
+    layers = cfg.MODEL.MASK_FORMER.DEC_LAYERS if cfg.MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS == "all" else 1
+    return mixture_options_from_config(cfg), layers, cfg.MODEL.MASK_FORMER.HIDDEN_DIM
+
+
+@pytest.mark.parametrize("config", ["synthetic/cpm_r18_hard.yaml", "avss_r50.yaml"])
+def test_three_separated_modes_fed_as_training_keep_three_live_components(config):
+    """Three classes, each with three modes 6 apart; fed as training feeds the banks (every query
+    once per decoder layer, 1-4 queries a step) with the config's bank, EM schedule and momentum:
+    every class ends with three live components, each true mode within half the spacing of a live
+    mean. With the fit's guards off (first fit at M entries counted with copies, no re-seeding) the
+    same feed loses modes."""
+    options, layers, dim = _config_options(config)
+    spacing = 6.0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        modes = _modes(rng, 3, options["num_components"], dim, spacing)
+        g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **options)
+        _feed_like_training(g, modes, 600, layers, rng)
+        for c, (live, dist) in enumerate(_mode_errors(g, modes)):
+            assert live == 3, (seed, c, g.weights[c])
+            assert dist.max() < spacing / 2, (seed, c, dist)
+    lost = 0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        modes = _modes(rng, 3, options["num_components"], dim, spacing)
+        unguarded = dict(options, min_entries=options["num_components"], reseed_below=0.0)
+        g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **unguarded)
+        g.distinct_entries = lambda valid=None: valid.sum(1)  # copies counted: the old first-fit rule
+        _feed_like_training(g, modes, 600, layers, rng)
+        lost += sum(live < 3 or dist.max() >= spacing / 2 for live, dist in _mode_errors(g, modes))
+    assert lost > 0
+
+
+def test_one_shot_fit_on_plenty_of_data_recovers_every_mode():
+    """One update on 500 entries per class (3 classes x 3 modes, D = 64), repeated over 6 seeds: every
+    mode of every class has a live mean within half the mode spacing, and the weights are ~1/3."""
+    options, _, _ = _config_options("synthetic/cpm_r18_hard.yaml")
+    options.update(memory_size=500)
+    for seed in range(6):
+        rng = np.random.default_rng(100 + seed)
+        modes = _modes(rng, 3, 3, 64, 6.0)
+        g = ClassMixtures(num_mixtures=4, embed_dim=64, seed=seed, **options)
+        cls, comp = np.repeat(np.arange(3), 500), np.tile(np.arange(3), 500)
+        x = modes[cls, comp] + rng.normal(size=(1500, 64)) * 2.0 / 8.0
+        g.observe(torch.from_numpy(x).float(), torch.from_numpy(cls))
+        assert g.update(0)
+        for c, (live, dist) in enumerate(_mode_errors(g, modes)):
+            assert live == 3 and dist.max() < 3.0, (seed, c, g.weights[c], dist)
+            np.testing.assert_allclose(g.weights[c].numpy(), 1 / 3, atol=0.05)
+
+
+def test_a_killed_component_is_reseeded_on_the_mode_it_left():
+    """A fitted class whose component is killed (weight ~0, mean far away) gets it back: the next
+    update re-seeds it on the badly explained entries and it covers the uncovered mode again."""
+    rng = np.random.default_rng(7)
+    modes = _modes(rng, 1, 3, 16, 6.0)
+    g = _gmm(num_classes=0, embed_dim=16, num_components=3, memory_size=300, em_iters=3, momentum=0.5,
+             min_entries=12, reseed_below=0.4)
+    comp = np.tile(np.arange(3), 100)
+    x = modes[0, comp] + rng.normal(size=(300, 16)) * 0.25
+    g.observe(torch.from_numpy(x).float(), torch.zeros(300, dtype=torch.long))
+    g.update(0)
+    assert _mode_errors(g, modes)[0][1].max() < 3.0
+    victim = int(((g.means[0].double().numpy() - modes[0, 0]) ** 2).sum(-1).argmin())
+    g.weights[0, victim] = 1e-6
+    g.weights[0] /= g.weights[0].sum()
+    g.means[0, victim] = 100.0
+    assert _mode_errors(g, modes)[0][1][0] > 3.0  # mode 0 is uncovered now
+    g.update(1)
+    live, dist = _mode_errors(g, modes)[0]
+    assert live == 3 and dist.max() < 3.0, (g.weights[0], dist)
+    # without re-seeding the dead component stays dead and mode 0 stays uncovered (or merged)
+    g2 = copy.deepcopy(g)
+    g2.reseed_below = 0.0
+    g2.weights[0, victim] = 1e-6
+    g2.weights[0] /= g2.weights[0].sum()
+    g2.means[0, victim] = 100.0
+    g2.update(2)
+    assert g2.weights[0, victim] < LIVE_WEIGHT
+
+
+def test_first_fit_waits_for_enough_distinct_entries():
+    """Copies of one query (one source, several layers) count once: a class is neither fitted nor
+    marked fitted before it holds ``min_entries`` distinct entries, and keeps its prior until then."""
+    g = _gmm(num_classes=0, embed_dim=2, num_components=2, memory_size=64, min_entries=4)
+    prior = g.means.clone()
+    x = torch.randn(3, 2)
+    g.observe(x.repeat(4, 1), torch.zeros(12, dtype=torch.long), 0, sources=torch.arange(3).repeat(4))
+    assert g.distinct_entries()[0] == 3 and g.bank_count[0] == 12
+    assert not g.update(0) and not g.fitted[0] and torch.equal(g.means, prior)
+    g.observe(torch.randn(2, 2), torch.zeros(2, dtype=torch.long), 1, sources=torch.tensor([0, 0]))
+    assert g.distinct_entries()[0] == 4  # same source index, another iteration: another query
+    assert g.update(1) and g.fitted[0] and not torch.equal(g.means[0], prior[0])
+    assert g.live_components().tolist() == [2, 0]  # the second mixture was never fitted
+
+
+def test_sinkhorn_estep_balances_component_mass():
+    """estep "sinkhorn": every entry's responsibilities sum to 1 and every component takes n / M of
+    its class's bank; on three equal, separated modes the fit finds them with uniform weights."""
+    g = _gmm(num_classes=1, embed_dim=2, num_components=3, estep="sinkhorn")
+    log_r = torch.randn(2, 7, 3, dtype=torch.float64) * 4
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1] * 7], dtype=torch.bool)
+    r = g._responsibilities(log_r, valid, valid.sum(1))
+    torch.testing.assert_close(r.sum(2), valid.double())
+    torch.testing.assert_close(r.sum(1), (valid.sum(1, keepdim=True) / 3.0).double().expand(2, 3), atol=1e-3, rtol=0)
+    rng = np.random.default_rng(3)
+    modes = _modes(rng, 1, 3, 8, 6.0)
+    h = _gmm(num_classes=0, embed_dim=8, num_components=3, memory_size=300, em_iters=10, estep="sinkhorn")
+    x = modes[0, np.tile(np.arange(3), 100)] + rng.normal(size=(300, 8)) * 0.3
+    h.observe(torch.from_numpy(x).float(), torch.zeros(300, dtype=torch.long))
+    h.update(0)
+    np.testing.assert_allclose(h.weights[0].numpy(), 1 / 3, atol=0.01)
+    assert _mode_errors(h, modes)[0][1].max() < 1.0
+
+
+def test_normalize_models_unit_vectors_and_samples_at_the_embeddings_scale():
+    """normalize: the bank holds unit vectors, fitted means lie on the unit sphere, densities ignore
+    the embeddings' norm, and prompts have the class's mean raw norm."""
+    rng = np.random.default_rng(4)
+    g = _gmm(num_classes=0, embed_dim=8, num_components=2, memory_size=200, em_iters=5, normalize=True, eps=1e-5)
+    direction = np.stack([np.eye(8)[0], np.eye(8)[1]])
+    unit = direction[np.tile([0, 1], 100)] + rng.normal(size=(200, 8)) * 0.05
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    scale = rng.uniform(4.0, 6.0, size=(200, 1))
+    g.observe(torch.from_numpy(unit * scale).float(), torch.zeros(200, dtype=torch.long))
+    torch.testing.assert_close(g.bank[0, :200].norm(dim=-1), torch.ones(200))
+    g.update(0)
+    torch.testing.assert_close(g.means[0].norm(dim=-1), torch.ones(2))
+    assert (g.means[0] @ torch.from_numpy(direction).float().T).max(0).values.min() > 0.99
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(g.log_prob(x), g.log_prob(3 * x))
+    z = g.sample(torch.zeros(4000, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert z.norm(dim=-1).mean().item() == pytest.approx(float(scale.mean()), rel=0.03)
 
 
 # ----------------------------------------------------------------------------------- distributed
-_DIST_ARGS = dict(num_classes=2, embed_dim=3, num_components=2, memory_size=12, update_interval=2,
-                  em_iters=2, momentum=0.5, no_object="gmm")  # the mixtures' state (DDP syncs parameters)
+_DIST_ARGS = dict(num_mixtures=3, embed_dim=3, num_components=2, memory_size=12, update_interval=2,
+                  em_iters=2, momentum=0.5, min_entries=4, reseed_below=0.5)
 
 
 def _rank_batch(rank, it):
@@ -410,10 +494,10 @@ def _dist_worker(out_dir):
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    g = GMMClassPredictor(**_DIST_ARGS)
+    g = ClassMixtures(**_DIST_ARGS)
     for it in range(6):
         x, y = _rank_batch(rank, it)
-        g.observe(x, y)
+        g.observe(x, y, it, sources=torch.arange(len(y)) // 2)  # pairs of copies of one query
         g.step(it)
     torch.save(g.state_dict(), Path(out_dir) / f"rank{rank}.pt")
 
@@ -426,12 +510,17 @@ def test_two_processes_hold_identical_state(tmp_path):
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
     # and equal to one process that observes rank 0's rows followed by rank 1's
-    ref = GMMClassPredictor(**_DIST_ARGS)
+    ref = ClassMixtures(**_DIST_ARGS)
     for it in range(6):
         xs, ys = zip(*(_rank_batch(r, it) for r in range(2)))
-        ref.observe(torch.cat(xs), torch.cat(ys))
+        # one process seeing both ranks' rows: rank r's sources are offset so copies stay distinct per rank
+        srcs = [torch.arange(len(y)) // 2 + r * 1000 for r, y in enumerate(ys)]
+        ref.observe(torch.cat(xs), torch.cat(ys), it, sources=torch.cat(srcs))
         ref.step(it)
     assert torch.equal(ref.bank, s0["bank"]) and torch.equal(ref.bank_count, s0["bank_count"])
+    loaded = ClassMixtures(**_DIST_ARGS)
+    loaded.load_state_dict(s0)
+    assert torch.equal(loaded.distinct_entries(), ref.distinct_entries())
     assert s0["initialized"].all()
     for key in ("weights", "means", "covariances"):
         torch.testing.assert_close(ref.state_dict()[key], s0[key])

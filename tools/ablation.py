@@ -75,6 +75,9 @@ ROW_TITLES = {
     "x_gmm_gmmseg_scoring": "CPM, GMMSeg scoring (normalised, best component, LayerNorm over classes)",
     "x_gmm_no_object_mixture": "CPM, no-object scored by a mixture",
     "x_gmm_bank_128": "CPM, GMM banks of 128 entries per class",
+    "x_gmm_no_reseed": "CPM, starved GMM components not re-seeded",
+    "x_gmm_reseed_worst": "CPM, starved GMM components re-seeded on the worst-explained entry",
+    "x_gmm_eps_1e-2": "CPM, GMM variance floor 1e-2",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
@@ -294,15 +297,35 @@ def _extra_name(path):
     return os.path.relpath(os.path.abspath(_extra_script(path)), REPO)
 
 
+# renamed config nodes: a cached run's old key is compared with the new key's value
+_RENAMED = {"MODEL.CPM.GMM.": "MODEL.MASK_FORMER.GMM."}
+
+
+def _unused_prefixes(flat):
+    """Key prefixes a config's model never reads: MODEL.CPM.* when CPM is off, the GMM keys when no
+    per-class mixtures are built (neither the GMM head nor the softmax head's GMM prompts)."""
+    cpm = flat.get("MODEL.CPM.ENABLED", False)
+    mixtures = flat.get("MODEL.MASK_FORMER.CLASS_PREDICTOR") == "GMMClassPredictor" or (
+        cpm and flat.get("MODEL.CPM.LINEAR_HEAD_PROMPTS") == "gmm")
+    out = [] if cpm else ["MODEL.CPM."]
+    return out if mixtures else out + ["MODEL.MASK_FORMER.GMM.", "MODEL.CPM.GMM."]
+
+
 def _config_drift(stored_text, cfg):
-    """Keys whose value differs between a cached run's config and ``cfg``; keys the run's code did
-    not have yet are fine when ``cfg`` holds them at their default (added later, no effect)."""
+    """Keys whose value differs between a cached run's config and ``cfg``. Not drift: keys the
+    run's code did not have yet while ``cfg`` holds them at their default (added later, no effect),
+    renamed keys with the same value, and keys that neither config's model reads (the CPM keys of a
+    baseline, the GMM keys of a model without mixtures)."""
     from cpm_d2.config import get_cfg
 
     old, new = _flat(yaml.safe_load(stored_text)), _flat(yaml.safe_load(cfg.dump()))
+    for before, after in _RENAMED.items():
+        old = {(after + k[len(before):] if k.startswith(before) else k): v for k, v in old.items()}
     defaults = _flat(yaml.safe_load(get_cfg().dump()))
+    unused = set(_unused_prefixes(old)) & set(_unused_prefixes(new))
     drift = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                   and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+                   and not (k not in old and k in defaults and new.get(k) == defaults[k])
+                   and not any(k.startswith(p) for p in unused))
     return drift
 
 

@@ -45,6 +45,7 @@ def mixture_options_from_config(cfg) -> dict:
         "eps": g.EPS,
         "min_entries": max(2, g.MIN_ENTRIES_PER_COMPONENT * g.NUM_COMPONENTS),
         "reseed_below": g.RESEED_BELOW,
+        "reseed": g.RESEED,
         "estep": g.ESTEP,
         "normalize": g.NORMALIZE,
         "max_age": g.MAX_AGE,
@@ -92,7 +93,7 @@ class GMMClassPredictor(ClassPredictor):
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, min_entries,
-                reseed_below, estep, normalize, max_age, init_std).
+                reseed_below, reseed, estep, normalize, max_age, init_std).
         """
         super().__init__()
         if logit_norm not in LOGIT_NORMS:

@@ -14,8 +14,9 @@ What keeps the M components of a mixture alive (each can be switched off):
   its prior parameters and ``fitted`` is False for it (callers do not sample from it);
 * the first fit is seeded by k-means++; afterwards EM starts from the current parameters;
 * a component whose mixing weight falls below ``reseed_below / M`` is re-seeded before each EM
-  iteration on the bank entry the class's mixture explains worst (with the class-wide covariance
-  and half the heaviest component's weight), and is taken as estimated, not blended with momentum;
+  iteration, by default by splitting its class's heaviest component in two along its principal
+  axis (or on the bank entry the class's mixture explains worst), and is taken as estimated, not
+  blended with momentum;
 * ``estep="sinkhorn"`` balances the responsibilities so that every component takes an equal share
   of the bank (GMMSeg's guard against collapse; the weights then stay uniform).
 
@@ -53,6 +54,8 @@ _DEAD = 1e-6  # without re-seeding, a component with less responsibility mass ke
 LIVE_WEIGHT = 0.05  # a component counts as live (``live_components``) when its weight is at least this
 _SOURCE_STRIDE = 1 << 24  # bank_source = rank * stride + the query's index within its rank's batch
 ESTEPS = ("posterior", "sinkhorn")
+RESEEDS = ("split", "worst")
+_POWER_ITERS = 10  # power iterations for the principal axis of a component split in two
 _SINKHORN_ITERS = 20  # alternating column / row normalisations of the balanced E-step
 
 
@@ -85,6 +88,7 @@ class ClassMixtures(nn.Module):
         eps: float = 1e-4,
         min_entries: int = 2,
         reseed_below: float = 0.0,
+        reseed: str = "split",
         estep: str = "posterior",
         normalize: bool = False,
         max_age: int = 0,
@@ -107,6 +111,8 @@ class ClassMixtures(nn.Module):
             reseed_below: re-seed, before each EM iteration, components whose weight is below
                 ``reseed_below / M`` (a fraction of the uniform weight); 0 = never (a component without
                 responsibility mass then keeps its old Gaussian).
+            reseed: how: "split" (halve the class's heaviest component along its principal axis) or
+                "worst" (on the entry the class's mixture explains worst, class-wide covariance).
             estep: "posterior" (EM's responsibilities, eq. 3) or "sinkhorn" (balanced to equal
                 component mass).
             normalize: model L2-normalised embeddings (means on the unit sphere).
@@ -132,6 +138,8 @@ class ClassMixtures(nn.Module):
         if not 0.0 <= reseed_below < 1.0:
             raise ValueError(f"GMM reseed_below (a fraction of the uniform weight 1/M) must be in [0, 1), "
                              f"got {reseed_below}")
+        if reseed not in RESEEDS:
+            raise ValueError(f"GMM reseed must be one of {RESEEDS}, got {reseed!r}")
         if estep not in ESTEPS:
             raise ValueError(f"GMM estep must be one of {ESTEPS}, got {estep!r}")
         if int(max_age) != max_age or max_age < 0:
@@ -147,6 +155,7 @@ class ClassMixtures(nn.Module):
         self.eps = float(eps)
         self.min_entries = int(min_entries)
         self.reseed_below = float(reseed_below)
+        self.reseed = reseed
         self.estep = estep
         self.normalize = bool(normalize)
         self.max_age = int(max_age)
@@ -178,7 +187,7 @@ class ClassMixtures(nn.Module):
         return (f"num_mixtures={self.num_mixtures}, embed_dim={self.embed_dim}, num_components={self.num_components}, "
                 f"covariance={self.covariance}, memory_size={self.memory_size}, update_interval={self.update_interval}, "
                 f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, min_entries={self.min_entries}, "
-                f"reseed_below={self.reseed_below}, estep={self.estep}, normalize={self.normalize}, "
+                f"reseed_below={self.reseed_below}, reseed={self.reseed}, estep={self.estep}, normalize={self.normalize}, "
                 f"max_age={self.max_age}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -437,12 +446,52 @@ class ClassMixtures(nn.Module):
         return F.normalize(mu, dim=-1) if self.normalize else mu
 
     def _reseed(self, X, valid, n, w, mu, cov, eligible):
-        """Re-seed components of eligible classes whose weight is below ``reseed_below / M``: mean = the
-        entry the class's mixture explains worst (the next-worst for a second one), class-wide
-        covariance, half of the heaviest component's weight. Returns (w, mu, cov, reseeded (K, M))."""
+        """Re-seed the components of eligible classes whose weight is below ``reseed_below / M``
+        (``reseed``: "split" or "worst"). Returns (w, mu, cov, reseeded (K, M) bool)."""
         dead = (w < self.reseed_below / self.num_components) & eligible[:, None]
         if not bool(dead.any()):
             return w, mu, cov, dead
+        if self.reseed == "split":
+            return (*self._split_heaviest(X, valid, w, mu, cov, dead), dead)
+        return self._reseed_on_worst(X, valid, n, w, mu, cov, dead)
+
+    def _split_heaviest(self, X, valid, w, mu, cov, dead):
+        """Each dead component takes half of its class's heaviest component: the two means move
+        apart by one standard deviation along that component's principal axis (of its responsible
+        entries), both keep its covariance and half its weight. Returns (w, mu, cov)."""
+        K, M = w.shape
+        rows = torch.arange(K, device=X.device)
+        log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
+        resp = torch.softmax(log_r, dim=-1) * valid[..., None].to(X.dtype)  # (K, S, M)
+        order = dead.cumsum(1) * dead  # 1..d for the dead components, 0 for the live
+        alive = ~dead
+        for j in range(1, M):
+            target = order == j  # (K, M): the j-th dead component of each class
+            has = target.any(1)
+            if not bool(has.any()):
+                break
+            heavy = w.masked_fill(~alive, -1.0).argmax(1)  # (K,)
+            r = resp[rows, :, heavy]  # (K, S)
+            centred = (X - mu[rows, heavy][:, None]) * r.clamp_min(0).sqrt()[..., None]  # (K, S, D)
+            v = torch.ones_like(X[:, 0]) / X.shape[-1] ** 0.5
+            for _ in range(_POWER_ITERS):  # principal axis of the weighted scatter
+                v = F.normalize((centred.transpose(1, 2) @ (centred @ v[..., None])).squeeze(-1), dim=-1)
+            lam = (centred @ v[..., None]).squeeze(-1).pow(2).sum(1) / r.sum(1).clamp_min(_TINY)
+            offset = lam.sqrt()[:, None] * v  # (K, D)
+            centre = mu[rows, heavy]
+            heavy_mask = F.one_hot(heavy, M).bool() & has[:, None]
+            mu = _where(target, self._project(centre + offset)[:, None].expand_as(mu), mu)
+            mu = _where(heavy_mask, self._project(centre - offset)[:, None].expand_as(mu), mu)
+            cov = _where(target, cov[rows, heavy][:, None].expand_as(cov), cov)
+            half = (w[rows, heavy] / 2.0)[:, None].expand_as(w)
+            w = torch.where(target | heavy_mask, half, w)
+            alive = alive | target
+        return w / w.sum(-1, keepdim=True), mu, cov
+
+    def _reseed_on_worst(self, X, valid, n, w, mu, cov, dead):
+        """Dead components are re-seeded on the entries the class's mixture explains worst (the j-th
+        dead one on the j-th worst), with the class-wide covariance and, together, half of the
+        heaviest component's weight. Returns (w, mu, cov, dead)."""
         K, M = w.shape
         log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
         fit = torch.logsumexp(log_r, dim=-1).masked_fill(~valid, float("inf"))  # (K, S)
