@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 import cpm_d2  # noqa: F401
 
@@ -19,10 +21,9 @@ HARD = str(ROOT / "configs" / "synthetic" / "cpm_r18_hard.yaml")
 
 
 def test_row_switches_are_the_base_then_the_row():
-    base = ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor", "MODEL.CPM.ENABLED", "True",
-            "MODEL.CPM.ACP.ENABLED", "True", "MODEL.CPM.VCP.ENABLED", "True", "MODEL.CPM.VCP.AUDIO", "mixture",
-            "MODEL.CPM.PCL.ENABLED", "True",
-            "MODEL.MASK_FORMER.GMM.NUM_COMPONENTS", "3"]
+    base = ["MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor", "MODEL.MASK_FORMER.GMM.NUM_COMPONENTS", "3",
+            "MODEL.CPM.ENABLED", "True", "MODEL.CPM.ACP.ENABLED", "True", "MODEL.CPM.VCP.ENABLED", "True",
+            "MODEL.CPM.PCL.ENABLED", "True"]
     assert ablation.row_switches("t4_6_cpm_full") == base
     assert ablation.row_switches("t4_3_ccdm_vcp") == base + ["MODEL.CPM.ACP.ENABLED", "False",
                                                              "MODEL.CPM.PCL.ENABLED", "False"]
@@ -57,7 +58,7 @@ def test_table_is_mean_and_sample_std_over_seeds():
     m, s = np.mean([40, 42, 47]), np.std([40, 42, 47], ddof=1)  # 43.00 ± 3.61
     assert f"{m:.2f} ± {s:.2f}" == "43.00 ± 3.61" and "43.00 ± 3.61" in rows[2] and "| 3/3 |" in rows[2]
     assert "30.00 (1 seed)" in rows[3] and "| 1/3 |" in rows[3]
-    assert rows[4].count("–") == 5  # no run yet
+    assert rows[4].count("–") == 6  # no run yet (nor mixtures)
 
 
 def test_cache_refuses_another_config_but_not_keys_added_at_their_default(tmp_path):
@@ -75,6 +76,36 @@ def test_cache_refuses_another_config_but_not_keys_added_at_their_default(tmp_pa
     with pytest.raises(ValueError, match=r"MODEL\.CPM\.LAMBDA"):
         ablation._cached(str(run / "result.json"), digest, cfg)
     assert ablation._cached(str(tmp_path / "none" / "result.json"), digest, cfg) is None
+
+
+def test_drift_ignores_renamed_keys_and_keys_the_model_never_reads():
+    """A baseline's cached config may differ in CPM and GMM keys (it reads neither); a GMM row's may
+    hold MODEL.CPM.GMM.* (the old home of MODEL.MASK_FORMER.GMM.*) with the same values."""
+    base = ablation._effective_config(HARD, ablation.row_switches("t4_1_baseline"))
+    text = base.dump().replace("LAMBDA: 1.0", "LAMBDA: 0.5").replace("EPS: 0.0001", "EPS: 0.5")
+    assert ablation._config_drift(text, base) == []
+    full = ablation._effective_config(HARD, ablation.row_switches("t4_6_cpm_full"))
+    stored = yaml.safe_load(full.dump())
+    stored["MODEL"]["CPM"]["GMM"] = stored["MODEL"]["MASK_FORMER"].pop("GMM")
+    assert ablation._config_drift(yaml.safe_dump(stored), full) == []
+    stored["MODEL"]["CPM"]["GMM"]["EPS"] = 0.5
+    assert ablation._config_drift(yaml.safe_dump(stored), full) == ["MODEL.MASK_FORMER.GMM.EPS"]
+
+
+def test_mixture_summary_counts_live_components_of_classes_with_full_banks(tmp_path):
+    from cpm_d2.modeling.class_predictor.mixture import ClassMixtures
+
+    mix = ClassMixtures(num_mixtures=4, embed_dim=2, num_components=3, memory_size=60)
+    mix.weights.copy_(torch.tensor([[0.5, 0.49, 0.01], [0.4, 0.3, 0.3], [1.0, 0.0, 0.0], [1 / 3] * 3]))
+    mix.initialized.copy_(torch.tensor([True, True, False, False]))
+    mix.bank_count.copy_(torch.tensor([60, 60, 10, 0]))
+    state = {f"transformer_decoder.class_predictor.mixtures.{k}": v for k, v in mix.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "model_final.pth")
+    summary = ablation.mixture_summary(str(tmp_path / "model_final.pth"))
+    assert summary["live"] == [2, 3, 0] and summary["bank"] == [60, 60, 10]  # no-object left out
+    assert summary["live_mean"] == 2.5 and summary["live_min"] == 2  # classes with >= 50 entries
+    torch.save({"model": {"backbone.w": torch.zeros(1)}}, tmp_path / "plain.pth")
+    assert ablation.mixture_summary(str(tmp_path / "plain.pth")) is None
 
 
 @pytest.mark.slow

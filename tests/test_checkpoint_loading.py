@@ -98,11 +98,17 @@ def test_strict_loads_checkpoints_of_the_previous_layout(tmp_path):
     AVSCheckpointer(_model(), strict=True).load(str(tmp_path / "linear01.pth"))
     gmm = _model("MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor")
     state = gmm.state_dict()
-    del state["transformer_decoder.class_predictor.bank_iter"]
+    # 0.1 wrote the mixture buffers on the head itself, without the entries' stamps
+    prefix = "transformer_decoder.class_predictor."
+    for key in list(state):
+        if key.startswith(prefix + "mixtures."):
+            value = state.pop(key)
+            if not key.endswith(("bank_iter", "bank_source", "bank_norm")):
+                state[prefix + key[len(prefix + "mixtures."):]] = value
     torch.save({"model": state}, tmp_path / "gmm01.pth")
     other = _model("MODEL.MASK_FORMER.CLASS_PREDICTOR", "GMMClassPredictor")
     AVSCheckpointer(other, strict=True).load(str(tmp_path / "gmm01.pth"))
-    assert int(other.class_predictor.bank_iter.abs().sum()) == 0
+    assert int(other.class_predictor.mixtures.bank_iter.abs().sum()) == 0
 
 
 def test_unreadable_missing_or_empty_checkpoints_name_the_file(tmp_path):
@@ -268,7 +274,7 @@ def test_mask2former_into_the_gmm_head_drops_class_embed(tmp_path):
     report = ckpt.last_load_report
     assert set(report.unexpected) == {"transformer_decoder.class_predictor.linear.weight",
                                       "transformer_decoder.class_predictor.linear.bias"}
-    assert any(k.endswith("class_predictor.means") for k in report.missing)
+    assert any(k.endswith("class_predictor.mixtures.means") for k in report.missing)
 
 
 # ---------------------------------------------------------------------------- train_net --eval-only

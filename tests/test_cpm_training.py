@@ -49,14 +49,16 @@ def _tiny_sizes(cfg):
     """Replace the model sizes of ``cfg`` by baseline_r18_tiny.yaml's, keeping its switches and C."""
     tiny = _load(TINY)
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    predictor = cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR
+    predictor, gmm = cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR, cfg.MODEL.MASK_FORMER.GMM.clone()
     for node in ("RESNETS", "AUDIO", "SEM_SEG_HEAD", "MASK_FORMER"):
         setattr(cfg.MODEL, node, tiny.MODEL[node].clone())
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = predictor
+    cfg.MODEL.MASK_FORMER.GMM = gmm  # the class head's switches
     cfg.MODEL.CPM.PCL.NUM_PIXELS = 128
     cfg.MODEL.MASK_FORMER.GMM.MEMORY_SIZE = 32
+    cfg.MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT = 1  # M = 7 x 4 copies fits the small bank
     return cfg
 
 
@@ -68,9 +70,16 @@ def _cpm_cfg(num_classes=5, **overrides):
     return cfg
 
 
-def _build(cfg, seed=0):
+def _build(cfg, seed=0, prompts_ready=True):
+    """The model of ``cfg``; with ``prompts_ready`` its per-class mixtures count as fitted, so that
+    the first step already prompts every class from the prior (a fresh model prompts a class only
+    once its mixture has been fitted to enough bank entries)."""
     torch.manual_seed(seed)
-    return build_model(cfg)
+    model = build_model(cfg)
+    mixtures = getattr(model.class_predictor, "mixtures", None)
+    if prompts_ready and mixtures is not None:
+        mixtures.initialized.fill_(True)
+    return model
 
 
 def _frame(sem, seed, noise="random", name=None):
@@ -144,8 +153,11 @@ ROWS = {
     "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
     "x_pcl_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
     "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
-    "x_vcp_clean_audio": ("GMMClassPredictor", True, True, True, 3),
-    "x_vcp_clean_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
+    "x_vcp_mixture_audio": ("GMMClassPredictor", True, True, True, 3),
+    **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
+        "x_gmm_observe_last", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_normalize",
+        "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_bank_128", "x_gmm_no_reseed",
+        "x_gmm_reseed_worst", "x_gmm_eps_1e-2")},
 }
 
 
@@ -162,7 +174,7 @@ def test_ablation_config_loss_keys(row):
     model = _build(_tiny_sizes(cfg))
     assert type(model.class_predictor).__name__ == predictor
     if m is not None:
-        assert model.class_predictor.num_components == m
+        assert model.class_predictor.mixtures.num_components == m
     enabled = acp or vcp or pcl
     assert (model.cpm_loss is not None) == enabled
     model.train()
@@ -515,9 +527,9 @@ def _synthetic_frame(objects, sounding, seed, h=64, w=80):
 
 
 def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
-    model = _build(_cpm_cfg(num_classes=4))
+    model = _build(_cpm_cfg(num_classes=4), prompts_ready=False)
     model.train()
-    gmm = model.class_predictor
+    gmm = model.class_predictor.mixtures
     means0, cov0 = gmm.means.clone(), gmm.covariances.clone()
     batch = [_synthetic_frame([(1, (4, 4)), (2, (32, 40))], {1}, 0),
              _synthetic_frame([(1, (4, 40)), (2, (32, 4))], {2}, 1),
@@ -550,6 +562,21 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
     assert gmm.bank_age(30)[0].item() == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("head", ["GMMClassPredictor", "LinearClassPredictor"])
+def test_classes_are_prompted_only_once_their_mixture_is_fitted(head):
+    """A class whose mixture has not been fitted yet (its bank holds too few distinct entries) is not
+    prompted: the prompt pass leaves it out, and its losses are those of an image without prompts."""
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": head, "MODEL.CPM.LINEAR_HEAD_PROMPTS": "gmm"}),
+                   prompts_ready=False)
+    targets = [{"labels": torch.tensor([0, 1, 2])}, {"labels": torch.tensor([0, 2])}]
+    assert [t.tolist() for t in model.prompt_labels(targets)] == [[], []]
+    model.class_predictor.mixtures.initialized[2] = True
+    assert [t.tolist() for t in model.prompt_labels(targets)] == [[2], [2]]
+    model.train()
+    losses = model([_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 93), _frame(_sem(boxes=[(3, (10, 40, 20, 60))]), 94)])
+    assert all(v.item() == 0 for v in _cpm_part(losses).values())  # classes 1 and 3 are not fitted
+
+
 def test_softmax_head_with_gmm_prompts():
     """LINEAR_HEAD_PROMPTS "gmm": the softmax classifies, prompts are drawn from per-class mixtures
     fitted by EM to the matched embeddings ("no object" never banked nor prompted)."""
@@ -579,24 +606,46 @@ def test_softmax_head_with_gmm_prompts():
 
 def test_observe_all_layers_feeds_every_prediction_to_the_bank():
     """OBSERVE_LAYERS "all": each prediction's matched embeddings (1 audio + 3 visual layers of the
-    tiny model) enter the bank, with the labels of that prediction's own matching."""
+    tiny model) enter the bank, with the labels of that prediction's own matching and the index of
+    their query as source (so the copies of one query count once); OBSERVE_CORRECT_ONLY keeps only
+    the embeddings whose prediction (argmax) is their label."""
     counts = {}
-    for mode in ("last", "all"):
-        model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": mode, "MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "512"}))
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 81), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 82)]
+    for mode, correct in (("last", False), ("all", False), ("all", True)):
+        model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": mode, "MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "512",
+                                   "MODEL.MASK_FORMER.GMM.OBSERVE_CORRECT_ONLY": str(correct)}))
         model.train()
-        seen = []
+        seen, logits = [], []
         real = model.class_predictor.observe
-        model.class_predictor.observe = lambda e, l, it: (seen.append((e.clone(), l.clone())), real(e, l, it))[1]
-        batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 81), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 82)]
+        model.class_predictor.observe = lambda e, l, it, src: (seen.append((e.clone(), l.clone(), src.clone())),
+                                                                real(e, l, it, src))[1]
+        real_head = model.class_predictor.forward
+        model.class_predictor.forward = lambda e: (lambda out: (logits.append((e.detach().clone(), out.detach())), out)[1])(
+            real_head(e))
         model(batch)
-        emb, lab = seen[0]
-        counts[mode] = lab.numel()
+        emb, lab, src = seen[0]
+        counts[mode, correct] = lab.numel()
+        if correct:
+            # every banked embedding is one the head classified as its label
+            table = {tuple(e.tolist()): o.argmax(-1).item() for es, os in logits for e, o in
+                     zip(es.reshape(-1, es.shape[-1]), os.reshape(-1, os.shape[-1]))}
+            assert all(table[tuple(e.tolist())] == l for e, l in zip(emb, lab.tolist()))
+            continue
         # per prediction: every target matched once (2 per image: background + one class), rest no-object
         per_pred = lab.view(-1, 2 * 10)
         assert ((per_pred < 5).sum(1) == 4).all() and (per_pred == 5).sum().item() == per_pred.shape[0] * 16
-    assert counts == {"last": 2 * 10, "all": 4 * 2 * 10}
+        assert src.view(-1, 2 * 10).tolist() == [list(range(20))] * per_pred.shape[0]  # query i of the batch
+    assert counts["last", False] == 2 * 10 and counts["all", False] == 4 * 2 * 10
+    assert counts["all", True] < counts["all", False]
     with pytest.raises(ValueError, match="OBSERVE_LAYERS"):
         _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "some"}))
+
+
+def test_bank_that_cannot_reach_the_first_fit_is_refused():
+    with pytest.raises(ValueError, match="MEMORY_SIZE 32 holds only 8 distinct queries.*OBSERVE_LAYERS 'last'"):
+        _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "32", "MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT": "4"}))
+    _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "32", "MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT": "4",
+                       "MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "last"}))
 
 
 def test_point_prompts_are_learned_through_the_prompt_losses():
@@ -635,21 +684,22 @@ def test_batch_without_sounding_classes_gives_zero_cpm_losses_in_the_graph():
 
 # ------------------------------------------------------------------------------------------ (h) checkpoint
 def test_checkpoint_round_trip_keeps_the_gmm_state(tmp_path):
-    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2"}), seed=0)
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2", "MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT": "1"}), seed=0, prompts_ready=False)
     model.train()
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 51),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 52)]
     for _ in range(2):
         model(batch)  # observe twice, EM at the second iteration
-    gmm = model.class_predictor
+    gmm = model.class_predictor.mixtures
     assert gmm.initialized.any()
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("cpm")
-    other = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2"}), seed=1)
-    names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
-    assert not all(torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)) for n in names)
+    other = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL": "2", "MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT": "1"}), seed=1, prompts_ready=False)
+    names = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter",
+             "bank_source", "bank_norm")
+    assert not all(torch.equal(getattr(other.class_predictor.mixtures, n), getattr(gmm, n)) for n in names)
     DetectionCheckpointer(other).load(str(tmp_path / "cpm.pth"))
     for n in names:
-        assert torch.equal(getattr(other.class_predictor, n), getattr(gmm, n)), n
+        assert torch.equal(getattr(other.class_predictor.mixtures, n), getattr(gmm, n)), n
     assert int(other._iter) == 2
     # the restored model draws the same prompts
     lab = torch.tensor([1, 2, 3])
@@ -681,9 +731,11 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
 @pytest.mark.parametrize("row, changes", [
     ("x_pcl_batch_negatives", {"MODEL.CPM.PCL.NEGATIVES": ("image", "batch")}),
     ("x_lambda_0.25", {"MODEL.CPM.LAMBDA": (1.0, 0.25)}),
-    ("x_vcp_clean_audio", {"MODEL.CPM.VCP.AUDIO": ("mixture", "clean")}),
-    ("x_vcp_clean_batch_negatives", {"MODEL.CPM.VCP.AUDIO": ("mixture", "clean"),
-                                     "MODEL.CPM.PCL.NEGATIVES": ("image", "batch")}),
+    ("x_vcp_mixture_audio", {"MODEL.CPM.VCP.AUDIO": ("clean", "mixture")}),
+    ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.NORMALIZE": (False, True),
+                              "MODEL.MASK_FORMER.GMM.EPS": (1e-4, 1e-3),
+                              "MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
+                              "MODEL.MASK_FORMER.GMM.LOGIT_NORM": ("sqrt_dim", "class_layer_norm")}),
 ])
 def test_beyond_the_paper_rows_differ_from_full_cpm_only_in_their_keys(row, changes):
     full, cfg = _load(ABLATIONS / "t4_6_cpm_full.yaml"), _load(ABLATIONS / f"{row}.yaml")

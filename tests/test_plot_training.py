@@ -31,7 +31,8 @@ CPM = [
      "sem_seg/mIoU": 35.0},
     # the run was killed after iteration 39's checkpoint and resumed: 39 is logged again, then 59
     {"iteration": 39, "total_loss": 9.5, "loss_ce": 1.7, "loss_acp": 0.2, "loss_vcp_ce": 0.9, "loss_pcl": 3.4},
-    {"iteration": 59, "total_loss": 8.0, "loss_ce": 1.2, "loss_acp": 0.1, "loss_vcp_ce": 0.7, "loss_pcl": "nan"},
+    {"iteration": 59, "total_loss": 8.0, "loss_ce": 1.2, "loss_acp": 0.1, "loss_vcp_ce": 0.7, "loss_pcl": "nan",
+     "gmm_live_components_mean": 2.5, "gmm_live_components_min": 2.0, "gmm_bank_age": 30.0},
 ]
 
 
@@ -44,7 +45,8 @@ def test_hand_written_runs_overlaid(tmp_path):
     assert Path(path).is_file() and Path(path).stat().st_size > 10_000
 
     assert list(drawn) == ["total_loss", "loss_ce", "loss_mask", "loss_dice", "loss_acp", "loss_vcp_ce", "loss_pcl",
-                           "STS", "mIoU"]
+                           "STS", "gmm_live_components_mean", "gmm_live_components_min", "mIoU"]
+    assert drawn["gmm_live_components_min"] == {"CPM": ([59], [2.0])}
     assert drawn["total_loss"] == {"baseline": ([19, 39, 59], [9.0, 7.0, 6.0]), "CPM": ([19, 39, 59], [12.0, 9.5, 8.0])}
     assert drawn["loss_ce"]["CPM"] == ([19, 39, 59], [2.2, 1.7, 1.2])  # the resumed run's value for 39
     assert list(drawn["loss_acp"]) == ["CPM"]  # the baseline has no ACP line

@@ -10,6 +10,8 @@ One PNG with a panel per quantity, every run overlaid in its own colour:
   ``loss_dice`` and CPM's ``loss_acp``, ``loss_vcp_*``, ``loss_pcl`` (per-layer copies ``*_<i>`` are
   left out; a run without a term, e.g. the baseline's ACP, has no line in that panel);
 * ``STS``, the matching-stability score (``TEST.AVS.STS_PERIOD > 0``);
+* the GMM's live components per class, mean and minimum over the classes fitted so far
+  (``gmm_live_components_mean`` / ``_min``; runs with per-class mixtures);
 * the evaluation mIoU (``sem_seg/mIoU``, ``TEST.EVAL_PERIOD > 0``; one line per test dataset).
 
 Values are what detectron2 logged (losses are its 20-iteration median). Resumed runs append to
@@ -31,6 +33,7 @@ __all__ = ["read_metrics", "extract_curves", "plot_runs", "add_final_point", "wr
 _LOSS_ORDER = ["loss_ce", "loss_mask", "loss_dice", "loss_acp", "loss_vcp_ce", "loss_vcp_mask", "loss_vcp_dice",
                "loss_pcl"]
 _AUX = re.compile(r"_\d+$")
+_GMM = ["gmm_live_components_mean", "gmm_live_components_min"]
 _MIOU = re.compile(r"^(?:(?P<dataset>.+)/)?sem_seg/mIoU$")
 
 
@@ -72,7 +75,7 @@ def extract_curves(rows):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 continue
             name = None
-            if key == "total_loss" or key == "STS":
+            if key in ("total_loss", "STS") or key in _GMM:
                 name = key
             elif key.startswith("loss_") and not _AUX.search(key):
                 name = key
@@ -84,12 +87,14 @@ def extract_curves(rows):
                 series.setdefault(name, {})[it] = float(value)  # a later row (resumed run) wins
     losses = [k for k in _LOSS_ORDER if k in series] + sorted(
         k for k in series if k.startswith("loss_") and k not in _LOSS_ORDER)
-    order = ["total_loss"] + losses + ["STS"] + sorted(k for k in series if k.startswith("mIoU"))
+    order = ["total_loss"] + losses + ["STS"] + _GMM + sorted(k for k in series if k.startswith("mIoU"))
     return OrderedDict((k, (sorted(series[k]), [series[k][i] for i in sorted(series[k])])) for k in order
                        if k in series)
 
 
-_TITLES = {"total_loss": "total loss", "STS": "STS (matching stability, lower = steadier)", "mIoU": "eval mIoU (%)"}
+_TITLES = {"total_loss": "total loss", "STS": "STS (matching stability, lower = steadier)", "mIoU": "eval mIoU (%)",
+           "gmm_live_components_mean": "GMM live components per class (mean)",
+           "gmm_live_components_min": "GMM live components per class (min)"}
 
 
 def plot_runs(runs, output, title=None, columns=3):
@@ -106,9 +111,10 @@ def plot_runs(runs, output, title=None, columns=3):
         panels.extend(k for k in curves if k not in panels)
     order = {k: i for i, k in enumerate(["total_loss"] + _LOSS_ORDER)}
     panels.sort(key=lambda k: (0, order[k]) if k in order else (1, k) if k.startswith("loss_")
-                else (2, k) if k == "STS" else (3, k))
+                else (2, k) if k == "STS" else (3, _GMM.index(k)) if k in _GMM else (4, k))
     if not panels:
-        raise ValueError("nothing to plot: no total_loss, loss_*, STS or sem_seg/mIoU in the runs' metrics.json")
+        raise ValueError("nothing to plot: no total_loss, loss_*, STS, gmm_live_components_* or sem_seg/mIoU in the "
+                         "runs' metrics.json")
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(4.2 * columns, 3.0 * rows), dpi=100)
@@ -122,7 +128,7 @@ def plot_runs(runs, output, title=None, columns=3):
             if name not in curves:
                 continue
             x, y = curves[name]
-            sparse = name == "STS" or name.startswith("mIoU") or len(x) < 3
+            sparse = name == "STS" or name in _GMM and len(x) < 3 or name.startswith("mIoU") or len(x) < 3
             (line,) = ax.plot(x, y, color=colours[r % len(colours)], label=label, linewidth=1.4,
                               marker="o" if sparse else None, markersize=3)
             drawn[name][label] = (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))

@@ -19,11 +19,11 @@ __all__ = ["em_call_cost", "standalone_gmm"]
 def em_call_cost(class_predictor, device="cpu", calls=5):
     """Median ms of one EM update and of sampling 16 prompts on a copy of ``class_predictor``;
     None for a class head without EM (the linear head)."""
-    if not hasattr(class_predictor, "update"):
+    if getattr(class_predictor, "mixtures", None) is None:
         return None
     sync = sync_fn(device)
-    gmm = copy.deepcopy(class_predictor)
-    labels = torch.arange(16, device=gmm.means.device) % (gmm.num_classes - 1) + 1
+    gmm = copy.deepcopy(class_predictor.mixtures)
+    labels = torch.arange(16, device=gmm.means.device) % (gmm.num_mixtures - 2) + 1
     em, smp = [], []
     ran = True
     for i in range(calls):
@@ -41,8 +41,8 @@ def em_call_cost(class_predictor, device="cpu", calls=5):
         "sample16_ms": 1e3 * statistics.median(smp),
         "em_ran": bool(ran),
         "update_interval": int(gmm.update_interval),
-        "classes_with_samples": int((gmm.bank_count >= max(gmm.num_components, 2)).sum()),
-        "shape": {"C+1": gmm.num_classes + 1, "M": gmm.num_components, "D": gmm.embed_dim, "S": gmm.memory_size},
+        "classes_with_samples": int((gmm.distinct_entries() >= gmm.min_entries).sum()),
+        "shape": {"C+1": gmm.num_mixtures, "M": gmm.num_components, "D": gmm.embed_dim, "S": gmm.memory_size},
     }
 
 

@@ -21,8 +21,10 @@
   ``MODEL.WEIGHTS`` in strict mode.
 
 ``*.num_batches_tracked`` counters are never counted as missing or unexpected: PyTorch fills a
-missing one, and FrozenBN models have none (ImageNet ``.pkl`` files carry none); nor is the GMM
-head's ``bank_iter`` (filled with 0 for checkpoints written before it existed).
+missing one, and FrozenBN models have none (ImageNet ``.pkl`` files carry none); nor are the GMM
+banks' entry stamps ``bank_iter`` / ``bank_source`` / ``bank_norm`` (filled for checkpoints written
+before they existed). The GMM head's mixture buffers, saved on the head itself before they moved to
+its ``mixtures`` module, are renamed to ``mixtures.*`` (and listed as renamed).
 
 Strict loading refuses a checkpoint that leaves a model tensor unloaded or reshaped. Tensors the
 checkpoint has and the model does not (e.g. a CPM checkpoint's training-only PCL heads
@@ -40,7 +42,7 @@ __all__ = ["StrictCheckpointLoading", "LoadReport", "CheckpointError", "Checkpoi
 
 # Buffers the model fills itself when a checkpoint lacks them: BatchNorm counters, and the GMM
 # head's bank iteration stamps (checkpoints written before they existed).
-_BENIGN = ("num_batches_tracked", "bank_iter")
+_BENIGN = ("num_batches_tracked", "bank_iter", "bank_source", "bank_norm")
 PARTIAL_HINT = ("to load it anyway (fine-tuning from it), pass --allow-partial-weights to tools/train_net.py "
                 "or AVSPredictor(cfg, allow_partial_weights=True)")
 
@@ -55,6 +57,22 @@ class CheckpointReadError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """Strict loading: the checkpoint does not cover the model exactly (keys or shapes)."""
+
+
+def _move_to_submodule(state, model_state, child):
+    """Checkpoint keys ``a.b.leaf`` the model holds as ``a.b.<child>.leaf`` (and not as themselves)
+    are renamed: -> (new state, {new key: old key})."""
+    moved = {}
+    out = OrderedDict()
+    for key, value in state.items():
+        parent, _, leaf = key.rpartition(".")
+        target = f"{parent}.{child}.{leaf}" if parent else f"{child}.{leaf}"
+        if key not in model_state and target in model_state and target not in state:
+            out[target] = value
+            moved[target] = key
+        else:
+            out[key] = value
+    return out, moved
 
 
 def _benign(key: str) -> bool:
@@ -329,6 +347,8 @@ class StrictCheckpointLoading:
                 matched = set(state)
                 dropped = {k: "matched no model key" for k in original
                            if not any(m == k or m.endswith("." + k) for m in matched)}
+        state, moved = _move_to_submodule(state, self.model.state_dict(), "mixtures")
+        renamed.update(moved)
         checkpoint["model"] = state
         return state, layout, renamed, dropped
 

@@ -1,0 +1,213 @@
+"""GMMClassPredictor (CCDM's class head): scores vs scipy, Bayes' posterior, the scoring options
+(temperatures, best component, LayerNorm over classes, no-object rules), gradients, config, checkpoints."""
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import cpm_d2  # noqa: F401  (compat fixes before detectron2)
+from cpm_d2.config import get_cfg
+from cpm_d2.modeling.class_predictor import CLASS_PREDICTOR_REGISTRY, build_class_predictor
+from cpm_d2.modeling.class_predictor.gmm import GMMClassPredictor
+
+torch.set_num_threads(1)
+
+
+def _gmm(**kw):
+    """A GMM head whose every label, "no object" (index C) included, is a mixture."""
+    args = dict(num_classes=1, embed_dim=2, num_components=2, covariance="diag", memory_size=64,
+                update_interval=1, em_iters=1, momentum=0.0, eps=1e-4, no_object="gmm")
+    args.update(kw)
+    return GMMClassPredictor(**args)
+
+
+def _set_params(g, rng, full):
+    m = g.mixtures
+    C1, M, D = m.num_mixtures, m.num_components, m.embed_dim
+    w = rng.dirichlet(np.ones(M), size=C1)
+    mu = rng.normal(0.0, 1.5, size=(C1, M, D))
+    if full:
+        A = rng.normal(size=(C1, M, D, D)) * 0.6
+        cov = A @ np.swapaxes(A, -1, -2) + 0.4 * np.eye(D)
+    else:
+        cov = rng.uniform(0.2, 2.0, size=(C1, M, D))
+    m.weights.copy_(torch.from_numpy(w))
+    m.means.copy_(torch.from_numpy(mu))
+    m.covariances.copy_(torch.from_numpy(cov))
+    # read back the float32-rounded values for the independent computation
+    w, mu, cov = (t.double().numpy() for t in (m.weights, m.means, m.covariances))
+    if not full:
+        cov = np.stack([[np.diag(v) for v in row] for row in cov])
+    return w, mu, cov
+
+
+def _scipy_component_log_density(x, w, mu, cov):
+    """(K, D) -> (K, C1, M): log w_cm + log N(x; mu_cm, cov_cm) with scipy."""
+    C1, M = w.shape
+    return np.stack([np.stack([np.log(w[c, m]) + multivariate_normal(mu[c, m], cov[c, m]).logpdf(x)
+                               for m in range(M)], 1) for c in range(C1)], 1)
+
+
+def _scipy_log_density(x, w, mu, cov):
+    """(K, D) -> (K, C1): log sum_m w_cm N(x; mu_cm, cov_cm) with scipy."""
+    return logsumexp(_scipy_component_log_density(x, w, mu, cov), axis=2)
+
+
+# ----------------------------------------------------------------------------------- densities
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+@pytest.mark.parametrize("logit_norm", ["none", "per_dim"])
+def test_scores_equal_scipy_log_density(cov_type, logit_norm):
+    rng = np.random.default_rng(3)
+    D = 5
+    g = _gmm(num_classes=3, embed_dim=D, num_components=3, covariance=cov_type, logit_norm=logit_norm)
+    w, mu, cov = _set_params(g, rng, full=cov_type == "full")
+    x = rng.normal(0, 2.0, size=(4, 6, D)).astype(np.float32)
+    expected = _scipy_log_density(x.reshape(-1, D).astype(np.float64), w, mu, cov).reshape(4, 6, 4)
+    if logit_norm == "per_dim":
+        expected = expected / D
+    logits = g(torch.from_numpy(x))
+    assert logits.shape == (4, 6, 4) and logits.dtype == torch.float32
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # eval mode (inference) always scores with the exact density: eq. 1's posterior
+    exact = expected * D if logit_norm == "per_dim" else expected
+    g.eval()
+    np.testing.assert_allclose(g(torch.from_numpy(x)).numpy(), exact, rtol=1e-5, atol=1e-4)
+    g.train()
+    # log_likelihood picks the exact (unscaled) density at the label
+    lab = torch.tensor([0, 3, 2, 1, 1, 0])
+    ll = g.log_likelihood(torch.from_numpy(x[0]).double(), lab)
+    full = _scipy_log_density(x[0].astype(np.float64), w, mu, cov)
+    np.testing.assert_allclose(ll.numpy(), full[np.arange(6), lab.numpy()], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+def test_softmax_is_bayes_posterior_with_uniform_prior(cov_type):
+    rng = np.random.default_rng(4)
+    g = _gmm(num_classes=2, embed_dim=2, num_components=2, covariance=cov_type, logit_norm="none")
+    w, mu, cov = _set_params(g, rng, full=cov_type == "full")
+    x = rng.normal(0, 1.0, size=(20, 2))
+    # p(x|c) as plain densities, Bayes with p(c) = 1/3
+    lik = np.stack(
+        [sum(w[c, m] * multivariate_normal(mu[c, m], cov[c, m]).pdf(x) for m in range(2)) for c in range(3)], 1
+    )
+    post = lik / 3.0 / (lik / 3.0).sum(1, keepdims=True)
+    got = torch.softmax(g(torch.from_numpy(x).float()), -1).numpy()
+    np.testing.assert_allclose(got, post, atol=1e-5)
+    # per_dim: softmax is the posterior of the tempered likelihood p(x|c)^(1/D)
+    g.logit_norm = "per_dim"
+    tempered = lik ** 0.5 / (lik ** 0.5).sum(1, keepdims=True)
+    np.testing.assert_allclose(torch.softmax(g(torch.from_numpy(x).float()), -1).numpy(), tempered, atol=1e-5)
+    assert (got.argmax(1) == tempered.argmax(1)).all()
+
+
+def test_no_parameters_no_grad_into_buffers_and_grad_into_embeddings():
+    g = _gmm(num_classes=3, embed_dim=4, num_components=2, memory_size=30, em_iters=2)
+    g.observe(torch.randn(60, 4), torch.arange(60) % 4)
+    g.update(0)
+    assert list(g.parameters()) == []
+    emb = torch.randn(2, 5, 4, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(g(emb).reshape(-1, 4), torch.arange(10) % 4)
+    loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    for name, buf in g.named_buffers():
+        assert not buf.requires_grad and buf.grad is None, name
+    # embeddings stored by observe are detached copies
+    e = torch.randn(3, 4, requires_grad=True)
+    g.observe(e * 2, torch.tensor([0, 1, 2]))
+    assert not g.mixtures.bank.requires_grad
+
+
+def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
+    """no_object "objectness": softmax(logits) = [(1 - sigmoid(o)) p_GMM(c | q), sigmoid(o)], with the
+    tempered posterior in training and eq. 1's exact one in eval; no mixture is fitted to "no object"."""
+    torch.manual_seed(0)
+    g = _gmm(num_classes=3, embed_dim=4, no_object="objectness", logit_norm="per_dim")
+    x = torch.randn(6, 4, requires_grad=True)
+    o = g.objectness(x).squeeze(-1).detach()
+    for training, temperature in ((True, 4.0), (False, 1.0)):
+        g.train(training)
+        p = g(x).softmax(-1)
+        post = torch.softmax(g.log_prob(x)[:, :3].detach() / temperature, -1)
+        torch.testing.assert_close(p[:, 3], torch.sigmoid(o))
+        torch.testing.assert_close(p[:, :3], (1 - torch.sigmoid(o))[:, None] * post)
+    g.train()
+    torch.nn.functional.cross_entropy(g(x), torch.tensor([0, 1, 2, 3, 3, 3])).backward()
+    assert g.objectness.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    g.observe(torch.randn(5, 4), torch.tensor([0, 3, 1, 3, 3]))
+    assert g.mixtures.bank_count.tolist() == [1, 1, 0, 0]  # "no object" (3) is not banked
+
+
+def test_best_component_and_class_layer_norm_scores():
+    """component_score "max" scores a class by its best component (GMMSeg); logit_norm
+    "class_layer_norm" is a LayerNorm over the classes' scores, in training and in eval."""
+    rng = np.random.default_rng(8)
+    g = _gmm(num_classes=3, embed_dim=3, num_components=3, component_score="max", logit_norm="class_layer_norm")
+    w, mu, cov = _set_params(g, rng, full=False)
+    x = rng.normal(0, 1.5, size=(7, 3))
+    best = _scipy_component_log_density(x, w, mu, cov).max(2)  # (7, 4)
+    torch.testing.assert_close(g.class_scores(torch.from_numpy(x)), torch.from_numpy(best), rtol=1e-9, atol=1e-9)
+    expected = (best - best.mean(1, keepdims=True)) / np.sqrt(best.var(1, keepdims=True) + 1e-5)
+    for training in (True, False):
+        g.train(training)
+        np.testing.assert_allclose(g(torch.from_numpy(x).float()).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    # with the objectness logit the LayerNorm runs over the C classes only
+    h = _gmm(num_classes=3, embed_dim=3, num_components=3, logit_norm="class_layer_norm", no_object="objectness")
+    assert h.class_norm.normalized_shape == (3,)
+    assert h(torch.randn(4, 3)).shape == (4, 4)
+
+
+def test_normalized_head_ignores_the_embedding_norm():
+    g = _gmm(num_classes=2, embed_dim=4, normalize=True)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(g(x), g(7.0 * x))
+
+
+def test_old_checkpoints_with_the_mixture_buffers_on_the_head_load():
+    """State dicts written when the buffers lived on the predictor (``weights``, ``bank``, ...) load
+    into ``mixtures.*``."""
+    a = _gmm(num_classes=2, embed_dim=3)
+    a.observe(torch.randn(30, 3), torch.arange(30) % 3)
+    a.update(0)
+    old = {(k[len("mixtures."):] if k.startswith("mixtures.") and not k.endswith(("bank_source", "bank_norm")) else k): v
+           for k, v in a.state_dict().items() if not k.endswith(("bank_source", "bank_norm"))}
+    assert "weights" in old and "mixtures.weights" not in old
+    b = _gmm(num_classes=2, embed_dim=3, seed=5)
+    b.load_state_dict(old)
+    x = torch.randn(4, 3)
+    assert torch.equal(a(x), b(x))
+
+
+def test_bad_input_raises_clear_errors():
+    g = _gmm(num_classes=2, embed_dim=3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        g.observe(torch.zeros(2, 3), torch.tensor([0, 3 + 1]))
+    with pytest.raises(ValueError, match="embeddings"):
+        g(torch.zeros(2, 4))
+    for key, value in (("logit_norm", "softmax"), ("component_score", "mean"), ("no_object", "softmax")):
+        with pytest.raises(ValueError, match=f"MODEL.MASK_FORMER.GMM.{key.upper()}"):
+            _gmm(**{key: value})
+
+
+def test_built_from_config_and_old_keys_are_reported_as_renamed(tmp_path):
+    cfg = get_cfg()
+    cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
+    cfg.MODEL.MASK_FORMER.GMM.NUM_COMPONENTS = 2
+    cfg.MODEL.MASK_FORMER.GMM.COVARIANCE = "full"
+    cfg.MODEL.MASK_FORMER.GMM.MEMORY_SIZE = 16
+    cfg.MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT = 3
+    assert CLASS_PREDICTOR_REGISTRY.get("GMMClassPredictor") is GMMClassPredictor
+    g = build_class_predictor(cfg, num_classes=4, embed_dim=8)
+    m = g.mixtures
+    assert isinstance(g, GMMClassPredictor)
+    assert m.covariances.shape == (5, 2, 8, 8) and m.bank.shape == (5, 16, 8)
+    gc = cfg.MODEL.MASK_FORMER.GMM
+    assert (m.update_interval, m.em_iters, m.momentum, m.eps, m.min_entries, m.reseed_below, m.reseed, m.estep) == (
+        gc.UPDATE_INTERVAL, gc.EM_ITERS, gc.MOMENTUM, gc.EPS, 6, gc.RESEED_BELOW, gc.RESEED, gc.ESTEP)
+    assert g(torch.zeros(3, 8)).shape == (3, 5)
+    old = tmp_path / "old.yaml"
+    old.write_text("MODEL:\n  CPM:\n    GMM:\n      NUM_COMPONENTS: 5\n")
+    with pytest.raises(KeyError, match="MODEL.CPM.GMM was renamed to MODEL.MASK_FORMER.GMM"):
+        get_cfg().merge_from_file(str(old))
+    with pytest.raises(KeyError, match="MODEL.CPM.GMM.EPS was renamed to MODEL.MASK_FORMER.GMM.EPS"):
+        get_cfg().merge_from_list(["MODEL.CPM.GMM.EPS", "0.1"])
