@@ -44,3 +44,34 @@ def silent_video(tmp_path):
         return path
 
     return write
+
+
+class LoadSummaries(list):
+    """The loading summaries logged so far (str, in order), and a check of the last one's table."""
+
+    def has(self, kind, reason, item, count=1):
+        """Whether the last summary lists ``item`` (a prefix of the items cell) as ``kind`` for ``reason``."""
+        import re
+
+        row = rf"\| {kind}\s*\| {re.escape(reason)}\s*\|\s*{count} \| [^\n]*{re.escape(item)}"
+        return bool(self) and re.search(row, self[-1]) is not None
+
+
+@pytest.fixture
+def load_summaries():
+    """:class:`LoadSummaries` of the loading summaries logged while the test runs."""
+    import logging
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    messages = LoadSummaries()
+    handler = Collect(level=logging.DEBUG)
+    log = logging.getLogger("cpm_d2.data.datasets.account")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield messages
+    log.removeHandler(handler)
+    log.setLevel(old_level)

@@ -34,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.data.datasets.account import loading_policy
 
 from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
 
@@ -290,7 +291,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader semantics (TrainingSampler order, per-rank batches, optional
-        aspect-ratio grouping) as a :class:`ResumableTrainLoader` that ``--resume`` restarts exactly."""
+        aspect-ratio grouping) as a :class:`ResumableTrainLoader` that ``--resume`` restarts exactly.
+        Datasets load under ``DATASETS.ALLOW_INCOMPLETE`` (and log their loading summary)."""
         from cpm_d2.data import AVSDatasetMapper
 
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
@@ -304,11 +306,15 @@ class Trainer(DefaultTrainer):
                 f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be a positive multiple of the number of "
                 f"processes ({world})"
             )
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        with loading_policy(cfg.DATASETS.ALLOW_INCOMPLETE):
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+            mapper = AVSDatasetMapper(cfg, is_train=True)  # its off-screen noise pool loads the train sets too
         seed = int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
         stream = TrainBatchStream(
             dataset,
-            AVSDatasetMapper(cfg, is_train=True),
+            mapper,
             batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
             seed=seed,
             rank=comm.get_rank(),
@@ -319,9 +325,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader with the AVS mapper; the dataset loads under ``DATASETS.ALLOW_INCOMPLETE``."""
         from cpm_d2.data import AVSDatasetMapper
 
-        return build_detection_test_loader(cfg, dataset_name, mapper=AVSDatasetMapper(cfg, is_train=False))
+        with loading_policy(cfg.DATASETS.ALLOW_INCOMPLETE):
+            return build_detection_test_loader(cfg, dataset_name, mapper=AVSDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
