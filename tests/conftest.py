@@ -58,20 +58,33 @@ class LoadSummaries(list):
 
 
 @pytest.fixture
-def load_summaries():
-    """:class:`LoadSummaries` of the loading summaries logged while the test runs."""
+def logged():
+    """``logged(logger_name)`` -> a list that collects the messages of that logger (INFO and up) while the
+    test runs; works also when the logger does not propagate (``setup_logger`` turns propagation off)."""
     import logging
 
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
+    attached = []
 
-    messages = LoadSummaries()
-    handler = Collect(level=logging.DEBUG)
-    log = logging.getLogger("cpm_d2.data.datasets.account")
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield messages
-    log.removeHandler(handler)
-    log.setLevel(old_level)
+    def collect(name, into=None):
+        messages = [] if into is None else into
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                messages.append(record.getMessage())
+
+        log = logging.getLogger(name)
+        attached.append((log, Collect(level=logging.DEBUG), log.level))
+        log.addHandler(attached[-1][1])
+        log.setLevel(logging.INFO)
+        return messages
+
+    yield collect
+    for log, handler, level in attached:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@pytest.fixture
+def load_summaries(logged):
+    """:class:`LoadSummaries` of the loading summaries logged while the test runs."""
+    return logged("cpm_d2.data.datasets.account", LoadSummaries())

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,56 @@ def test_tag_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ckpt.tag_last_checkpoint("model_9999999.pth")
     assert not (tmp_path / "last_checkpoint").exists()
+
+
+# ============================================================================== OUTPUT_DIR lock
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("output_lock", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with module.output_dir_lock(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def _hold_lock(folder):
+    """A live process holding ``folder``'s lock (the module alone: no detectron2 import)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(REPO / "cpm_d2" / "engine" / "output_lock.py"),
+                             str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_output_dir_lock_refuses_a_live_job_and_takes_over_a_dead_ones(tmp_path, logged):
+    from cpm_d2.engine import OutputDirLocked, output_dir_lock
+
+    warnings = logged("cpm_d2.engine.output_lock")
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(OutputDirLocked, match=rf"in use by another training job: pid {holder.pid} on host "
+                                                  rf"{re.escape(socket.gethostname())}, started .*train\.lock"):
+            with output_dir_lock(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / "train.lock").read_text())["pid"] == holder.pid  # left behind by the kill
+    with output_dir_lock(str(tmp_path)) as path:
+        assert json.loads(Path(path).read_text())["pid"] == os.getpid()
+        assert f"was left by pid {holder.pid} on host" in warnings[-1] and "taken over" in warnings[-1]
+    assert not (tmp_path / "train.lock").exists(), "released at exit"
+
+
+def test_output_dir_lock_of_another_host_is_refused(tmp_path):
+    from cpm_d2.engine import OutputDirLocked, output_dir_lock
+
+    (tmp_path / "train.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    with pytest.raises(OutputDirLocked, match=r"locked by pid 1 on host elsewhere.*cannot tell.*delete the lock file"):
+        with output_dir_lock(str(tmp_path)):
+            pass
+    assert (tmp_path / "train.lock").exists()
 
 
 # ============================================================================== resumable data order
@@ -396,3 +447,4 @@ def test_ddp_rank_failure_ends_the_job_with_its_error(tiny_root, tmp_path):
     assert "rank 1 of 2 raised" in proc.stderr
     log = (out / "log.txt").read_text().strip().splitlines()
     assert log[-1].startswith("RuntimeError: injected failure on rank 1 at iteration 3"), log[-5:]
+

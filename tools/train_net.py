@@ -11,7 +11,10 @@
         DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
 
 Without a GPU, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
+Training holds ``OUTPUT_DIR/train.lock`` while it runs (one job per folder,
+``cpm_d2/engine/output_lock.py``).
 """
+import contextlib
 import os
 import sys
 
@@ -21,11 +24,12 @@ import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
 from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.compat import DistributedWorkerError, launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
-from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
+from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock  # noqa: E402
 from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def get_parser():
@@ -59,11 +63,17 @@ def build_cfg(args):
     return cfg
 
 
+def _setup_cpm_logger(output_dir, rank):
+    """cpm_d2's log lines (dataset loading summaries, the OUTPUT_DIR lock) on the console and in log.txt."""
+    setup_logger(output_dir, distributed_rank=rank, name="cpm_d2")
+
+
 def setup(args):
     """Config, dataset registration, logging and seeding, in every worker process."""
     cfg = build_cfg(args)
     register_avs_datasets_from_cfg(cfg)
     default_setup(cfg, args)
+    _setup_cpm_logger(cfg.OUTPUT_DIR, comm.get_rank())
     return cfg
 
 
@@ -94,30 +104,41 @@ def _append_to_log(output_dir, text):
         pass
 
 
+def _fail(output_dir, error):
+    """The last line of the console and of ``OUTPUT_DIR/log.txt``: ``error``. Returns the exit status 1."""
+    message = f"[train_net] ERROR: {error}"
+    _append_to_log(output_dir, message)
+    print(message, file=sys.stderr, flush=True)
+    return 1
+
+
 def run(args, main_func=main):
     """What ``python tools/train_net.py ...`` does with parsed ``args``: returns the exit status.
 
-    With several processes, a worker that raises ends the whole job (``cpm_d2.compat.launch``
-    stops the others within seconds); its traceback goes to the end of the console output and
-    of ``OUTPUT_DIR/log.txt``, and the exit status is 1.
+    Training takes the OUTPUT_DIR lock first (machine 0's launcher only; a folder in use by
+    another job is refused at once) and refuses to write over an earlier run's checkpoints
+    without ``--resume``. With several processes, a worker that raises ends the whole job
+    (``cpm_d2.compat.launch`` stops the others within seconds); its traceback goes to the end of
+    the console output and of ``OUTPUT_DIR/log.txt``, and the exit status is 1.
     """
-    if not args.eval_only and args.machine_rank == 0:
-        # Before any worker starts: never write over an earlier run's checkpoints by accident.
-        check_output_dir(build_cfg(args).OUTPUT_DIR, args.resume)
+    cfg = build_cfg(args)
     try:
-        launch(
-            main_func,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        with contextlib.ExitStack() as stack:
+            if not args.eval_only and args.machine_rank == 0:
+                _setup_cpm_logger(cfg.OUTPUT_DIR, 0)
+                stack.enter_context(output_dir_lock(cfg.OUTPUT_DIR))
+                # Before any worker starts: never write over an earlier run's checkpoints by accident.
+                check_output_dir(cfg.OUTPUT_DIR, args.resume)
+            launch(
+                main_func,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
     except DistributedWorkerError as e:
-        message = f"[train_net] ERROR: {e}"
-        _append_to_log(build_cfg(args).OUTPUT_DIR, message)
-        print(message, file=sys.stderr, flush=True)
-        return 1
+        return _fail(cfg.OUTPUT_DIR, e)
     return 0
 
 
