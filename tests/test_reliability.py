@@ -448,3 +448,47 @@ def test_ddp_rank_failure_ends_the_job_with_its_error(tiny_root, tmp_path):
     log = (out / "log.txt").read_text().strip().splitlines()
     assert log[-1].startswith("RuntimeError: injected failure on rank 1 at iteration 3"), log[-5:]
 
+
+
+@pytest.mark.slow
+def test_one_job_per_output_dir_weights_floor_and_loading_summaries(tiny_root, tmp_path):
+    """A tiny training end to end: a live job's OUTPUT_DIR is refused at once; a dead job's lock is taken
+    over; a torchvision state dict as MODEL.WEIGHTS (nothing matches) is refused unless
+    --allow-partial-weights; log.txt holds the loading summary of the train and the test dataset."""
+    import torchvision
+
+    out = tmp_path / "run"
+    weights = tmp_path / "resnet18-torchvision.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cmd = _cmd(tiny_root, out, max_iter=2, eval_period=2, period=1000) + ["MODEL.WEIGHTS", str(weights)]
+    holder = _hold_lock(out)
+    try:
+        started = time.time()
+        proc = _run(cmd, _env(), expect_rc=1)
+        assert time.time() - started < 60
+        assert re.search(rf"OutputDirLocked: OUTPUT_DIR {re.escape(str(out))} is in use by another training job: "
+                         rf"pid {holder.pid} on host", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+        assert "Starting training" not in proc.stdout + proc.stderr and not (out / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    proc = _run(cmd, _env(), expect_rc=1)  # the dead holder's lock is taken over; the weights are refused
+    log = proc.stdout + proc.stderr
+    assert f"was left by pid {holder.pid} on host" in log and "taken over" in log
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cpm_d2.checkpoint.loading.CheckpointMismatchError: MODEL.WEIGHTS {weights}"), last
+    assert "matches 0 of the model's" in last and "tools/convert_pretrained.py" in last
+    assert "--allow-partial-weights" in last and "Starting training" not in log
+    assert not (out / "train.lock").exists(), "released when the job ended"
+
+    cmd.insert(cmd.index("--register-dataset"), "--allow-partial-weights")
+    _run(cmd, _env())
+    text = (out / "log.txt").read_text()
+    assert "Partial load from" in text and f"was left by pid {holder.pid}" in text
+    for name, split, counts in (("rel_train", "train", "4 clips, 12 frames, 12 labelled frames"),
+                                ("rel_val", "val", "2 clips, 6 frames, 6 labelled frames")):
+        assert (f"dataset '{name}': split '{split}' of AVSS layout at {tiny_root}: {counts} (= records); "
+                "nothing skipped") in text, name
+    assert not (out / "train.lock").exists()

@@ -47,7 +47,9 @@ def get_parser():
         action="store_true",
         help="--eval-only: evaluate a MODEL.WEIGHTS checkpoint that does not cover the model exactly "
         "(missing, extra or differently shaped tensors); without it such a checkpoint is refused. "
-        "Training always accepts partial MODEL.WEIGHTS (ImageNet, Mask2Former) and logs what loaded",
+        "Training accepts partial MODEL.WEIGHTS (ImageNet, Mask2Former) and logs what loaded, but refuses "
+        "one that loads no tensor or less than half of the visual backbone (a file in another layout: see "
+        "tools/convert_pretrained.py); with this flag it trains from it anyway",
     )
     return parser
 
@@ -89,7 +91,7 @@ def main(args):
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, allow_partial_weights=args.allow_partial_weights)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

@@ -34,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.checkpoint.loading import MIN_BACKBONE_SHARE
 from cpm_d2.data.datasets.account import loading_policy
 
 from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
@@ -173,9 +174,13 @@ def _wrap_ddp(model):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the AVS data, evaluators, optimizer, schedule and DDP settings."""
+    """DefaultTrainer with the AVS data, evaluators, optimizer, schedule and DDP settings.
 
-    def __init__(self, cfg):
+    ``allow_partial_weights``: start from a MODEL.WEIGHTS file that loads no tensor or less than
+    ``MIN_BACKBONE_SHARE`` of the visual backbone (refused by default: a file in another layout).
+    """
+
+    def __init__(self, cfg, *, allow_partial_weights=False):
         # Same steps as DefaultTrainer.__init__, with our DDP wrapper and AMP/NaN policies.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
@@ -190,7 +195,10 @@ class Trainer(DefaultTrainer):
             logger.warning("SOLVER.AMP.ENABLED is set but CUDA is not available: training in fp32.")
         self._trainer = (AVSAMPTrainer if use_amp else AVSSimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AVSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AVSCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            min_backbone_share=None if allow_partial_weights else MIN_BACKBONE_SHARE,
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
