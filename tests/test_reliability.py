@@ -4,6 +4,7 @@ The slow tests run ``tests/_train_with_faults.py`` (= ``tools/train_net.py`` plu
 fault injection) in subprocesses on a tiny generated dataset, and compare per-iteration raw
 losses. See docs/reliability.md for what is guaranteed.
 """
+import errno
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
-from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError
 from cpm_d2.checkpoint.atomic import remove_stale_temp_files
 from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
 from cpm_d2.engine.resume import (
@@ -103,6 +105,73 @@ def test_tag_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ckpt.tag_last_checkpoint("model_9999999.pth")
     assert not (tmp_path / "last_checkpoint").exists()
+
+
+def test_failed_write_names_the_file_and_the_os_error(tmp_path, monkeypatch):
+    """Disk full (as torch reports it: its RuntimeError over the ENOSPC), read-only or unwritable folder."""
+    model, ckpt = _tiny_checkpointer(tmp_path)
+    ckpt.save("model_0000001")
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+    real_mkstemp, real_save = tempfile.mkstemp, torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def refuse(code):
+        def mkstemp(*args, **kwargs):
+            raise OSError(code, os.strerror(code), kwargs.get("dir"))
+        return mkstemp
+
+    for code, target, fake in ((errno.ENOSPC, torch, disk_full), (errno.EROFS, tempfile, refuse(errno.EROFS)),
+                               (errno.EACCES, tempfile, refuse(errno.EACCES))):
+        name = "save" if target is torch else "mkstemp"
+        monkeypatch.setattr(target, name, fake)
+        with pytest.raises(CheckpointWriteError) as info:
+            ckpt.save("model_0000002")
+        monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+        monkeypatch.setattr(torch, "save", real_save)
+        code_name = errno.errorcode[code]
+        assert str(info.value) == (
+            f"cannot write checkpoint {tmp_path / 'model_0000002.pth'}: {code_name} ({os.strerror(code)}); the "
+            f"previous checkpoint stays valid (last_checkpoint -> {tmp_path / 'model_0000001.pth'})"), code_name
+        assert info.value.errno == code
+        assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+        assert (tmp_path / "model_0000001.pth").read_bytes() == before
+        assert not (tmp_path / "model_0000002.pth").exists() and _temp_files(tmp_path) == []
+
+
+def test_hooks_ending_after_a_failure_do_not_replace_its_error(logged):
+    """A writer flushing to the same read-only disk used to raise last (TensorBoard's EROFS), hiding the cause."""
+    from types import SimpleNamespace
+
+    from cpm_d2.engine import Trainer
+
+    class Hook:
+        def __init__(self, error=None):
+            self.error, self.ended = error, False
+
+        def after_train(self):
+            self.ended = True
+            if self.error:
+                raise self.error
+
+    def trainer(iteration):  # the state detectron2's train() leaves for after_train, nothing else
+        t = Trainer.__new__(Trainer)
+        t.iter, t.max_iter, t.storage = iteration, 10, SimpleNamespace(iter=0)
+        t._hooks = [Hook(OSError(errno.EROFS, "Read-only file system")), Hook()]
+        return t
+
+    warnings = logged("cpm_d2.engine.trainer")
+    failed = trainer(3)
+    failed.after_train()  # called in detectron2's `finally`: must not raise over the training's error
+    assert all(h.ended for h in failed._hooks) and failed.storage.iter == 3
+    assert "after the training error, Hook failed to end too: OSError" in warnings[-1]
+    with pytest.raises(OSError):  # a run that finished: a hook's error is the error
+        trainer(10).after_train()
 
 
 # ============================================================================== OUTPUT_DIR lock
@@ -448,6 +517,19 @@ def test_ddp_rank_failure_ends_the_job_with_its_error(tiny_root, tmp_path):
     log = (out / "log.txt").read_text().strip().splitlines()
     assert log[-1].startswith("RuntimeError: injected failure on rank 1 at iteration 3"), log[-5:]
 
+
+@pytest.mark.slow
+def test_checkpoint_write_failure_ends_with_one_line_naming_it(tiny_root, tmp_path):
+    """Disk full in the 3rd save: torch's 'unexpected pos' used to be the last line, the ENOSPC far above it."""
+    out = tmp_path / "run"
+    proc = _run(_cmd(tiny_root, out, max_iter=4, period=1, sgd=True), _env(CPM_TEST_SAVE_ERROR="3:ENOSPC"),
+                expect_rc=1)
+    expected = (f"[train_net] ERROR: cannot write checkpoint {out}/model_0000002.pth: ENOSPC (No space left on "
+                f"device); the previous checkpoint stays valid (last_checkpoint -> {out}/model_0000001.pth)")
+    assert proc.stderr.strip().splitlines()[-1] == expected, proc.stderr[-3000:]
+    assert (out / "log.txt").read_text().strip().splitlines()[-1] == expected
+    assert _check_last_checkpoint(out) == 1 and _temp_files(out) == []
+    assert not (out / "train.lock").exists()
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@
 
 Without a GPU, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
 Training holds ``OUTPUT_DIR/train.lock`` while it runs (one job per folder,
-``cpm_d2/engine/output_lock.py``).
+``cpm_d2/engine/output_lock.py``); a checkpoint that cannot be written ends the job with one
+line naming the file and the OS error.
 """
 import contextlib
 import os
@@ -25,7 +26,7 @@ from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.compat import DistributedWorkerError, launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
 from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock  # noqa: E402
-from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
+from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -121,7 +122,8 @@ def run(args, main_func=main):
     another job is refused at once) and refuses to write over an earlier run's checkpoints
     without ``--resume``. With several processes, a worker that raises ends the whole job
     (``cpm_d2.compat.launch`` stops the others within seconds); its traceback goes to the end of
-    the console output and of ``OUTPUT_DIR/log.txt``, and the exit status is 1.
+    the console output and of ``OUTPUT_DIR/log.txt``, and the exit status is 1. A checkpoint that
+    cannot be written ends the job with one line naming the file and the OS error.
     """
     cfg = build_cfg(args)
     try:
@@ -139,7 +141,7 @@ def run(args, main_func=main):
                 dist_url=args.dist_url,
                 args=(args,),
             )
-    except DistributedWorkerError as e:
+    except (DistributedWorkerError, CheckpointWriteError) as e:
         return _fail(cfg.OUTPUT_DIR, e)
     return 0
 

@@ -269,6 +269,18 @@ class Trainer(DefaultTrainer):
                 )
         self._resumed_rng = None
 
+    def after_train(self):
+        """detectron2's, except after a failed step: every hook still ends, but a hook's own error (e.g. a
+        writer flushing to the same full or read-only disk) is logged instead of replacing the training's."""
+        if self.iter >= self.max_iter:  # detectron2's convention: training finished
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            try:
+                h.after_train()
+            except Exception as e:
+                logger.warning(f"after the training error, {type(h).__name__} failed to end too: {type(e).__name__}: {e}")
+
     def after_step(self):
         # The training stream's states as step iter+1 will start from them; a checkpoint written
         # by a hook below stores them. Hooks then draw from their own stream, and the training
