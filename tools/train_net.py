@@ -5,6 +5,7 @@
     python tools/train_net.py --config-file configs/avss_r50.yaml --eval-only MODEL.WEIGHTS model.pth
     # (--eval-only refuses a checkpoint that does not match the config; --allow-partial-weights overrides)
     python tools/train_net.py --config-file configs/avss_r50.yaml --resume
+    # flags (--resume, --register-dataset, ...) go before the KEY VALUE config overrides
     # a dataset in the AVSS layout, no Python needed:
     python tools/train_net.py --config-file configs/avss_r50.yaml \\
         --register-dataset my_train /data/my_avs train --register-dataset my_test /data/my_avs test \\
@@ -55,8 +56,21 @@ def get_parser():
     return parser
 
 
+def check_flag_order(args):
+    """Raise ValueError when a ``--flag`` sits among the ``KEY VALUE`` overrides (it would be read as a key)."""
+    opts = list(args.opts or [])
+    for i in range(0, len(opts), 2):
+        if str(opts[i]).startswith("-"):
+            raise ValueError(
+                f"{opts[i]} comes after the config overrides ({' '.join(map(str, opts[:i])) or 'KEY VALUE'} ...): "
+                f"flags such as --register-dataset, --resume and --num-gpus go before the KEY VALUE overrides, "
+                f"e.g. train_net.py --config-file CONFIG {opts[i]} ... KEY VALUE"
+            )
+
+
 def build_cfg(args):
     """The merged, frozen config of these arguments (no side effects)."""
+    check_flag_order(args)
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.register_dataset:
         cfg.DATASETS.AVS_REGISTER = [list(x) for x in cfg.DATASETS.AVS_REGISTER] + [
@@ -147,6 +161,11 @@ def run(args, main_func=main):
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
+    try:
+        check_flag_order(args)
+    except ValueError as e:
+        parser.error(str(e))
     sys.exit(run(args))
