@@ -205,7 +205,7 @@ def test_generic_partly_labelled_clip_and_unlisted_folder_are_reported(tmp_path,
     assert "2 clips, 6 frames, 5 labelled frames" in summary
     assert load_summaries.has("noted", "frames without a label map (partly labelled clip)",
                               "synthetic/train_0002 frames [1]"), summary
-    assert load_summaries.has("noted", "clip folder in no metadata.csv row", "synthetic/train_0001"), summary
+    assert load_summaries.has("noted", "on disk, in no metadata.csv row", "synthetic/train_0001"), summary
 
 
 def test_generic_frame_files_are_numbered_without_gaps(tmp_path):

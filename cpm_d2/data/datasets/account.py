@@ -12,13 +12,15 @@ excluded or noticed, by reason, with the first names). Three kinds of entries:
 * **excluded**: left out by the dataset's own definition (e.g. ``avss_ss_test`` keeps only
   single-source clips). Never an error.
 * **noted**: not loaded, and not promised either, but probably not what the user meant: a clip
-  folder that no metadata row lists, frames of a partly labelled clip without a label map.
+  folder (or VPO image) that no metadata row lists, frames of a partly labelled clip without a
+  label map.
 
 Corrupt files and bad metadata are never skipped: the loaders raise on them whatever the policy.
 """
 import contextlib
 import contextvars
 import logging
+import os
 from collections import OrderedDict
 
 from detectron2.utils.logger import log_first_n
@@ -95,6 +97,16 @@ class LoadAccount:
     def note(self, reason, item):
         """``item`` is not loaded and not promised, but worth the user's attention."""
         self._add("noted", reason, item)
+
+    def note_unlisted(self, folder, listed, table, prefix=""):
+        """Note each entry of ``folder`` (hidden ones aside; a file by its name without extension) that
+        ``listed`` lacks: a clip or image on disk that no row of ``table`` names is not loaded."""
+        if not os.path.isdir(folder):
+            return
+        for name in sorted(os.listdir(folder)):
+            stem = name if os.path.isdir(os.path.join(folder, name)) else os.path.splitext(name)[0]
+            if not name.startswith(".") and stem not in listed:
+                self.note(f"on disk, in no {table} row", prefix + stem)
 
     def _add(self, kind, reason, item):
         self.entries.setdefault((kind, reason), []).append(str(item))

@@ -46,7 +46,8 @@ NUM_FRAMES = 5
 
 
 def _read_rows(csv_path, kind):
-    """Rows as (name, category, split) in file order; columns by header name, else by position."""
+    """Rows as (name, category, split) in file order; columns by header name, else by position.
+    A repeated (name, category) is an error naming both lines (its clip would load twice)."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"AVSBench {kind} metadata not found: {csv_path}")
     text = read_csv_text(csv_path, f"AVSBench {kind} metadata")
@@ -64,7 +65,7 @@ def _read_rows(csv_path, kind):
     split_col = header.index("split")
     if kind == "S4" and cat_col is None:
         raise ValueError(f"{csv_path}: S4 metadata needs a 'category' column, header {header}")
-    out = []
+    out, seen = [], {}
     for line, r in enumerate(rows[1:], start=2):
         if not r:
             continue
@@ -80,6 +81,9 @@ def _read_rows(csv_path, kind):
             raise ValueError(
                 f"{csv_path}: line {line} (name {name!r}) has split {split!r}; expected one of {list(SPLITS)}"
             )
+        if (name, cat) in seen:
+            raise ValueError(f"{csv_path}: line {line} repeats clip {name!r} of line {seen[name, cat]}; keep one row")
+        seen[name, cat] = line
         out.append((name, cat, split))
     return out
 
@@ -140,7 +144,8 @@ def load_avsbench_s4(root, split):
     csv_path = os.path.join(root, "s4_meta_data.csv")
     account = LoadAccount(f"AVSBench-object S4 at {root}", split)
     dicts = []
-    for name, cat, row_split in _read_rows(csv_path, "S4"):
+    rows = _read_rows(csv_path, "S4")
+    for name, cat, row_split in rows:
         if row_split != split:
             continue
         rel = os.path.join(split, cat, name)
@@ -148,6 +153,10 @@ def load_avsbench_s4(root, split):
         masks = [[os.path.join(data, "gt_masks_index", rel, f"{name}_{k + 1}.png")] for k in range(NUM_FRAMES)]
         wav = [os.path.join(data, "audio_wav", split, cat, name + ".wav")]
         dicts.extend(_clip_dicts(account, f"{cat}/{name}", frames, masks, wav, labelled, "s4", "s4"))
+    split_frames = os.path.join(data, "visual_frames", split)
+    for cat in sorted(os.listdir(split_frames)) if os.path.isdir(split_frames) else []:
+        listed = {n for n, c, sp in rows if c == cat and sp == split}
+        account.note_unlisted(os.path.join(split_frames, cat), listed, "s4_meta_data.csv", prefix=f"{cat}/")
     account.log()
     return _non_empty(dicts, csv_path, split)
 
@@ -160,7 +169,8 @@ def load_avsbench_ms3(root, split):
     csv_path = os.path.join(root, "ms3_meta_data.csv")
     account = LoadAccount(f"AVSBench-object MS3 at {root}", split)
     dicts = []
-    for name, _cat, row_split in _read_rows(csv_path, "MS3"):
+    rows = _read_rows(csv_path, "MS3")
+    for name, _cat, row_split in rows:
         if row_split != split:
             continue
         frame_dir = os.path.join(data, "visual_frames", name)
@@ -169,6 +179,7 @@ def load_avsbench_ms3(root, split):
         masks = [[os.path.join(data, "gt_masks_index", split, name, f"{name}_{k + 1}.png")] for k in range(NUM_FRAMES)]
         wav = [os.path.join(data, "audio_wav", split, name + ".wav"), os.path.join(data, "audio_wav", name + ".wav")]
         dicts.extend(_clip_dicts(account, name, frames, masks, wav, range(NUM_FRAMES), "ms3", "ms3"))
+    account.note_unlisted(os.path.join(data, "visual_frames"), {n for n, _, _ in rows}, "ms3_meta_data.csv")
     account.log()
     return _non_empty(dicts, csv_path, split)
 

@@ -428,16 +428,10 @@ def _label_indices(label_dir):
                   if n.endswith(".png") and n[:-4].isdigit() and str(int(n[:-4])) == n[:-4])
 
 
-def _unlisted_clip_folders(root, rows, subsets):
-    """``<label>/<uid>`` folders of the subsets read that no metadata row (of any split) lists."""
-    listed = {(row["label"], row["uid"]) for row in rows}
-    out = []
-    for subset in sorted(subsets):
-        folder = os.path.join(root, subset)
-        if os.path.isdir(folder):
-            out += [f"{subset}/{uid}" for uid in sorted(os.listdir(folder)) if not uid.startswith(".")
-                    and (subset, uid) not in listed and os.path.isdir(os.path.join(folder, uid))]
-    return out
+# Split names of a dataset in the AVSS layout, unless it declares its own.
+DEFAULT_SPLITS = ("train", "val", "test")
+_SPLIT_HINT = (" (fix the row; a dataset with other split names declares them: "
+               "register_avs_dataset(..., splits=[...]), or register each split with DATASETS.AVS_REGISTER)")
 
 
 def load_avs_layout(
@@ -451,9 +445,9 @@ def load_avs_layout(
     frame_count=None,
     multi_source=None,
     source_filter=None,
-    allowed_splits=None,
+    allowed_splits=DEFAULT_SPLITS,
     allowed_subsets=None,
-    split_hint="",
+    split_hint=_SPLIT_HINT,
     source=None,
 ):
     """Dataset dicts of one split of a dataset in the AVSS layout (same list, same order, always).
@@ -472,8 +466,8 @@ def load_avs_layout(
         multi_source: add the ``multi_source`` key (True if the clip's labelled frames hold more
             than one non-background class); reads every label map of the split (cached).
         source_filter: None, "single" (exactly one class in the clip) or "multi" (more than one).
-        allowed_splits / allowed_subsets: if given, every row's ``split`` / ``label`` must be
-            one of them; None accepts any non-empty value.
+        allowed_splits / allowed_subsets: every row's ``split`` / ``label`` must be one of them
+            (default splits: train / val / test); None accepts any non-empty value.
         split_hint: appended to the error for a split outside ``allowed_splits``.
         source: how the summary names what is read (default ``"AVSS layout at <root>"``).
     Returns:
@@ -595,9 +589,9 @@ def load_avs_layout(
                 audio_duration=audio_window, frame_index=i, num_frames=num_frames, clip_id=where,
                 height=height, width=width, subset=subset, **extra,
             ))
-    read = subsets if subsets is not None else {row["label"] for row in rows}
-    for folder in _unlisted_clip_folders(root, rows, read):
-        account.note("clip folder in no metadata.csv row", folder)
+    for subset in sorted(subsets if subsets is not None else {row["label"] for row in rows}):
+        listed = {row["uid"] for row in rows if row["label"] == subset}
+        account.note_unlisted(os.path.join(root, subset), listed, "metadata.csv", prefix=f"{subset}/")
     account.log()
     if not dicts:
         logger.warning(f"no labelled frame for split {split!r} (subsets {subsets}) in {root}")
@@ -621,17 +615,11 @@ def register_lazy(name, loader, **metadata):
     MetadataCatalog.get(name).set(**meta)
 
 
-# Split names of a dataset registered with register_avs_dataset, unless it declares its own.
-DEFAULT_SPLITS = ("train", "val", "test")
-_SPLIT_HINT = (" (fix the row; a dataset with other split names declares them: "
-               "register_avs_dataset(..., splits=[...]), or register each split with DATASETS.AVS_REGISTER)")
-
-
 def _load_user_dataset(root, split, subsets, audio_window, multi_source, splits):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
     return load_avs_layout(root, split, subsets=subsets, audio_window=audio_window, multi_source=multi_source,
-                           allowed_splits=splits, split_hint=_SPLIT_HINT)
+                           allowed_splits=splits)
 
 
 def register_avs_dataset(
@@ -742,6 +730,7 @@ def load_avss(root, split, subsets=None, source_filter=None):
         source_filter=source_filter,
         allowed_splits=AVSS_SPLITS,
         allowed_subsets=AVSS_SUBSETS,
+        split_hint="",
         source=f"AVSBench-semantic at {root}",
     )
 

@@ -73,7 +73,7 @@ def load_synthetic_avs(root, split, stereo=False, preset="default"):
             f"synthetic AVS dataset not found: {root}; generate it with "
             f"`python datasets/prepare_synthetic_avs.py --root {root}{flag}`"
         )
-    return load_avs_layout(root, split, audio_window=1.0, multi_source=split != "train", allowed_splits=SPLITS,
+    return load_avs_layout(root, split, audio_window=1.0, multi_source=split != "train",
                            source=f"synthetic AVS at {root}")
 
 

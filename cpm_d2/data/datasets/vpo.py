@@ -115,7 +115,8 @@ def load_vpo(root, setup, split):
     account = LoadAccount(f"VPO-{setup.upper()} at {root}", split)
     prepare = f" (run `python datasets/prepare_avss.py vpo --root {root}`)"
     dicts = []
-    for (row_split, img_id), rows in _read_samples(root, setup).items():
+    samples = _read_samples(root, setup)
+    for (row_split, img_id), rows in samples.items():
         if row_split != split:
             continue
         stem = f"{img_id:012d}"
@@ -138,6 +139,8 @@ def load_vpo(root, setup, split):
             height=height, width=width, subset=f"vpo_{setup}",
             multi_source=len({r.get("cateName", "") for r in rows}) > 1,
         ))
+    listed = {f"{img_id:012d}" for _, img_id in samples}
+    account.note_unlisted(os.path.join(out_dir, "data"), listed, os.path.basename(_csv_path(root, setup)))
     account.log()
     return dicts
 
