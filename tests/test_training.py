@@ -355,6 +355,10 @@ def test_make_demo_job_end_to_end_tiny(tmp_path):
     assert set(results) == {"synthetic_avs_test", "synthetic_avs_test (audio muted)"}
     assert "held-out results" in proc.stdout and "audio muted" in proc.stdout
     assert len(list((out / "overlays").glob("*.png"))) == 3 and (out / "overlays_grid.png").is_file()
+    log = (out / "log.txt").read_text()
+    assert "dataset 'synthetic_avs_train': split 'train' of synthetic AVS at" in log
+    assert "dataset 'synthetic_avs_test': split 'test' of synthetic AVS at" in log
+    assert not (out / "train.lock").exists(), "the OUTPUT_DIR lock is released"
     # A second run resumes the finished run: nothing is retrained or deleted.
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
