@@ -217,6 +217,12 @@ def add_avs_config(cfg):
     # Register AVS datasets in the AVSS layout from the config, no Python needed:
     # a list of [name, root, split] triples; class names come from <root>/label2idx.json.
     _C.DATASETS.AVS_REGISTER = []
+    # A clip or labelled frame that metadata.csv lists (or the layout promises: AVSS v1m/v2 label 5/10
+    # frames) but whose files are absent (clip folder, frame, wav, label map), or a listed clip with no
+    # label map at all: False = loading stops with an error naming it; True = it is skipped, and the
+    # loading summary each split logs (OUTPUT_DIR/log.txt) lists it by reason and name. Corrupt files
+    # and bad metadata rows are errors either way (docs/datasets.md, "What loading checks").
+    _C.DATASETS.ALLOW_INCOMPLETE = False
 
     m = _C.MODEL.AUDIO = CN()
     m.BACKBONE_NAME = "AudioResNet"

@@ -13,7 +13,11 @@ The patches are applied at import time, so they also act in the worker processes
   save (1-based, counting ``.pth`` files), at ``STAGE``: ``write`` (half the bytes written),
   ``before_rename`` / ``after_rename`` (of the ``.pth``), ``tag_before_rename`` /
   ``tag_after_rename`` (of ``last_checkpoint``).
+* ``CPM_TEST_SAVE_ERROR=N:CODE``: the ``N``-th checkpoint save (1-based, ``.pth`` files) fails with
+  the OS error ``CODE``: ``ENOSPC`` writes its temporary file to ``/dev/full`` (a real disk-full
+  error inside ``torch.save``), others (``EROFS``, ``EACCES``) fail creating it.
 """
+import errno
 import io
 import json
 import os
@@ -137,6 +141,51 @@ def _install_kill_in_save(spec):
 
     os.replace = replace
     torch.save = save
+
+
+class _DiskFull(io.FileIO):
+    """A file on a disk with a few kB left: writes past that fail with ENOSPC, as the kernel's do."""
+
+    room = 4096
+
+    def write(self, data):
+        n = min(len(data), self.room)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return super().write(bytes(data[:n]))
+
+
+def _install_save_error(spec):
+    import tempfile
+
+    count_at, code = spec.split(":")
+    count_at, code = int(count_at), getattr(errno, code)
+    state = {"saves": 0, "full_fd": None}
+    real_mkstemp, real_fdopen = tempfile.mkstemp, os.fdopen
+
+    def mkstemp(*args, **kwargs):
+        if ".pth.tmp-" in kwargs.get("prefix", ""):
+            state["saves"] += 1
+            if state["saves"] == count_at:
+                if code != errno.ENOSPC:
+                    raise OSError(code, os.strerror(code), kwargs.get("dir"))
+                fd, name = real_mkstemp(*args, **kwargs)
+                state["full_fd"] = fd
+                return fd, name
+        return real_mkstemp(*args, **kwargs)
+
+    def fdopen(fd, *args, **kwargs):
+        if fd == state["full_fd"]:
+            state["full_fd"] = None
+            return io.BufferedWriter(_DiskFull(fd, "wb"))
+        return real_fdopen(fd, *args, **kwargs)
+
+    tempfile.mkstemp, os.fdopen = mkstemp, fdopen
+
+
+if os.environ.get("CPM_TEST_SAVE_ERROR"):
+    _install_save_error(os.environ["CPM_TEST_SAVE_ERROR"])
 
 
 if os.environ.get("CPM_TEST_KILL_IN_SAVE"):

@@ -44,3 +44,47 @@ def silent_video(tmp_path):
         return path
 
     return write
+
+
+class LoadSummaries(list):
+    """The loading summaries logged so far (str, in order), and a check of the last one's table."""
+
+    def has(self, kind, reason, item, count=1):
+        """Whether the last summary lists ``item`` (a prefix of the items cell) as ``kind`` for ``reason``."""
+        import re
+
+        row = rf"\| {kind}\s*\| {re.escape(reason)}\s*\|\s*{count} \| [^\n]*{re.escape(item)}"
+        return bool(self) and re.search(row, self[-1]) is not None
+
+
+@pytest.fixture
+def logged():
+    """``logged(logger_name)`` -> a list that collects the messages of that logger (INFO and up) while the
+    test runs; works also when the logger does not propagate (``setup_logger`` turns propagation off)."""
+    import logging
+
+    attached = []
+
+    def collect(name, into=None):
+        messages = [] if into is None else into
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                messages.append(record.getMessage())
+
+        log = logging.getLogger(name)
+        attached.append((log, Collect(level=logging.DEBUG), log.level))
+        log.addHandler(attached[-1][1])
+        log.setLevel(logging.INFO)
+        return messages
+
+    yield collect
+    for log, handler, level in attached:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@pytest.fixture
+def load_summaries(logged):
+    """:class:`LoadSummaries` of the loading summaries logged while the test runs."""
+    return logged("cpm_d2.data.datasets.account", LoadSummaries())

@@ -1,5 +1,6 @@
 """tools/convert_pretrained.py: torchvision ResNet .pth -> the visual (.pkl) and audio backbone forms."""
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torchvision
 
 import cpm_d2  # noqa: F401
 from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.checkpoint.loading import MIN_BACKBONE_SHARE, CheckpointMismatchError
 from cpm_d2.config import setup_cfg
 from cpm_d2.modeling.backbone import build_audio_backbone, load_audio_backbone_weights
 from detectron2.modeling import build_model
@@ -68,6 +70,35 @@ def test_visual_conversion_loads_every_backbone_key_and_computes_the_same_featur
         ref = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
         got = model.backbone(x)["res5"]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_refuses_weights_that_match_too_little_of_the_model(tmp_path):
+    """A raw torchvision state dict as MODEL.WEIGHTS used to log '0 model tensors loaded' and train from scratch."""
+    _, pth = _torchvision_pth(tmp_path, "resnet18")
+    cfg = setup_cfg(TINY, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM",
+                           "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1", "False"])
+    model = build_model(cfg)
+    training = AVSCheckpointer(model, min_backbone_share=MIN_BACKBONE_SHARE)  # the trainer's checkpointer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=rf"MODEL.WEIGHTS {re.escape(str(pth))} .* matches 0 of the "
+                       r"model's \d+ tensors and 0% of its \d+ visual-backbone tensors.*`python "
+                       r"tools/convert_pretrained.py IN.pth OUT.pkl`.*--allow-partial-weights"):
+        training.load(str(pth))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "nothing was copied"
+    # the model's own tensors but the backbone (another backbone): below the floor, also refused
+    no_backbone = tmp_path / "decoder_only.pth"
+    torch.save({"model": {k: v for k, v in before.items() if not k.startswith("backbone.")}}, no_backbone)
+    with pytest.raises(CheckpointMismatchError, match=r"and 0% of its"):
+        training.load(str(no_backbone))
+    # converted, it loads the whole backbone: accepted (a partial load of the rest, as ImageNet weights are)
+    converted = tmp_path / "R-18.pkl"
+    convert_pretrained.main([str(pth), str(converted)])
+    training.load(str(converted))
+    assert training.last_load_report.backbone_share() == 1.0
+    # a deliberate partial load (--allow-partial-weights: no floor) is logged, not refused
+    partial = AVSCheckpointer(model)
+    partial.load(str(pth))
+    assert partial.last_load_report.loaded == []
 
 
 def test_audio_conversion_is_what_model_audio_weights_loads(tmp_path):

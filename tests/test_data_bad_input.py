@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
-from cpm_d2.data import AudioFrontEnd, AudioReadError, AVSDatasetMapper, generate_synthetic_avs, register_avs_dataset
+from cpm_d2.config import get_cfg
+from cpm_d2.data import (
+    AudioFrontEnd,
+    AudioReadError,
+    AVSDatasetMapper,
+    generate_synthetic_avs,
+    register_avs_dataset,
+    register_avs_datasets_from_cfg,
+)
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_s4
 from cpm_d2.data.datasets.avss import load_avs_layout, load_avss
 from cpm_d2.data.datasets.vpo import load_vpo
@@ -46,19 +54,43 @@ def _csv_re(root):
 
 
 # ------------------------------------------------------------------------------ metadata.csv rows
-def test_generic_dataset_accepts_any_nonempty_split(syn_root, names):
+def test_generic_dataset_accepts_declared_splits_only(syn_root, names):
     clip = os.path.join(syn_root, "synthetic", "train_0000")
     shutil.copytree(clip, os.path.join(syn_root, "synthetic", "extra_0000"))
     _append_rows(syn_root, [["extra_0000", "synthetic", "holdout"]])
     name = names()
-    register_avs_dataset(name, str(syn_root), split="holdout")
+    register_avs_dataset(name, str(syn_root), split="holdout")  # the split asked for is declared
     dicts = DatasetCatalog.get(name)
     assert [d["clip_id"] for d in dicts] == ["synthetic/extra_0000"] * 2
     # a split no row has: an error listing the splits present (not an empty dataset)
     name2 = names()
-    register_avs_dataset(name2, str(syn_root), split="validation")
+    register_avs_dataset(name2, str(syn_root), split="validation", splits=["train", "holdout"])
     with pytest.raises(ValueError, match=_csv_re(syn_root) + r".*'validation'.*\['holdout', 'train'\]"):
         DatasetCatalog.get(name2)
+    # loading train: the holdout row is an undeclared split, named with its line and the valid splits
+    name3 = names()
+    register_avs_dataset(name3, str(syn_root), split="train")
+    with pytest.raises(ValueError, match=_csv_re(syn_root) + r": line 4 \(uid 'extra_0000'\) has split 'holdout'; "
+                       r"expected one of \['train', 'val', 'test'\].*splits="):
+        DatasetCatalog.get(name3)
+
+
+def test_misspelt_split_is_an_error_not_a_smaller_split(syn_root, names):
+    """A 'tset' row used to be left out of every split: the test split silently lost its frames."""
+    clip = os.path.join(syn_root, "synthetic", "train_0000")
+    shutil.copytree(clip, os.path.join(syn_root, "synthetic", "test_0000"))
+    shutil.copytree(clip, os.path.join(syn_root, "synthetic", "test_0001"))
+    _append_rows(syn_root, [["test_0000", "synthetic", "test"], ["test_0001", "synthetic", "tset"]])
+    for split in ("test", "train"):
+        name = names()
+        register_avs_dataset(name, str(syn_root), split=split)
+        with pytest.raises(ValueError, match=r"line 5 \(uid 'test_0001'\) has split 'tset'; expected one of "
+                                             r"\['train', 'val', 'test'\]"):
+            DatasetCatalog.get(name)
+    cfg = get_cfg()  # the config route declares every split its entries name for the root
+    cfg.DATASETS.AVS_REGISTER = [[names(), str(syn_root), "test"], [names(), str(syn_root), "tset"]]
+    register_avs_datasets_from_cfg(cfg)
+    assert {d["clip_id"] for d in DatasetCatalog.get(cfg.DATASETS.AVS_REGISTER[1][0])} == {"synthetic/test_0001"}
 
 
 def test_generic_dataset_empty_split_names_csv_and_uid(syn_root, names):

@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from cpm_d2.data import (
     register_avs_dataset,
     register_avs_datasets_from_cfg,
 )
+from cpm_d2.data.datasets.account import loading_policy
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_ms3, load_avsbench_s4, prepare_avsbench_object_masks
-from cpm_d2.data.datasets.avss import avss_palette, load_avss, read_label2idx
+from cpm_d2.data.datasets.avss import avss_palette, load_avs_layout, load_avss, read_label2idx
 from cpm_d2.data.datasets.catalog import load_synthetic_avs
 from cpm_d2.data.datasets.vpo import load_vpo, prepare_vpo
 from cpm_d2.config import get_cfg
@@ -148,6 +150,83 @@ def test_missing_frame_or_wav_named(tmp_path):
         load_avss(str(root), "test")
 
 
+def test_avss_frame_count_comes_from_the_layout_not_the_folder(tmp_path, load_summaries):
+    """A v1m clip without frame 4 used to get num_frames 4 from the folder listing: frames range(4)
+    labelled (frame 4 and its label dropped) and audio windows at 0, 1.25, 2.5, 3.75 s."""
+    root = _make_avss(tmp_path / "AVSBench-semantic")
+    _prepare_avss_cli(root)
+    os.remove(root / "v1m" / "m_train" / "frames" / "4.jpg")
+    with pytest.raises(FileNotFoundError, match=r"m_train.frames.4\.jpg; .*DATASETS\.ALLOW_INCOMPLETE True"):
+        load_avss(str(root), "train")
+    with loading_policy(allow_incomplete=True):
+        train = load_avss(str(root), "train")
+    clip = [d for d in train if d["clip_id"] == "v1m/m_train"]
+    assert [d["frame_index"] for d in clip] == [0, 1, 2, 3]
+    assert [d["audio_start"] for d in clip] == [0.0, 1.0, 2.0, 3.0] and {d["num_frames"] for d in clip} == {5}
+    summary = load_summaries[-1]
+    # v1s train labels frame 0 only: AVSBench's rule, counted as 1 labelled frame of 5, not as a skip
+    assert "split 'train' of AVSBench-semantic at" in summary and "3 clips, 20 frames, 15 labelled frames" in summary
+    assert load_summaries.has("skipped", "frame file missing", "v1m/m_train frame 4"), summary
+    # a label map the layout promises (v2: 10 labelled frames) is missing: the same rule
+    os.remove(root / "v2" / "m_test" / "labels_semantic" / "7.png")
+    with pytest.raises(FileNotFoundError, match=r"m_test.labels_semantic.7\.png"):
+        load_avss(str(root), "test")
+
+
+def test_generic_clip_without_labels_is_an_error_or_a_reported_skip(tmp_path, names, load_summaries):
+    """An empty labels folder used to drop its clip without a word (a 6-record split became 4)."""
+    root = generate_synthetic_avs(tmp_path / "syn", seed=4, clips_per_split={"train": 3}, frames_per_clip=2)
+    label_dir = os.path.join(root, "synthetic", "train_0001", "labels_semantic")
+    for n in os.listdir(label_dir):
+        os.remove(os.path.join(label_dir, n))
+    name = names("syn_nolabel")
+    register_avs_dataset(name, root, split="train")
+    with pytest.raises(FileNotFoundError, match=r"no label map in .*train_0001.labels_semantic"):
+        DatasetCatalog.get(name)
+    with loading_policy(allow_incomplete=True):
+        dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 4 and "synthetic/train_0001" not in {d["clip_id"] for d in dicts}
+    summary = load_summaries[-1]
+    assert summary.startswith(f"dataset {name!r}: split 'train' of AVSS layout at {root}: 2 clips, 4 frames, 4 labelled")
+    assert load_summaries.has("skipped", "no label map", "synthetic/train_0001"), summary
+
+
+def test_generic_partly_labelled_clip_and_unlisted_folder_are_reported(tmp_path, load_summaries):
+    """The generic layout labels the frames that have a label map; a frame without one, or a clip
+    folder that no row lists, is not loaded, and the summary names it."""
+    root = generate_synthetic_avs(tmp_path / "syn", seed=4, clips_per_split={"train": 3}, frames_per_clip=3)
+    os.remove(os.path.join(root, "synthetic", "train_0002", "labels_semantic", "1.png"))
+    kept_rows = [line for line in open(os.path.join(root, "metadata.csv")) if "train_0001" not in line]
+    with open(os.path.join(root, "metadata.csv"), "w") as f:
+        f.writelines(kept_rows)
+    dicts = load_avs_layout(root, "train")
+    assert len(dicts) == 3 + 2
+    summary = load_summaries[-1]
+    assert "2 clips, 6 frames, 5 labelled frames" in summary
+    assert load_summaries.has("noted", "frames without a label map (partly labelled clip)",
+                              "synthetic/train_0002 frames [1]"), summary
+    assert load_summaries.has("noted", "on disk, in no metadata.csv row", "synthetic/train_0001"), summary
+
+
+def test_generic_frame_files_are_numbered_without_gaps(tmp_path):
+    """The frame count of a generic clip is its frames' numbering: a gap, a stray or a duplicate is an error."""
+    root = generate_synthetic_avs(tmp_path / "syn", seed=4, clips_per_split={"train": 1}, frames_per_clip=3)
+    frames = os.path.join(root, "synthetic", "train_0000", "frames")
+    os.remove(os.path.join(root, "synthetic", "train_0000", "labels_semantic", "1.png"))
+    os.remove(os.path.join(frames, "1.jpg"))  # unlabelled: it would have shifted frame 2's audio window
+    with pytest.raises(FileNotFoundError, match=r"frames \[1\] of .*train_0000.frames are missing"):
+        load_avs_layout(root, "train")
+    with loading_policy(allow_incomplete=True):
+        assert [d["audio_start"] for d in load_avs_layout(root, "train")] == [0.0, 2.0]
+    shutil.copy(os.path.join(frames, "0.jpg"), os.path.join(frames, "1.jpg"))
+    shutil.copy(os.path.join(frames, "0.jpg"), os.path.join(frames, "cover.jpg"))
+    with pytest.raises(ValueError, match=r"cover\.jpg: frame files are named <index>\.jpg"):
+        load_avs_layout(root, "train")
+    os.rename(os.path.join(frames, "cover.jpg"), os.path.join(frames, "0.png"))
+    with pytest.raises(ValueError, match=r"frame 0 exists twice \(0\.jpg and 0\.png\)"):
+        load_avs_layout(root, "train")
+
+
 def test_missing_roots_raise_only_when_loaded(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -228,7 +307,7 @@ def _mask(path, box):
     Image.fromarray(m).save(path)
 
 
-def test_avsbench_s4_and_ms3(tmp_path):
+def test_avsbench_s4_and_ms3(tmp_path, load_summaries):
     s4 = tmp_path / "Single-source"
     data = s4 / "s4_data"
     (s4).mkdir()
@@ -248,6 +327,9 @@ def test_avsbench_s4_and_ms3(tmp_path):
     assert prepare_avsbench_object_masks(str(data)) == 6
     train, test = load_avsbench_s4(str(s4), "train"), load_avsbench_s4(str(s4), "test")
     assert len(train) == 1 and len(test) == 5
+    # S4 train labels frame 1 only: AVSBench's rule, not a skip
+    assert load_summaries[-2].endswith("split 'train' of AVSBench-object S4 at " + str(s4)
+                                       + ": 1 clips, 5 frames, 1 labelled frames (= records); nothing skipped")
     assert [d["audio_start"] for d in test] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert test[2]["file_name"].endswith("clipB_3.png") and test[0]["audio_file_name"].endswith("clipB.wav")
     lab = np.asarray(Image.open(test[0]["sem_seg_file_name"]))

@@ -154,6 +154,21 @@ def test_coverage(semantic_frames):
     assert "coverage" not in run(AVSEvaluator(register(SEM_CLASSES), distributed=False), semantic_frames)
 
 
+def test_coverage_leaves_out_all_ignore_frames_and_is_nan_with_the_metrics(semantic_frames, tmp_path):
+    """An all-ignore evaluation used to print coverage 0.0000 beside NaN metrics."""
+    probs = torch.tensor([0.9, 0.8, 0.6, 0.1])  # predicts {dog, cat}
+    ignored = write_png(tmp_path / "ignored.png", [[255] * 3] * 2)
+    frame = dict(semantic_frames[0][0], sem_seg_file_name=ignored, file_name="ignored.jpg")
+    out = {"sem_seg": onehot_scores(PRED_A, 4), "audio_class_probs": probs}
+    alone = run(AVSEvaluator(register(SEM_CLASSES), distributed=False), [(frame, out)])
+    assert np.isnan(alone["mIoU"]) and np.isnan(alone["coverage"])
+    # beside a labelled frame (A: J = 1/2) it does not count (it had counted as 0)
+    inp_a = semantic_frames[0][0]
+    mixed = run(AVSEvaluator(register(SEM_CLASSES), distributed=False),
+                [(frame, out), (inp_a, dict(semantic_frames[0][1], audio_class_probs=probs))])
+    assert mixed["coverage"] == pytest.approx(50.0)
+
+
 # ----------------------------------------------------------------------------- binary example
 # frame 1 (clip v1): 3x4, ignore at (2,2); pixel (2,0) has scores (0,0) -> prob 0; (2,1) prob 0.5 -> bg
 GT_1 = [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 255, 0]]

@@ -12,6 +12,11 @@ zlib.error, ...), no hang, no record returned from a broken file.
 Out of scope (no loader can tell): byte flips inside WAV samples or JPEG entropy-coded data
 (neither format has a checksum; PNG has one and is fuzzed with flips), and truncation exactly
 at a line boundary of a CSV (a valid, shorter file).
+
+Layout mutations (``LAYOUT_MUTATIONS``): metadata rows, folders and files removed, renamed or
+duplicated, loaded with skips refused (the default) and allowed (``DATASETS.ALLOW_INCOMPLETE``).
+Each must load the same records, or raise an error naming what changed, or load other records
+*and* name what changed in the loading summary: never a silently different set.
 """
 import io
 import os
@@ -27,6 +32,7 @@ from PIL import Image
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
 from cpm_d2.data import AudioFrontEnd, AudioReadError, AVSDatasetMapper, generate_synthetic_avs
+from cpm_d2.data.datasets.account import loading_policy
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_s4
 from cpm_d2.data.datasets.avss import load_avs_layout, read_label2idx
 from cpm_d2.data.datasets.vpo import load_vpo
@@ -37,7 +43,7 @@ ALLOWED = (ValueError, FileNotFoundError, AudioReadError)
 PROBLEM = re.compile(
     r"empty|truncat|corrupt|cannot|not valid|invalid|missing|lacks|not found|mismatch|outside|expected|must|"
     r"not a |not UTF-8|NUL|newline|CRC|fewer|has split|repeat|twice|contiguous|names no|sample rate|shape|"
-    r"is \d+x\d+|class id|field|not a number|no '|decode|NaN",
+    r"is \d+x\d+|class id|field|not a number|no '|decode|NaN|does not exist|no label map|are named|exists twice",
     re.IGNORECASE,
 )
 
@@ -404,5 +410,140 @@ def test_csv_without_a_final_newline_is_valid(data, ds):
 
 
 def test_case_count():
-    """The number reported in docs/reliability.md."""
+    """The numbers reported in docs/reliability.md."""
     assert len(CASES) + len(RECORD_EDITS) == 231
+    assert len(LAYOUT_MUTATIONS) == 46
+
+
+# ------------------------------------------------------------------------------ layout mutations
+def _remove(rel):
+    def mutate(root):
+        path = root / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return mutate
+
+
+def _rename(rel, new):
+    return lambda root: os.rename(root / rel, root / new)
+
+
+def _copy(rel, new):
+    def mutate(root):
+        src = root / rel
+        shutil.copytree(src, root / new) if src.is_dir() else shutil.copy(src, root / new)
+    return mutate
+
+
+def _rows(csv_rel, key, edit):
+    """Apply ``edit(lines, index of the row holding key)`` to a CSV."""
+    def mutate(root):
+        path = root / csv_rel
+        lines = path.read_text().splitlines(keepends=True)
+        edit(lines, next(i for i, line in enumerate(lines) if key in line))
+        path.write_text("".join(lines))
+    return mutate
+
+
+def _drop(lines, i):
+    del lines[i]
+
+
+def _twice(lines, i):
+    lines.insert(i, lines[i])
+
+
+def _sub(old, new):
+    def edit(lines, i):
+        lines[i] = lines[i].replace(old, new, 1)
+    return edit
+
+
+_C = "synthetic/train_0001"  # the AVSS-layout clip most mutations touch
+_S4 = "s4_data/visual_frames/train/dog"
+_VPO = "VPO-SS"
+# name: (dataset, mutate(dataset root), names: an error or the summary must hold one of them)
+LAYOUT_MUTATIONS = {
+    # metadata rows
+    "avs:row-removed": ("avs", _rows("metadata.csv", "train_0001", _drop), ("synthetic/train_0001",)),
+    "avs:row-duplicated": ("avs", _rows("metadata.csv", "train_0001", _twice), ("train_0001",)),
+    "avs:row-uid-renamed": ("avs", _rows("metadata.csv", "train_0001", _sub("train_0001", "train_0009")),
+                            ("train_0001", "train_0009")),
+    "avs:row-split-misspelt": ("avs", _rows("metadata.csv", "train_0001", _sub(",train", ",tset")), ("tset",)),
+    "avs:row-label-renamed": ("avs", _rows("metadata.csv", "train_0001", _sub("synthetic", "synthetik")),
+                              ("synthetik",)),
+    # folders
+    "avs:clip-removed": ("avs", _remove(_C), ("train_0001",)),
+    "avs:clip-renamed": ("avs", _rename(_C, "synthetic/train_0001_old"), ("train_0001",)),
+    "avs:clip-duplicated": ("avs", _copy(_C, "synthetic/train_0002"), ("train_0002",)),
+    "avs:subset-renamed": ("avs", _rename("synthetic", "synthetic_old"), ("synthetic",)),
+    "avs:frames-removed": ("avs", _remove(f"{_C}/frames"), ("train_0001",)),
+    "avs:frames-renamed": ("avs", _rename(f"{_C}/frames", f"{_C}/images"), ("train_0001",)),
+    "avs:frames-duplicated": ("avs", _copy(f"{_C}/frames", f"{_C}/frames_copy"), ("train_0001",)),
+    "avs:labels-removed": ("avs", _remove(f"{_C}/labels_semantic"), ("train_0001",)),
+    "avs:labels-renamed": ("avs", _rename(f"{_C}/labels_semantic", f"{_C}/labels"), ("train_0001",)),
+    "avs:labels-duplicated": ("avs", _copy(f"{_C}/labels_semantic", f"{_C}/labels_copy"), ("train_0001",)),
+    # files
+    "avs:frame0-removed": ("avs", _remove(f"{_C}/frames/0.jpg"), ("train_0001",)),
+    "avs:frame1-removed": ("avs", _remove(f"{_C}/frames/1.jpg"), ("train_0001",)),
+    "avs:frame-renamed-jpeg": ("avs", _rename(f"{_C}/frames/0.jpg", f"{_C}/frames/0.jpeg"), ("train_0001",)),
+    "avs:frame-renamed-00": ("avs", _rename(f"{_C}/frames/0.jpg", f"{_C}/frames/00.jpg"), ("train_0001",)),
+    "avs:frame-renamed-2": ("avs", _rename(f"{_C}/frames/1.jpg", f"{_C}/frames/2.jpg"), ("train_0001",)),
+    "avs:frame-duplicated-png": ("avs", _copy(f"{_C}/frames/0.jpg", f"{_C}/frames/0.png"), ("train_0001",)),
+    "avs:frame-duplicated-2": ("avs", _copy(f"{_C}/frames/1.jpg", f"{_C}/frames/2.jpg"), ("train_0001",)),
+    "avs:frame-duplicated-copy": ("avs", _copy(f"{_C}/frames/0.jpg", f"{_C}/frames/0 copy.jpg"), ("train_0001",)),
+    "avs:label-removed": ("avs", _remove(f"{_C}/labels_semantic/1.png"), ("train_0001",)),
+    "avs:labels-both-removed": ("avs", lambda r: [_remove(f"{_C}/labels_semantic/{i}.png")(r) for i in (0, 1)],
+                                ("train_0001",)),
+    "avs:label-renamed-01": ("avs", _rename(f"{_C}/labels_semantic/1.png", f"{_C}/labels_semantic/01.png"),
+                             ("train_0001",)),
+    "avs:label-renamed-2": ("avs", _rename(f"{_C}/labels_semantic/1.png", f"{_C}/labels_semantic/2.png"),
+                            ("train_0001",)),
+    "avs:label-duplicated-copy": ("avs", _copy(f"{_C}/labels_semantic/1.png", f"{_C}/labels_semantic/1 copy.png"),
+                                  ("train_0001",)),
+    "avs:label-duplicated-2": ("avs", _copy(f"{_C}/labels_semantic/1.png", f"{_C}/labels_semantic/2.png"),
+                               ("train_0001",)),
+    "avs:wav-removed": ("avs", _remove(f"{_C}/audio.wav"), ("train_0001",)),
+    "avs:wav-renamed": ("avs", _rename(f"{_C}/audio.wav", f"{_C}/sound.wav"), ("train_0001",)),
+    "avs:wav-duplicated": ("avs", _copy(f"{_C}/audio.wav", f"{_C}/audio (1).wav"), ("train_0001",)),
+    "avs:metadata-removed": ("avs", _remove("metadata.csv"), ("metadata.csv",)),
+    "avs:label2idx-removed": ("avs", _remove("label2idx.json"), ("label2idx.json",)),
+    # AVSBench-object S4
+    "s4:row-removed": ("s4", _rows("s4_meta_data.csv", "clipB", _drop), ("dog/clipB",)),
+    "s4:row-duplicated": ("s4", _rows("s4_meta_data.csv", "clipB", _twice), ("clipB",)),
+    "s4:clip-removed": ("s4", _remove(f"{_S4}/clipB"), ("clipB",)),
+    "s4:clip-duplicated": ("s4", _copy(f"{_S4}/clipB", f"{_S4}/clipC"), ("clipC",)),
+    "s4:frame-removed": ("s4", _remove(f"{_S4}/clipB/clipB_1.png"), ("clipB",)),
+    "s4:mask-removed": ("s4", _remove("s4_data/gt_masks_index/train/dog/clipA/clipA_1.png"), ("clipA",)),
+    "s4:wav-renamed": ("s4", _rename("s4_data/audio_wav/train/dog/clipA.wav", "s4_data/audio_wav/train/dog/a.wav"),
+                       ("clipA",)),
+    # VPO-SS
+    "vpo:row-removed": ("vpo", _rows(f"{_VPO}/vpo_ss_data_stereo.csv", "vgg_6", _drop), ("000000000006",)),
+    "vpo:row-duplicated": ("vpo", _rows(f"{_VPO}/vpo_ss_data_stereo.csv", "vgg_6", _twice), ("000000000006",)),
+    "vpo:image-removed": ("vpo", _remove(f"{_VPO}/data/000000000006.jpg"), ("000000000006",)),
+    "vpo:image-duplicated": ("vpo", _copy(f"{_VPO}/data/000000000006.jpg", f"{_VPO}/data/000000000007.jpg"),
+                             ("000000000007",)),
+    "vpo:label-removed": ("vpo", _remove(f"{_VPO}/labels_semantic/000000000005.png"), ("000000000005",)),
+}
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["skips-refused", "skips-allowed"])
+@pytest.mark.parametrize("name", sorted(LAYOUT_MUTATIONS))
+def test_layout_mutation_loads_the_same_records_or_says_what_changed(data, load_summaries, name, allow):
+    ds, mutate, names = LAYOUT_MUTATIONS[name]
+    load, _, sub = DATASETS[ds]
+    root = data / sub
+    clean = load(root)
+    mutate(root)
+    before = len(load_summaries)
+    with loading_policy(allow_incomplete=allow):
+        try:
+            records = load(root)
+        except ALLOWED as e:
+            assert any(n in str(e) for n in names), f"the error does not name {names}: {type(e).__name__}: {e}"
+            assert PROBLEM.search(str(e)), f"the error does not say what is wrong: {e}"
+            return
+    if records == clean:
+        return
+    reported = "\n".join(load_summaries[before:])
+    assert any(n in reported for n in names), (
+        f"{len(clean)} records became {len(records)} and the loading summary does not name {names}:\n{reported}")

@@ -4,13 +4,16 @@ The slow tests run ``tests/_train_with_faults.py`` (= ``tools/train_net.py`` plu
 fault injection) in subprocesses on a tiny generated dataset, and compare per-iteration raw
 losses. See docs/reliability.md for what is guaranteed.
 """
+import errno
 import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 import torch
 
 import cpm_d2  # noqa: F401  (compat fixes before detectron2)
-from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError
 from cpm_d2.checkpoint.atomic import remove_stale_temp_files
 from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
 from cpm_d2.engine.resume import (
@@ -102,6 +105,123 @@ def test_tag_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ckpt.tag_last_checkpoint("model_9999999.pth")
     assert not (tmp_path / "last_checkpoint").exists()
+
+
+def test_failed_write_names_the_file_and_the_os_error(tmp_path, monkeypatch):
+    """Disk full (as torch reports it: its RuntimeError over the ENOSPC), read-only or unwritable folder."""
+    model, ckpt = _tiny_checkpointer(tmp_path)
+    ckpt.save("model_0000001")
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+    real_mkstemp, real_save = tempfile.mkstemp, torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def refuse(code):
+        def mkstemp(*args, **kwargs):
+            raise OSError(code, os.strerror(code), kwargs.get("dir"))
+        return mkstemp
+
+    for code, target, fake in ((errno.ENOSPC, torch, disk_full), (errno.EROFS, tempfile, refuse(errno.EROFS)),
+                               (errno.EACCES, tempfile, refuse(errno.EACCES))):
+        name = "save" if target is torch else "mkstemp"
+        monkeypatch.setattr(target, name, fake)
+        with pytest.raises(CheckpointWriteError) as info:
+            ckpt.save("model_0000002")
+        monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+        monkeypatch.setattr(torch, "save", real_save)
+        code_name = errno.errorcode[code]
+        assert str(info.value) == (
+            f"cannot write checkpoint {tmp_path / 'model_0000002.pth'}: {code_name} ({os.strerror(code)}); the "
+            f"previous checkpoint stays valid (last_checkpoint -> {tmp_path / 'model_0000001.pth'})"), code_name
+        assert info.value.errno == code
+        assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+        assert (tmp_path / "model_0000001.pth").read_bytes() == before
+        assert not (tmp_path / "model_0000002.pth").exists() and _temp_files(tmp_path) == []
+
+
+def test_hooks_ending_after_a_failure_do_not_replace_its_error(logged):
+    """A writer flushing to the same read-only disk used to raise last (TensorBoard's EROFS), hiding the cause."""
+    from types import SimpleNamespace
+
+    from cpm_d2.engine import Trainer
+
+    class Hook:
+        def __init__(self, error=None):
+            self.error, self.ended = error, False
+
+        def after_train(self):
+            self.ended = True
+            if self.error:
+                raise self.error
+
+    def trainer(iteration):  # the state detectron2's train() leaves for after_train, nothing else
+        t = Trainer.__new__(Trainer)
+        t.iter, t.max_iter, t.storage = iteration, 10, SimpleNamespace(iter=0)
+        t._hooks = [Hook(OSError(errno.EROFS, "Read-only file system")), Hook()]
+        return t
+
+    warnings = logged("cpm_d2.engine.trainer")
+    failed = trainer(3)
+    failed.after_train()  # called in detectron2's `finally`: must not raise over the training's error
+    assert all(h.ended for h in failed._hooks) and failed.storage.iter == 3
+    assert "after the training error, Hook failed to end too: OSError" in warnings[-1]
+    with pytest.raises(OSError):  # a run that finished: a hook's error is the error
+        trainer(10).after_train()
+
+
+# ============================================================================== OUTPUT_DIR lock
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("output_lock", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with module.output_dir_lock(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def _hold_lock(folder):
+    """A live process holding ``folder``'s lock (the module alone: no detectron2 import)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(REPO / "cpm_d2" / "engine" / "output_lock.py"),
+                             str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_output_dir_lock_refuses_a_live_job_and_takes_over_a_dead_ones(tmp_path, logged):
+    from cpm_d2.engine import OutputDirLocked, output_dir_lock
+
+    warnings = logged("cpm_d2.engine.output_lock")
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(OutputDirLocked, match=rf"in use by another training job: pid {holder.pid} on host "
+                                                  rf"{re.escape(socket.gethostname())}, started .*train\.lock"):
+            with output_dir_lock(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / "train.lock").read_text())["pid"] == holder.pid  # left behind by the kill
+    with output_dir_lock(str(tmp_path)) as path:
+        assert json.loads(Path(path).read_text())["pid"] == os.getpid()
+        assert f"was left by pid {holder.pid} on host" in warnings[-1] and "taken over" in warnings[-1]
+    assert not (tmp_path / "train.lock").exists(), "released at exit"
+
+
+def test_output_dir_lock_of_another_host_is_refused(tmp_path):
+    from cpm_d2.engine import OutputDirLocked, output_dir_lock
+
+    (tmp_path / "train.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    with pytest.raises(OutputDirLocked, match=r"locked by pid 1 on host elsewhere.*cannot tell.*delete the lock file"):
+        with output_dir_lock(str(tmp_path)):
+            pass
+    assert (tmp_path / "train.lock").exists()
 
 
 # ============================================================================== resumable data order
@@ -396,3 +516,61 @@ def test_ddp_rank_failure_ends_the_job_with_its_error(tiny_root, tmp_path):
     assert "rank 1 of 2 raised" in proc.stderr
     log = (out / "log.txt").read_text().strip().splitlines()
     assert log[-1].startswith("RuntimeError: injected failure on rank 1 at iteration 3"), log[-5:]
+
+
+@pytest.mark.slow
+def test_checkpoint_write_failure_ends_with_one_line_naming_it(tiny_root, tmp_path):
+    """Disk full in the 3rd save: torch's 'unexpected pos' used to be the last line, the ENOSPC far above it."""
+    out = tmp_path / "run"
+    proc = _run(_cmd(tiny_root, out, max_iter=4, period=1, sgd=True), _env(CPM_TEST_SAVE_ERROR="3:ENOSPC"),
+                expect_rc=1)
+    expected = (f"[train_net] ERROR: cannot write checkpoint {out}/model_0000002.pth: ENOSPC (No space left on "
+                f"device); the previous checkpoint stays valid (last_checkpoint -> {out}/model_0000001.pth)")
+    assert proc.stderr.strip().splitlines()[-1] == expected, proc.stderr[-3000:]
+    assert (out / "log.txt").read_text().strip().splitlines()[-1] == expected
+    assert _check_last_checkpoint(out) == 1 and _temp_files(out) == []
+    assert not (out / "train.lock").exists()
+
+
+@pytest.mark.slow
+def test_one_job_per_output_dir_weights_floor_and_loading_summaries(tiny_root, tmp_path):
+    """A tiny training end to end: a live job's OUTPUT_DIR is refused at once; a dead job's lock is taken
+    over; a torchvision state dict as MODEL.WEIGHTS (nothing matches) is refused unless
+    --allow-partial-weights; log.txt holds the loading summary of the train and the test dataset."""
+    import torchvision
+
+    out = tmp_path / "run"
+    weights = tmp_path / "resnet18-torchvision.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cmd = _cmd(tiny_root, out, max_iter=2, eval_period=2, period=1000) + ["MODEL.WEIGHTS", str(weights)]
+    holder = _hold_lock(out)
+    try:
+        started = time.time()
+        proc = _run(cmd, _env(), expect_rc=1)
+        assert time.time() - started < 60
+        assert re.search(rf"OutputDirLocked: OUTPUT_DIR {re.escape(str(out))} is in use by another training job: "
+                         rf"pid {holder.pid} on host", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+        assert "Starting training" not in proc.stdout + proc.stderr and not (out / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    proc = _run(cmd, _env(), expect_rc=1)  # the dead holder's lock is taken over; the weights are refused
+    log = proc.stdout + proc.stderr
+    assert f"was left by pid {holder.pid} on host" in log and "taken over" in log
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cpm_d2.checkpoint.loading.CheckpointMismatchError: MODEL.WEIGHTS {weights}"), last
+    assert "matches 0 of the model's" in last and "tools/convert_pretrained.py" in last
+    assert "--allow-partial-weights" in last and "Starting training" not in log
+    assert not (out / "train.lock").exists(), "released when the job ended"
+
+    cmd.insert(cmd.index("--register-dataset"), "--allow-partial-weights")
+    _run(cmd, _env())
+    text = (out / "log.txt").read_text()
+    assert "Partial load from" in text and f"was left by pid {holder.pid}" in text
+    for name, split, counts in (("rel_train", "train", "4 clips, 12 frames, 12 labelled frames"),
+                                ("rel_val", "val", "2 clips, 6 frames, 6 labelled frames")):
+        assert (f"dataset '{name}': split '{split}' of AVSS layout at {tiny_root}: {counts} (= records); "
+                "nothing skipped") in text, name
+    assert not (out / "train.lock").exists()

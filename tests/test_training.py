@@ -112,6 +112,24 @@ def test_train_then_eval_only_prints_metrics(tiny_root, tmp_path):
     assert (out / "model_final.pth").is_file()
 
 
+def test_flag_after_the_config_overrides_says_where_flags_go(tmp_path):
+    """It used to fail as 'Non-existent key: --register-dataset'."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import train_net
+    finally:
+        sys.path.pop(0)
+    argv = ["--config-file", TINY, "SOLVER.MAX_ITER", "2", "--register-dataset", "t", str(tmp_path), "train"]
+    with pytest.raises(ValueError, match=r"^--register-dataset comes after the config overrides \(SOLVER.MAX_ITER 2 "
+                       r"\.\.\.\): flags such as --register-dataset, --resume and --num-gpus go before the KEY VALUE"):
+        train_net.build_cfg(train_net.get_parser().parse_args(argv))
+    with pytest.raises(ValueError, match=r"^--resume comes after"):
+        train_net.build_cfg(train_net.get_parser().parse_args(["--config-file", TINY, "SEED", "1", "--resume"]))
+    proc = _run([sys.executable, TRAIN_NET, *argv], expect_ok=False)
+    assert proc.returncode == 2 and "error: --register-dataset comes after the config overrides" in proc.stderr
+    assert "Non-existent key" not in proc.stderr
+
+
 def test_seeded_cpu_runs_are_reproducible(tiny_root, tmp_path):
     losses = []
     for name in ("a", "b"):
@@ -337,6 +355,10 @@ def test_make_demo_job_end_to_end_tiny(tmp_path):
     assert set(results) == {"synthetic_avs_test", "synthetic_avs_test (audio muted)"}
     assert "held-out results" in proc.stdout and "audio muted" in proc.stdout
     assert len(list((out / "overlays").glob("*.png"))) == 3 and (out / "overlays_grid.png").is_file()
+    log = (out / "log.txt").read_text()
+    assert "dataset 'synthetic_avs_train': split 'train' of synthetic AVS at" in log
+    assert "dataset 'synthetic_avs_test': split 'test' of synthetic AVS at" in log
+    assert not (out / "train.lock").exists(), "the OUTPUT_DIR lock is released"
     # A second run resumes the finished run: nothing is retrained or deleted.
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -5,13 +5,18 @@
     python tools/train_net.py --config-file configs/avss_r50.yaml --eval-only MODEL.WEIGHTS model.pth
     # (--eval-only refuses a checkpoint that does not match the config; --allow-partial-weights overrides)
     python tools/train_net.py --config-file configs/avss_r50.yaml --resume
+    # flags (--resume, --register-dataset, ...) go before the KEY VALUE config overrides
     # a dataset in the AVSS layout, no Python needed:
     python tools/train_net.py --config-file configs/avss_r50.yaml \\
         --register-dataset my_train /data/my_avs train --register-dataset my_test /data/my_avs test \\
         DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
 
 Without a GPU, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
+Training holds ``OUTPUT_DIR/train.lock`` while it runs (one job per folder,
+``cpm_d2/engine/output_lock.py``); a checkpoint that cannot be written ends the job with one
+line naming the file and the OS error.
 """
+import contextlib
 import os
 import sys
 
@@ -21,11 +26,12 @@ import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
 from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.compat import DistributedWorkerError, launch  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
-from cpm_d2.engine import Trainer, check_output_dir  # noqa: E402
-from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
+from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock  # noqa: E402
+from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def get_parser():
@@ -43,13 +49,28 @@ def get_parser():
         action="store_true",
         help="--eval-only: evaluate a MODEL.WEIGHTS checkpoint that does not cover the model exactly "
         "(missing, extra or differently shaped tensors); without it such a checkpoint is refused. "
-        "Training always accepts partial MODEL.WEIGHTS (ImageNet, Mask2Former) and logs what loaded",
+        "Training accepts partial MODEL.WEIGHTS (ImageNet, Mask2Former) and logs what loaded, but refuses "
+        "one that loads no tensor or less than half of the visual backbone (a file in another layout: see "
+        "tools/convert_pretrained.py); with this flag it trains from it anyway",
     )
     return parser
 
 
+def check_flag_order(args):
+    """Raise ValueError when a ``--flag`` sits among the ``KEY VALUE`` overrides (it would be read as a key)."""
+    opts = list(args.opts or [])
+    for i in range(0, len(opts), 2):
+        if str(opts[i]).startswith("-"):
+            raise ValueError(
+                f"{opts[i]} comes after the config overrides ({' '.join(map(str, opts[:i])) or 'KEY VALUE'} ...): "
+                f"flags such as --register-dataset, --resume and --num-gpus go before the KEY VALUE overrides, "
+                f"e.g. train_net.py --config-file CONFIG {opts[i]} ... KEY VALUE"
+            )
+
+
 def build_cfg(args):
     """The merged, frozen config of these arguments (no side effects)."""
+    check_flag_order(args)
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.register_dataset:
         cfg.DATASETS.AVS_REGISTER = [list(x) for x in cfg.DATASETS.AVS_REGISTER] + [
@@ -59,11 +80,17 @@ def build_cfg(args):
     return cfg
 
 
+def _setup_cpm_logger(output_dir, rank):
+    """cpm_d2's log lines (dataset loading summaries, the OUTPUT_DIR lock) on the console and in log.txt."""
+    setup_logger(output_dir, distributed_rank=rank, name="cpm_d2")
+
+
 def setup(args):
     """Config, dataset registration, logging and seeding, in every worker process."""
     cfg = build_cfg(args)
     register_avs_datasets_from_cfg(cfg)
     default_setup(cfg, args)
+    _setup_cpm_logger(cfg.OUTPUT_DIR, comm.get_rank())
     return cfg
 
 
@@ -79,7 +106,7 @@ def main(args):
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, allow_partial_weights=args.allow_partial_weights)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -94,34 +121,51 @@ def _append_to_log(output_dir, text):
         pass
 
 
+def _fail(output_dir, error):
+    """The last line of the console and of ``OUTPUT_DIR/log.txt``: ``error``. Returns the exit status 1."""
+    message = f"[train_net] ERROR: {error}"
+    _append_to_log(output_dir, message)
+    print(message, file=sys.stderr, flush=True)
+    return 1
+
+
 def run(args, main_func=main):
     """What ``python tools/train_net.py ...`` does with parsed ``args``: returns the exit status.
 
-    With several processes, a worker that raises ends the whole job (``cpm_d2.compat.launch``
-    stops the others within seconds); its traceback goes to the end of the console output and
-    of ``OUTPUT_DIR/log.txt``, and the exit status is 1.
+    Training takes the OUTPUT_DIR lock first (machine 0's launcher only; a folder in use by
+    another job is refused at once) and refuses to write over an earlier run's checkpoints
+    without ``--resume``. With several processes, a worker that raises ends the whole job
+    (``cpm_d2.compat.launch`` stops the others within seconds); its traceback goes to the end of
+    the console output and of ``OUTPUT_DIR/log.txt``, and the exit status is 1. A checkpoint that
+    cannot be written ends the job with one line naming the file and the OS error.
     """
-    if not args.eval_only and args.machine_rank == 0:
-        # Before any worker starts: never write over an earlier run's checkpoints by accident.
-        check_output_dir(build_cfg(args).OUTPUT_DIR, args.resume)
+    cfg = build_cfg(args)
     try:
-        launch(
-            main_func,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except DistributedWorkerError as e:
-        message = f"[train_net] ERROR: {e}"
-        _append_to_log(build_cfg(args).OUTPUT_DIR, message)
-        print(message, file=sys.stderr, flush=True)
-        return 1
+        with contextlib.ExitStack() as stack:
+            if not args.eval_only and args.machine_rank == 0:
+                _setup_cpm_logger(cfg.OUTPUT_DIR, 0)
+                stack.enter_context(output_dir_lock(cfg.OUTPUT_DIR))
+                # Before any worker starts: never write over an earlier run's checkpoints by accident.
+                check_output_dir(cfg.OUTPUT_DIR, args.resume)
+            launch(
+                main_func,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except (DistributedWorkerError, CheckpointWriteError) as e:
+        return _fail(cfg.OUTPUT_DIR, e)
     return 0
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
+    try:
+        check_flag_order(args)
+    except ValueError as e:
+        parser.error(str(e))
     sys.exit(run(args))

@@ -16,7 +16,14 @@ only once it is in place). A temporary file left by a killed writer is deleted b
 save in that folder (only when the process that wrote it, on this host, is gone). Paths that
 are not on a local filesystem (e.g. an iopath URL) fall back to detectron2's non-atomic writes,
 with a warning.
+
+A write that fails for an OS reason (disk full, read-only or unwritable folder) raises
+:class:`CheckpointWriteError`, whose one-line message names the file, the error code (ENOSPC,
+EROFS, EACCES, ...) and the checkpoint that stays valid: torch's own error for a full disk
+(``inline_container.cc ... unexpected pos``) does not say either.
 """
+import contextlib
+import errno
 import os
 import re
 import socket
@@ -24,12 +31,38 @@ import tempfile
 
 import torch
 
-__all__ = ["AtomicCheckpointSaving", "atomic_write_bytes", "fsync_dir", "remove_stale_temp_files"]
+__all__ = ["AtomicCheckpointSaving", "CheckpointWriteError", "atomic_write_bytes", "fsync_dir",
+           "remove_stale_temp_files"]
 
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 _TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _UMASK = os.umask(0o022)  # read the process umask (mkstemp creates 0600 files; give the final file the usual mode)
 os.umask(_UMASK)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file (or ``last_checkpoint``) could not be written; the previous one is untouched."""
+
+    def __init__(self, path, error, previous):
+        code = errno.errorcode.get(error.errno) if error.errno else None
+        reason = f"{code} ({error.strerror})" if code else str(error)
+        kept = (f"the previous checkpoint stays valid (last_checkpoint -> {previous})" if previous
+                else "no earlier checkpoint of this run exists")
+        super().__init__(error.errno, f"cannot write checkpoint {path}: {reason}; {kept}")
+
+    def __str__(self):
+        return self.strerror
+
+
+def _os_error(exc):
+    """The first OSError in ``exc``'s chain of causes and contexts (torch wraps it in a RuntimeError), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def fsync_dir(folder):
@@ -137,12 +170,32 @@ class AtomicCheckpointSaving:
         save_file = os.path.join(self.save_dir, basename)
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a plain file name (no folder)")
-        os.makedirs(self.save_dir, exist_ok=True)
-        for path in remove_stale_temp_files(self.save_dir):
-            self.logger.info(f"Removed {path}, left by an interrupted checkpoint write")
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        with self._naming_os_errors(save_file):
+            os.makedirs(self.save_dir, exist_ok=True)
+            for path in remove_stale_temp_files(self.save_dir):
+                self.logger.info(f"Removed {path}, left by an interrupted checkpoint write")
+            self.logger.info(f"Saving checkpoint to {save_file}")
+            _atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
+
+    @contextlib.contextmanager
+    def _naming_os_errors(self, path):
+        """Turn an OSError (also one torch wrapped) into :class:`CheckpointWriteError` naming ``path``."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            error = _os_error(e)
+            if error is None:
+                raise
+            tag = os.path.join(self.save_dir, "last_checkpoint")
+            try:
+                with open(tag) as f:
+                    previous = os.path.join(self.save_dir, f.read().strip())
+            except OSError:
+                previous = None
+            raise CheckpointWriteError(path, error, previous) from e
 
     def tag_last_checkpoint(self, last_filename_basename):
         if not self._is_local_dir():
@@ -152,4 +205,6 @@ class AtomicCheckpointSaving:
             raise FileNotFoundError(
                 f"refusing to point {os.path.join(self.save_dir, 'last_checkpoint')} at {target}: no such file"
             )
-        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode("utf-8"))
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        with self._naming_os_errors(tag):
+            atomic_write_bytes(tag, last_filename_basename.encode("utf-8"))

@@ -29,6 +29,13 @@ its ``mixtures`` module, are renamed to ``mixtures.*`` (and listed as renamed).
 Strict loading refuses a checkpoint that leaves a model tensor unloaded or reshaped. Tensors the
 checkpoint has and the model does not (e.g. a CPM checkpoint's training-only PCL heads
 evaluated with MODEL.CPM.ENABLED False) are not used, and are listed in the log.
+
+**Training's floor** (``AVSCheckpointer(model, min_backbone_share=MIN_BACKBONE_SHARE)``, the
+trainer's default): a partial load is fine, but a file that loads *no* model tensor, or less
+than :data:`MIN_BACKBONE_SHARE` of the visual backbone's (``backbone.*``), is in another layout
+(e.g. a raw torchvision state dict): training would silently start from random weights. It is
+refused with :class:`CheckpointMismatchError` pointing to ``tools/convert_pretrained.py``;
+``--allow-partial-weights`` (``Trainer(cfg, allow_partial_weights=True)``) trains from it anyway.
 """
 import os
 from collections import OrderedDict
@@ -38,11 +45,13 @@ from typing import Dict, List, Optional, Tuple
 from . import mask2former
 
 __all__ = ["StrictCheckpointLoading", "LoadReport", "CheckpointError", "CheckpointReadError",
-           "CheckpointMismatchError"]
+           "CheckpointMismatchError", "MIN_BACKBONE_SHARE"]
 
 # Buffers the model fills itself when a checkpoint lacks them: BatchNorm counters, and the GMM
 # head's bank iteration stamps (checkpoints written before they existed).
 _BENIGN = ("num_batches_tracked", "bank_iter", "bank_source", "bank_norm")
+# Training refuses MODEL.WEIGHTS that load less than this share of the visual backbone's tensors.
+MIN_BACKBONE_SHARE = 0.5
 PARTIAL_HINT = ("to load it anyway (fine-tuning from it), pass --allow-partial-weights to tools/train_net.py "
                 "or AVSPredictor(cfg, allow_partial_weights=True)")
 
@@ -161,6 +170,28 @@ class LoadReport:
             key, ckpt_shape, model_shape = heads[0]
             return ckpt_shape[0] - 1, model_shape[0] - 1, key
         return None
+
+    def backbone_share(self) -> Optional[float]:
+        """Share of the visual backbone's tensors (``backbone.*``) loaded; None if the model has none."""
+        keys = [k for k in self.model_keys if k.startswith("backbone.") and not _benign(k)]
+        if not keys:
+            return None
+        loaded = set(self.loaded)
+        return sum(k in loaded for k in keys) / len(keys)
+
+    def training_problem(self, min_backbone_share: float) -> Optional[str]:
+        """Why training must not start from this file (no tensor, or too little of the backbone, loaded), or None."""
+        share = self.backbone_share()
+        if self.loaded and (share is None or share >= min_backbone_share):
+            return None
+        nb = sum(k.startswith("backbone.") and not _benign(k) for k in self.model_keys)
+        backbone = f" and {share:.0%} of its {nb} visual-backbone tensors" if share is not None else ""
+        return (f"MODEL.WEIGHTS {self.path} ({self.layout} layout) matches {len(self.loaded)} of the model's "
+                f"{len(self.model_keys)} tensors{backbone}; training needs at least {min_backbone_share:.0%} of the "
+                "backbone, or it would start from random weights. The file is not in this model's layout: convert a "
+                "torchvision ResNet state dict with `python tools/convert_pretrained.py IN.pth OUT.pkl` (see "
+                "docs/pretrained_weights.md), or pass --allow-partial-weights to tools/train_net.py "
+                "(Trainer(cfg, allow_partial_weights=True)) to train from it anyway.")
 
     # ------------------------------------------------------------------ text
     def rows(self):
@@ -284,16 +315,20 @@ class StrictCheckpointLoading:
     """Mixin for a detectron2 ``Checkpointer``: strict or reported loading (module docstring).
 
     ``strict`` (keyword of the checkpointer's constructor, or the attribute): refuse any load
-    that is not complete. ``last_load_report`` holds the :class:`LoadReport` of the last load.
+    that is not complete. ``min_backbone_share`` (training; None: no floor): refuse a load of no
+    tensor or of less than this share of the visual backbone. ``last_load_report`` holds the
+    :class:`LoadReport` of the last load.
     """
 
     strict = False
+    min_backbone_share: Optional[float] = None
     last_load_report: Optional[LoadReport] = None
     _loading_path: Optional[str] = None
 
-    def __init__(self, *args, strict: bool = False, **kwargs):
+    def __init__(self, *args, strict: bool = False, min_backbone_share: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.strict = bool(strict)
+        self.min_backbone_share = min_backbone_share
 
     # ------------------------------------------------------------------ file
     def load(self, path, *args, **kwargs):
@@ -359,6 +394,10 @@ class StrictCheckpointLoading:
         self.last_load_report = report
         if self.strict and not report.covers_model:
             raise CheckpointMismatchError(report.error_message())
+        if not self.strict and self.min_backbone_share is not None:
+            problem = report.training_problem(self.min_backbone_share)
+            if problem:
+                raise CheckpointMismatchError(problem)
         return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible):

@@ -34,6 +34,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cpm_d2.checkpoint import AVSCheckpointer
+from cpm_d2.checkpoint.loading import MIN_BACKBONE_SHARE
+from cpm_d2.data.datasets.account import loading_policy
 
 from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
 
@@ -172,9 +174,13 @@ def _wrap_ddp(model):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the AVS data, evaluators, optimizer, schedule and DDP settings."""
+    """DefaultTrainer with the AVS data, evaluators, optimizer, schedule and DDP settings.
 
-    def __init__(self, cfg):
+    ``allow_partial_weights``: start from a MODEL.WEIGHTS file that loads no tensor or less than
+    ``MIN_BACKBONE_SHARE`` of the visual backbone (refused by default: a file in another layout).
+    """
+
+    def __init__(self, cfg, *, allow_partial_weights=False):
         # Same steps as DefaultTrainer.__init__, with our DDP wrapper and AMP/NaN policies.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
@@ -189,7 +195,10 @@ class Trainer(DefaultTrainer):
             logger.warning("SOLVER.AMP.ENABLED is set but CUDA is not available: training in fp32.")
         self._trainer = (AVSAMPTrainer if use_amp else AVSSimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AVSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AVSCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            min_backbone_share=None if allow_partial_weights else MIN_BACKBONE_SHARE,
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -260,6 +269,18 @@ class Trainer(DefaultTrainer):
                 )
         self._resumed_rng = None
 
+    def after_train(self):
+        """detectron2's, except after a failed step: every hook still ends, but a hook's own error (e.g. a
+        writer flushing to the same full or read-only disk) is logged instead of replacing the training's."""
+        if self.iter >= self.max_iter:  # detectron2's convention: training finished
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            try:
+                h.after_train()
+            except Exception as e:
+                logger.warning(f"after the training error, {type(h).__name__} failed to end too: {type(e).__name__}: {e}")
+
     def after_step(self):
         # The training stream's states as step iter+1 will start from them; a checkpoint written
         # by a hook below stores them. Hooks then draw from their own stream, and the training
@@ -290,7 +311,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader semantics (TrainingSampler order, per-rank batches, optional
-        aspect-ratio grouping) as a :class:`ResumableTrainLoader` that ``--resume`` restarts exactly."""
+        aspect-ratio grouping) as a :class:`ResumableTrainLoader` that ``--resume`` restarts exactly.
+        Datasets load under ``DATASETS.ALLOW_INCOMPLETE`` (and log their loading summary)."""
         from cpm_d2.data import AVSDatasetMapper
 
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
@@ -304,11 +326,15 @@ class Trainer(DefaultTrainer):
                 f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be a positive multiple of the number of "
                 f"processes ({world})"
             )
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        with loading_policy(cfg.DATASETS.ALLOW_INCOMPLETE):
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+            mapper = AVSDatasetMapper(cfg, is_train=True)  # its off-screen noise pool loads the train sets too
         seed = int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
         stream = TrainBatchStream(
             dataset,
-            AVSDatasetMapper(cfg, is_train=True),
+            mapper,
             batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
             seed=seed,
             rank=comm.get_rank(),
@@ -319,9 +345,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader with the AVS mapper; the dataset loads under ``DATASETS.ALLOW_INCOMPLETE``."""
         from cpm_d2.data import AVSDatasetMapper
 
-        return build_detection_test_loader(cfg, dataset_name, mapper=AVSDatasetMapper(cfg, is_train=False))
+        with loading_policy(cfg.DATASETS.ALLOW_INCOMPLETE):
+            return build_detection_test_loader(cfg, dataset_name, mapper=AVSDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -24,7 +24,9 @@ of N processes equal those of one process exactly.
 * ``mIoU_avsbench``, ``Fbeta_avsbench``: the ``avsbench`` protocol (binary or semantic variant);
 * ``IoU-<class>``: per-class IoU of the ``dataset`` protocol (NaN: class neither labelled nor
   predicted anywhere);
-* ``coverage``: audio-decoder coverage (Jaccard of class sets), when the model outputs it;
+* ``coverage``: audio-decoder coverage (Jaccard of class sets), when the model outputs it; frames
+  whose label map is all ignore have no ground-truth class set and are left out (NaN when no
+  frame is left, as the metrics are);
 * ``<subset>/<metric>`` for each configured subset.
 
 Ignore pixels are left out of every count, in both protocols (AVSBench's own masks have none).
@@ -156,6 +158,7 @@ class AVSEvaluator(DatasetEvaluator):
         self._ious = []
         self._fcurves = []
         self._coverage = []
+        self._has_coverage = []  # the model gave audio_class_probs for the frame
         self._table = None  # gathered frames (main process), filled by evaluate()
 
     def _check_gt_ids(self, gt, path):
@@ -219,7 +222,8 @@ class AVSEvaluator(DatasetEvaluator):
             self._counts.append(M.frame_class_counts(pred, gt, self._num_classes, self._ignore_label))
 
             cov = float("nan")
-            if output.get("audio_class_probs", None) is not None:
+            has_probs = output.get("audio_class_probs", None) is not None
+            if has_probs:
                 probs = output["audio_class_probs"]
                 probs = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
                 probs = probs.reshape(-1)
@@ -228,11 +232,13 @@ class AVSEvaluator(DatasetEvaluator):
                         f"{path}: 'audio_class_probs' must be {self._num_classes} finite probabilities, "
                         f"got shape {probs.shape}"
                     )
-                cov = frame_coverage(
-                    predicted_class_set(probs),
-                    gt_class_set(gt, self._num_classes, self._ignore_label),
-                )
+                if valid.any():  # an all-ignore frame has no ground-truth class set to compare with
+                    cov = frame_coverage(
+                        predicted_class_set(probs),
+                        gt_class_set(gt, self._num_classes, self._ignore_label),
+                    )
             self._coverage.append(cov)
+            self._has_coverage.append(has_probs)
 
             meta = _scalar_meta(input_dict)
             meta.setdefault("clip_id", path)  # a frame without a clip id is its own video
@@ -254,6 +260,7 @@ class AVSEvaluator(DatasetEvaluator):
             "fcurve": fcurves,
             "has_fcurve": has_fcurve,
             "coverage": np.asarray(self._coverage, dtype=np.float64),
+            "has_coverage": np.asarray(self._has_coverage, dtype=bool),
         }
 
     def _gather(self):
@@ -306,10 +313,10 @@ class AVSEvaluator(DatasetEvaluator):
             ab = M.avsbench_semantic(counts)
             res["mIoU_avsbench"] = 100.0 * ab["mIoU"]
             res["Fbeta_avsbench"] = 100.0 * ab["Fbeta_mean"]
-        cov = t["coverage"][idx]
-        cov = cov[~np.isnan(cov)]
-        if cov.size:
-            res["coverage"] = 100.0 * float(cov.mean())
+        if t["has_coverage"][idx].any():
+            cov = t["coverage"][idx]
+            cov = cov[~np.isnan(cov)]
+            res["coverage"] = 100.0 * float(cov.mean()) if cov.size else float("nan")
         for c, name in enumerate(self._class_names):
             res[f"IoU-{name}"] = 100.0 * float(ds["IoU"][c])
         return res, ds, ab
@@ -419,6 +426,7 @@ class AVSEvaluator(DatasetEvaluator):
                 fcurve=t["fcurve"],
                 has_fcurve=t["has_fcurve"],
                 coverage=t["coverage"],
+                has_coverage=t["has_coverage"],
                 thresholds=M.AVSBENCH_THRESHOLDS,
                 class_names=np.asarray(self._class_names),
                 frames_json=np.asarray(json.dumps(t["metas"])),

@@ -27,6 +27,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from .account import LoadAccount
 from .avss import image_size, read_csv_text
 from .record import frame_record
 
@@ -45,7 +46,8 @@ NUM_FRAMES = 5
 
 
 def _read_rows(csv_path, kind):
-    """Rows as (name, category, split) in file order; columns by header name, else by position."""
+    """Rows as (name, category, split) in file order; columns by header name, else by position.
+    A repeated (name, category) is an error naming both lines (its clip would load twice)."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"AVSBench {kind} metadata not found: {csv_path}")
     text = read_csv_text(csv_path, f"AVSBench {kind} metadata")
@@ -63,7 +65,7 @@ def _read_rows(csv_path, kind):
     split_col = header.index("split")
     if kind == "S4" and cat_col is None:
         raise ValueError(f"{csv_path}: S4 metadata needs a 'category' column, header {header}")
-    out = []
+    out, seen = [], {}
     for line, r in enumerate(rows[1:], start=2):
         if not r:
             continue
@@ -79,36 +81,48 @@ def _read_rows(csv_path, kind):
             raise ValueError(
                 f"{csv_path}: line {line} (name {name!r}) has split {split!r}; expected one of {list(SPLITS)}"
             )
+        if (name, cat) in seen:
+            raise ValueError(f"{csv_path}: line {line} repeats clip {name!r} of line {seen[name, cat]}; keep one row")
+        seen[name, cat] = line
         out.append((name, cat, split))
     return out
 
 
-def _first_existing(candidates, what):
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    raise FileNotFoundError(f"{what} not found: {candidates[0]}")
+def _first_existing(candidates):
+    """The first existing file of ``candidates``, or None."""
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def _index_mask(path, prepare_cmd):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"label map not found: {path} (binary masks are converted to index PNGs by "
-            f"`python datasets/prepare_avss.py {prepare_cmd} --root ...`)"
-        )
-    return path
+def _clip_dicts(account, clip_id, frames, masks, wav, labelled, subset, prepare_cmd):
+    """Records of the ``labelled`` frames (0-based) of one clip; absent files go to ``account``.
 
-
-def _frame_dicts(name, frames, masks, wav, labelled, subset):
-    height, width = image_size(frames[0])
-    dicts = []
+    ``frames[i]`` / ``masks[i]``: candidate paths of frame ``i``'s image / index mask; ``wav``:
+    candidate paths of the clip's audio.
+    """
+    audio = _first_existing(wav)
+    if audio is None:
+        account.missing("audio missing", clip_id, f"audio not found: {wav[0]}")
+        return []
+    items = []
     for i in labelled:
-        dicts.append(frame_record(
-            file_name=frames[i], sem_seg_file_name=masks[i], audio_file_name=wav,
-            audio_start=i * CLIP_SECONDS / NUM_FRAMES, audio_duration=1.0, frame_index=i, num_frames=NUM_FRAMES,
-            clip_id=name, height=height, width=width, subset=subset,
-        ))
-    return dicts
+        image, mask = _first_existing(frames[i]), _first_existing(masks[i])
+        if image is None:
+            account.missing("frame file missing", f"{clip_id} frame {i + 1}", f"frame not found: {frames[i][0]}")
+        elif mask is None:
+            account.missing("label map missing", f"{clip_id} frame {i + 1}", (
+                f"label map not found: {masks[i][0]} (binary masks are converted to index PNGs by "
+                f"`python datasets/prepare_avss.py {prepare_cmd} --root ...`)"))
+        else:
+            items.append((i, image, mask))
+    if not items:
+        return []
+    account.keep(NUM_FRAMES, len(items))
+    height, width = image_size(items[0][1])
+    return [frame_record(
+        file_name=image, sem_seg_file_name=mask, audio_file_name=audio,
+        audio_start=i * CLIP_SECONDS / NUM_FRAMES, audio_duration=1.0, frame_index=i, num_frames=NUM_FRAMES,
+        clip_id=clip_id, height=height, width=width, subset=subset,
+    ) for i, image, mask in items]
 
 
 def _non_empty(dicts, csv_path, split):
@@ -118,55 +132,56 @@ def _non_empty(dicts, csv_path, split):
 
 
 def load_avsbench_s4(root, split):
-    """S4 dicts of ``split``: train -> frame 1 of each clip labelled, val/test -> frames 1..5."""
+    """S4 dicts of ``split``: train -> frame 1 of each clip labelled (AVSBench's rule), val/test -> 1..5.
+
+    A labelled frame, its mask or a clip's wav that is absent is an error naming it (or, with
+    ``DATASETS.ALLOW_INCOMPLETE``, skipped and reported); the loading summary is logged.
+    """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"AVSBench-object S4 not found: {root} (see docs/datasets.md)")
     data = os.path.join(root, "s4_data")
     labelled = [0] if split == "train" else list(range(NUM_FRAMES))
+    csv_path = os.path.join(root, "s4_meta_data.csv")
+    account = LoadAccount(f"AVSBench-object S4 at {root}", split)
     dicts = []
-    for name, cat, row_split in _read_rows(os.path.join(root, "s4_meta_data.csv"), "S4"):
+    rows = _read_rows(csv_path, "S4")
+    for name, cat, row_split in rows:
         if row_split != split:
             continue
         rel = os.path.join(split, cat, name)
-        frames = [os.path.join(data, "visual_frames", rel, f"{name}_{k + 1}.png") for k in range(NUM_FRAMES)]
-        for i in labelled:
-            _first_existing([frames[i]], "frame")
-        masks = [os.path.join(data, "gt_masks_index", rel, f"{name}_{k + 1}.png") for k in range(NUM_FRAMES)]
-        for i in labelled:
-            _index_mask(masks[i], "s4")
-        wav = _first_existing([os.path.join(data, "audio_wav", split, cat, name + ".wav")], "audio")
-        dicts.extend(_frame_dicts(f"{cat}/{name}", frames, masks, wav, labelled, "s4"))
-    return _non_empty(dicts, os.path.join(root, "s4_meta_data.csv"), split)
+        frames = [[os.path.join(data, "visual_frames", rel, f"{name}_{k + 1}.png")] for k in range(NUM_FRAMES)]
+        masks = [[os.path.join(data, "gt_masks_index", rel, f"{name}_{k + 1}.png")] for k in range(NUM_FRAMES)]
+        wav = [os.path.join(data, "audio_wav", split, cat, name + ".wav")]
+        dicts.extend(_clip_dicts(account, f"{cat}/{name}", frames, masks, wav, labelled, "s4", "s4"))
+    split_frames = os.path.join(data, "visual_frames", split)
+    for cat in sorted(os.listdir(split_frames)) if os.path.isdir(split_frames) else []:
+        listed = {n for n, c, sp in rows if c == cat and sp == split}
+        account.note_unlisted(os.path.join(split_frames, cat), listed, "s4_meta_data.csv", prefix=f"{cat}/")
+    account.log()
+    return _non_empty(dicts, csv_path, split)
 
 
 def load_avsbench_ms3(root, split):
-    """MS3 dicts of ``split``: frames 1..5 of each clip labelled (every split)."""
+    """MS3 dicts of ``split``: frames 1..5 of each clip labelled (every split); absent files as for S4."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"AVSBench-object MS3 not found: {root} (see docs/datasets.md)")
     data = os.path.join(root, "ms3_data")
-    labelled = list(range(NUM_FRAMES))
+    csv_path = os.path.join(root, "ms3_meta_data.csv")
+    account = LoadAccount(f"AVSBench-object MS3 at {root}", split)
     dicts = []
-    for name, _cat, row_split in _read_rows(os.path.join(root, "ms3_meta_data.csv"), "MS3"):
+    rows = _read_rows(csv_path, "MS3")
+    for name, _cat, row_split in rows:
         if row_split != split:
             continue
         frame_dir = os.path.join(data, "visual_frames", name)
-        frames = [
-            _first_existing(
-                [os.path.join(frame_dir, f"{name}.mp4_{k + 1}.png"), os.path.join(frame_dir, f"{name}_{k + 1}.png")],
-                "frame",
-            )
-            for k in range(NUM_FRAMES)
-        ]
-        masks = [
-            _index_mask(os.path.join(data, "gt_masks_index", split, name, f"{name}_{k + 1}.png"), "ms3")
-            for k in range(NUM_FRAMES)
-        ]
-        wav = _first_existing(
-            [os.path.join(data, "audio_wav", split, name + ".wav"), os.path.join(data, "audio_wav", name + ".wav")],
-            "audio",
-        )
-        dicts.extend(_frame_dicts(name, frames, masks, wav, labelled, "ms3"))
-    return _non_empty(dicts, os.path.join(root, "ms3_meta_data.csv"), split)
+        frames = [[os.path.join(frame_dir, f"{name}.mp4_{k + 1}.png"), os.path.join(frame_dir, f"{name}_{k + 1}.png")]
+                  for k in range(NUM_FRAMES)]
+        masks = [[os.path.join(data, "gt_masks_index", split, name, f"{name}_{k + 1}.png")] for k in range(NUM_FRAMES)]
+        wav = [os.path.join(data, "audio_wav", split, name + ".wav"), os.path.join(data, "audio_wav", name + ".wav")]
+        dicts.extend(_clip_dicts(account, name, frames, masks, wav, range(NUM_FRAMES), "ms3", "ms3"))
+    account.note_unlisted(os.path.join(data, "visual_frames"), {n for n, _, _ in rows}, "ms3_meta_data.csv")
+    account.log()
+    return _non_empty(dicts, csv_path, split)
 
 
 # ---------------------------------------------------------------------------------- prepare

@@ -28,6 +28,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
+from .account import LoadAccount, dataset_name_scope
 from .record import frame_record
 
 __all__ = [
@@ -243,11 +244,12 @@ def read_metadata_csv(path, required=("uid", "label", "split")):
     return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
 
 
-def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=None):
+def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=None, split_hint=""):
     """Validate ``metadata.csv`` rows; errors name the file, the line, the uid and the bad value.
 
     Every row needs a non-empty ``uid``, ``split`` and ``label``; with ``allowed_splits`` /
-    ``allowed_subsets`` the values must be among them; a (label, uid) pair may appear once.
+    ``allowed_subsets`` the values must be among them (``split_hint`` is appended to the error
+    for a split: how to declare other names); a (label, uid) pair may appear once.
     """
     seen = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
@@ -257,7 +259,7 @@ def check_metadata_rows(csv_path, rows, allowed_splits=None, allowed_subsets=Non
             if not row.get(column):
                 raise ValueError(f"{where} has an empty {column!r} value")
         if allowed_splits is not None and row["split"] not in allowed_splits:
-            raise ValueError(f"{where} has split {row['split']!r}; expected one of {list(allowed_splits)}")
+            raise ValueError(f"{where} has split {row['split']!r}; expected one of {list(allowed_splits)}{split_hint}")
         if allowed_subsets is not None and row["label"] not in allowed_subsets:
             raise ValueError(f"{where} has label {row['label']!r}; expected one of {list(allowed_subsets)}")
         key = (row["label"], uid)
@@ -397,6 +399,41 @@ def _wav_duration(path):
 
 
 # ---------------------------------------------------------------------------------- loader
+def _frame_files(frame_dir):
+    """``{index: file name}`` of a clip's ``frames/`` folder, numbered ``0 .. n-1`` (hidden files ignored).
+
+    Raises ValueError naming the file for a ``.jpg`` / ``.png`` that is not named ``<index>.jpg`` or
+    ``<index>.png`` (it would change the clip's frame count), or two files of one index.
+    """
+    found = {}
+    for name in sorted(os.listdir(frame_dir)):
+        stem, ext = os.path.splitext(name)
+        if name.startswith(".") or ext.lower() not in (".jpg", ".png"):
+            continue
+        if not stem.isdigit() or str(int(stem)) != stem:
+            raise ValueError(
+                f"{os.path.join(frame_dir, name)}: frame files are named <index>.jpg or <index>.png "
+                "(0, 1, 2, ... without leading zeros); rename or remove this file"
+            )
+        i = int(stem)
+        if i in found:
+            raise ValueError(f"{frame_dir}: frame {i} exists twice ({found[i]} and {name}); keep one of them")
+        found[i] = name
+    return found
+
+
+def _label_indices(label_dir):
+    """Frame indices of the ``<index>.png`` files in ``label_dir`` (sorted); other names are not label maps."""
+    return sorted(int(n[:-4]) for n in os.listdir(label_dir)
+                  if n.endswith(".png") and n[:-4].isdigit() and str(int(n[:-4])) == n[:-4])
+
+
+# Split names of a dataset in the AVSS layout, unless it declares its own.
+DEFAULT_SPLITS = ("train", "val", "test")
+_SPLIT_HINT = (" (fix the row; a dataset with other split names declares them: "
+               "register_avs_dataset(..., splits=[...]), or register each split with DATASETS.AVS_REGISTER)")
+
+
 def load_avs_layout(
     root,
     split,
@@ -405,10 +442,13 @@ def load_avs_layout(
     audio_window=1.0,
     labelled_frames=None,
     clip_duration=None,
+    frame_count=None,
     multi_source=None,
     source_filter=None,
-    allowed_splits=None,
+    allowed_splits=DEFAULT_SPLITS,
     allowed_subsets=None,
+    split_hint=_SPLIT_HINT,
+    source=None,
 ):
     """Dataset dicts of one split of a dataset in the AVSS layout (same list, same order, always).
 
@@ -417,29 +457,39 @@ def load_avs_layout(
         split: value of the ``split`` column to keep.
         subsets: keep only rows whose ``label`` is in this list (None: all).
         audio_window: seconds of audio per frame.
-        labelled_frames: ``f(row, num_frames, label_dir) -> list of frame indices``; default: the
-            frames with a ``labels_semantic/{i}.png`` present.
+        labelled_frames: ``f(row, num_frames, label_dir) -> list of frame indices`` (the layout's
+            rule: each must have its frame and label map); default: the frames with a
+            ``labels_semantic/{i}.png``, and those with a ``labels_rgb/{i}.png`` colour mask.
         clip_duration: ``f(row, wav_path) -> seconds``; default: the wav length (soundfile.info).
+        frame_count: ``f(row) -> frames of the clip`` (the layout's definition); default: the
+            ``frames/{i}.jpg|png`` files, which must be numbered ``0 .. n-1`` without a gap.
         multi_source: add the ``multi_source`` key (True if the clip's labelled frames hold more
             than one non-background class); reads every label map of the split (cached).
         source_filter: None, "single" (exactly one class in the clip) or "multi" (more than one).
-        allowed_splits / allowed_subsets: if given, every row's ``split`` / ``label`` must be
-            one of them (official layouts); None accepts any non-empty value.
+        allowed_splits / allowed_subsets: every row's ``split`` / ``label`` must be one of them
+            (default splits: train / val / test); None accepts any non-empty value.
+        split_hint: appended to the error for a split outside ``allowed_splits``.
+        source: how the summary names what is read (default ``"AVSS layout at <root>"``).
     Returns:
-        list of dicts, one per labelled frame, in metadata.csv order then frame order.
+        list of dicts, one per labelled frame, in metadata.csv order then frame order. A summary
+        (:class:`~cpm_d2.data.datasets.account.LoadAccount`) is logged.
     Raises:
         ValueError naming metadata.csv, the row's line and uid: an empty uid/split/label, a
         value outside ``allowed_*``, a repeated (label, uid), a ``label`` folder that does not
         exist (rows of the requested split), or a requested ``split`` that no row has.
+        ValueError naming the file: badly named or duplicated frame files, unreadable files.
+        FileNotFoundError naming the file, unless skips are allowed (``loading_policy``): a
+        listed clip, frame, wav or label map that is absent, a clip with no label map.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
     csv_path = os.path.join(root, "metadata.csv")
     rows = read_metadata_csv(csv_path)
-    check_metadata_rows(csv_path, rows, allowed_splits, allowed_subsets)
+    check_metadata_rows(csv_path, rows, allowed_splits, allowed_subsets, split_hint)
     if not any(row["split"] == split for row in rows):
         present = sorted({row["split"] for row in rows})
         raise ValueError(f"{csv_path}: no row has split {split!r}; the splits present are {present}")
+    account = LoadAccount(source or f"AVSS layout at {root}", split)
     subsets = None if subsets is None else set(subsets)
     need_sources = bool(multi_source) or source_filter is not None
     subset_dirs = {}
@@ -448,6 +498,7 @@ def load_avs_layout(
         if row["split"] != split or (subsets is not None and row["label"] not in subsets):
             continue
         subset, uid = row["label"], row["uid"]
+        where = f"{subset}/{uid}"
         if subset not in subset_dirs:
             subset_dirs[subset] = os.path.isdir(os.path.join(root, subset))
         if not subset_dirs[subset]:
@@ -456,41 +507,66 @@ def load_avs_layout(
                 f"{os.path.join(root, subset)} does not exist"
             )
         clip = os.path.join(root, subset, uid)
-        if not os.path.isdir(clip):
-            raise FileNotFoundError(f"clip folder not found: {clip} (listed in {csv_path}, line {line})")
         frame_dir, label_dir = os.path.join(clip, "frames"), os.path.join(clip, "labels_semantic")
+        wav = os.path.join(clip, "audio.wav")
+        if not os.path.isdir(clip):
+            account.missing("clip folder missing", where,
+                            f"clip folder not found: {clip} (listed in {csv_path}, line {line})")
+            continue
         if not os.path.isdir(frame_dir):
-            raise FileNotFoundError(f"frames folder not found: {frame_dir}")
-        num_frames = sum(1 for n in os.listdir(frame_dir) if os.path.splitext(n)[1].lower() in (".jpg", ".png"))
+            account.missing("frames folder missing", where, f"frames folder not found: {frame_dir}")
+            continue
+        if not os.path.isfile(wav):
+            account.missing("audio missing", where, f"audio not found: {wav}")
+            continue
+        if frame_count is None:
+            files = _frame_files(frame_dir)
+            num_frames = max(files) + 1 if files else 0
+        else:
+            files, num_frames = None, int(frame_count(row))
         if num_frames == 0:
-            raise FileNotFoundError(f"no frame in {frame_dir}")
-        wav = _require_file(os.path.join(clip, "audio.wav"), "audio")
+            account.missing("no frame", where, f"no frame in {frame_dir}")
+            continue
         if labelled_frames is None:
-            if not os.path.isdir(label_dir):
-                raise FileNotFoundError(
-                    f"label folder not found: {label_dir} (colour masks are converted to index PNGs by "
-                    "datasets/prepare_avss.py)"
-                )
-            # every labelled frame counts: one without its image raises below (no silent skip)
-            frames = sorted(
-                int(n[:-4]) for n in os.listdir(label_dir) if n.endswith(".png") and n[:-4].isdigit()
-            )
+            frames = _label_indices(label_dir) if os.path.isdir(label_dir) else []
+            rgb_dir = os.path.join(clip, "labels_rgb")
+            rgb = _label_indices(rgb_dir) if os.path.isdir(rgb_dir) else []
+            frames = sorted(set(frames) | set(rgb))  # a colour mask promises its index PNG
+            if not frames:
+                account.missing("no label map", where, (
+                    f"no label map in {label_dir}: every clip listed in {csv_path} needs index PNGs "
+                    "labels_semantic/<frame>.png of its labelled frames (colour masks are converted by "
+                    "datasets/prepare_avss.py)"))
+                continue
+            unlabelled = sorted(set(files) - set(frames)) if files is not None else []
+            if unlabelled:
+                account.note("frames without a label map (partly labelled clip)", f"{where} frames {unlabelled}")
         else:
             frames = list(labelled_frames(row, num_frames, label_dir))
         duration = _wav_duration(wav) if clip_duration is None else float(clip_duration(row, wav))
         items = []
         for i in frames:
-            image = os.path.join(frame_dir, f"{i}.jpg")
-            if not os.path.isfile(image) and os.path.isfile(os.path.join(frame_dir, f"{i}.png")):
-                image = os.path.join(frame_dir, f"{i}.png")
-            _require_file(image, "frame")
+            if files is not None:
+                image = os.path.join(frame_dir, files.get(i, f"{i}.jpg"))
+            else:
+                image = os.path.join(frame_dir, f"{i}.jpg")
+                if not os.path.isfile(image) and os.path.isfile(os.path.join(frame_dir, f"{i}.png")):
+                    image = os.path.join(frame_dir, f"{i}.png")
+            if not os.path.isfile(image):
+                account.missing("frame file missing", f"{where} frame {i}", f"frame not found: {image}")
+                continue
             label = os.path.join(label_dir, f"{i}.png")
             if not os.path.isfile(label):
                 hint = ""
                 if os.path.isfile(os.path.join(clip, "labels_rgb", f"{i}.png")):
                     hint = " (labels_rgb exists: run `python datasets/prepare_avss.py avss --root ...`)"
-                raise FileNotFoundError(f"label map not found: {label}{hint}")
+                account.missing("label map missing", f"{where} frame {i}", f"label map not found: {label}{hint}")
+                continue
             items.append((i, image, label))
+        if files is not None and len(files) < num_frames:  # a gap in the numbering moves every audio window
+            gaps = sorted(set(range(num_frames)) - set(files))
+            account.missing("frame file missing", f"{where} frames {gaps}",
+                            f"frames {gaps} of {frame_dir} are missing (it holds frames up to {num_frames - 1})")
         if not items:
             continue
         height, width = image_size(items[0][1])
@@ -500,36 +576,50 @@ def load_avs_layout(
             for _, _, label in items:
                 classes.update(c for c in label_classes(label) if c != 0)
             if source_filter == "single" and len(classes) != 1:
+                account.exclude("not single-source", where)
                 continue
             if source_filter == "multi" and len(classes) <= 1:
+                account.exclude("not multi-source", where)
                 continue
             extra["multi_source"] = len(classes) > 1
+        account.keep(num_frames, len(items))
         for i, image, label in items:
             dicts.append(frame_record(
                 file_name=image, sem_seg_file_name=label, audio_file_name=wav, audio_start=i * duration / num_frames,
-                audio_duration=audio_window, frame_index=i, num_frames=num_frames, clip_id=f"{subset}/{uid}",
+                audio_duration=audio_window, frame_index=i, num_frames=num_frames, clip_id=where,
                 height=height, width=width, subset=subset, **extra,
             ))
+    for subset in sorted(subsets if subsets is not None else {row["label"] for row in rows}):
+        listed = {row["uid"] for row in rows if row["label"] == subset}
+        account.note_unlisted(os.path.join(root, subset), listed, "metadata.csv", prefix=f"{subset}/")
+    account.log()
     if not dicts:
         logger.warning(f"no labelled frame for split {split!r} (subsets {subsets}) in {root}")
     return dicts
 
 
 # ---------------------------------------------------------------------------------- register
+def _named_load(name, loader):
+    with dataset_name_scope(name):
+        return loader()
+
+
 def register_lazy(name, loader, **metadata):
-    """Register ``loader`` (no-arg callable) and set ``metadata``; detectron2 errors on duplicates."""
+    """Register ``loader`` (no-arg callable; its loading summary names ``name``) and set ``metadata``;
+    detectron2 errors on duplicates."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    DatasetCatalog.register(name, loader)
+    DatasetCatalog.register(name, partial(_named_load, name, loader))
     meta = {"ignore_label": IGNORE_LABEL, "evaluator_type": "avs"}
     meta.update(metadata)
     MetadataCatalog.get(name).set(**meta)
 
 
-def _load_user_dataset(root, split, subsets, audio_window, multi_source):
+def _load_user_dataset(root, split, subsets, audio_window, multi_source, splits):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    return load_avs_layout(root, split, subsets=subsets, audio_window=audio_window, multi_source=multi_source)
+    return load_avs_layout(root, split, subsets=subsets, audio_window=audio_window, multi_source=multi_source,
+                           allowed_splits=splits)
 
 
 def register_avs_dataset(
@@ -542,6 +632,7 @@ def register_avs_dataset(
     audio_window=1.0,
     audio_channels=1,
     is_binary=False,
+    splits=None,
     **extra_metadata,
 ):
     """Register a dataset in the AVSS layout with detectron2's DatasetCatalog + MetadataCatalog.
@@ -555,10 +646,14 @@ def register_avs_dataset(
         audio_window: seconds of audio per frame (1.0 AVSBench, 3.0 VPO).
         audio_channels: 1 (mono) or 2 (stereo): recorded in the metadata for configs/checks.
         is_binary: True for 2-class (foreground/background) datasets.
+        splits: every value metadata.csv's ``split`` column may hold (default ``DEFAULT_SPLITS``,
+            train / val / test); ``split`` is always one. A row with another value is an error
+            naming it (a misspelt split would otherwise silently leave the row out).
         **extra_metadata: more MetadataCatalog fields.
 
-    Labelled frames: those with ``labels_semantic/{i}.png``; clip duration from the wav length.
-    Dicts of splits other than "train" carry ``multi_source``. Returns None.
+    Labelled frames: those with ``labels_semantic/{i}.png`` (or a ``labels_rgb/{i}.png`` to
+    convert); clip duration from the wav length. Dicts of splits other than "train" carry
+    ``multi_source``. Returns None.
     """
     if class_names is None:
         class_names = read_label2idx(os.path.join(root, "label2idx.json"))
@@ -568,7 +663,8 @@ def register_avs_dataset(
     if audio_channels not in (1, 2):
         raise ValueError(f"audio_channels must be 1 or 2, got {audio_channels}")
     subsets = None if subsets is None else list(subsets)
-    loader = partial(_load_user_dataset, root, split, subsets, float(audio_window), split != "train")
+    splits = tuple(dict.fromkeys([*(DEFAULT_SPLITS if splits is None else [str(x) for x in splits]), str(split)]))
+    loader = partial(_load_user_dataset, root, split, subsets, float(audio_window), split != "train", splits)
     register_lazy(
         name,
         loader,
@@ -585,27 +681,34 @@ def register_avs_dataset(
 # ---------------------------------------------------------------------------------- AVSS builtin
 AVSS_SUBSETS = ("v1s", "v1m", "v2")
 AVSS_SPLITS = ("train", "val", "test")
-_AVSS_DURATION = {"v1s": 5.0, "v1m": 5.0, "v2": 10.0}
+# Frames per clip by the layout's definition (one per second of the clip: 5 s or 10 s).
+_AVSS_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}
+
+
+def _avss_frames(row):
+    subset = row["label"]
+    if subset not in _AVSS_FRAMES:
+        raise ValueError(f"unknown AVSS subset {subset!r} for clip {row['uid']} (expected {AVSS_SUBSETS})")
+    return _AVSS_FRAMES[subset]
 
 
 def _avss_labelled_frames(split, row, num_frames, label_dir):
     """AVSBench-semantic annotation rule: v1s train -> frame 0; v1s val/test and v1m -> 5; v2 -> 10."""
-    subset = row["label"]
-    if subset == "v1s" and split == "train":
+    if row["label"] == "v1s" and split == "train":
         return [0]
-    count = 10 if subset == "v2" else 5
-    return list(range(min(count, num_frames)))
+    return list(range(num_frames))
 
 
 def _avss_duration(row, wav):
-    subset = row["label"]
-    if subset not in _AVSS_DURATION:
-        raise ValueError(f"unknown AVSS subset {subset!r} for clip {row['uid']} (expected {AVSS_SUBSETS})")
-    return _AVSS_DURATION[subset]
+    return float(_avss_frames(row))
 
 
 def load_avss(root, split, subsets=None, source_filter=None):
     """AVSBench-semantic dicts (see module docstring). Non-train splits carry ``multi_source``.
+
+    A clip has 5 frames (v1s, v1m) or 10 (v2) by the layout's definition, so frame ``i`` is
+    always paired with the audio ``[i, i+1)`` s; a labelled frame whose image or label map is
+    absent is an error (or, with ``DATASETS.ALLOW_INCOMPLETE``, skipped and reported).
 
     ``source_filter="single"`` keeps the clips whose labelled frames hold exactly one
     non-background class (the paper's AVSS-SS), ``"multi"`` the clips with more than one
@@ -622,10 +725,13 @@ def load_avss(root, split, subsets=None, source_filter=None):
         audio_window=1.0,
         labelled_frames=partial(_avss_labelled_frames, split),
         clip_duration=_avss_duration,
+        frame_count=_avss_frames,
         multi_source=split != "train",
         source_filter=source_filter,
         allowed_splits=AVSS_SPLITS,
         allowed_subsets=AVSS_SUBSETS,
+        split_hint="",
+        source=f"AVSBench-semantic at {root}",
     )
 
 

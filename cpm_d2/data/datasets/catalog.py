@@ -73,7 +73,8 @@ def load_synthetic_avs(root, split, stereo=False, preset="default"):
             f"synthetic AVS dataset not found: {root}; generate it with "
             f"`python datasets/prepare_synthetic_avs.py --root {root}{flag}`"
         )
-    return load_avs_layout(root, split, audio_window=1.0, multi_source=split != "train")
+    return load_avs_layout(root, split, audio_window=1.0, multi_source=split != "train",
+                           source=f"synthetic AVS at {root}")
 
 
 def _sync_metadata(name, root, classes_from_file):
@@ -168,15 +169,19 @@ def _same_root(a, b):
 def register_avs_datasets_from_cfg(cfg):
     """Register each ``[name, root, split]`` of ``cfg.DATASETS.AVS_REGISTER`` (AVSS layout).
 
-    A name already registered with the same root is skipped (every worker process calls this);
-    the same name with another root raises ValueError.
+    The split names a root's metadata.csv may hold are train / val / test and every split the
+    entries name for that root. A name already registered with the same root is skipped (every
+    worker process calls this); the same name with another root raises ValueError.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    entries = []
     for entry in cfg.DATASETS.AVS_REGISTER:
         if len(entry) != 3:
             raise ValueError(f"DATASETS.AVS_REGISTER entries are [name, root, split], got {list(entry)}")
-        name, root, split = (str(x) for x in entry)
+        entries.append(tuple(str(x) for x in entry))
+    for name, root, split in entries:
+        splits = list(SPLITS) + [s for _, r, s in entries if _same_root(r, root)]
         if name in DatasetCatalog.list():
             existing = MetadataCatalog.get(name).get("root", None)
             if existing is not None and _same_root(existing, root):
@@ -185,4 +190,4 @@ def register_avs_datasets_from_cfg(cfg):
                 f"dataset {name!r} is already registered with root {existing!r}; "
                 f"DATASETS.AVS_REGISTER asks for root {root!r}"
             )
-        register_avs_dataset(name, root, split=split, audio_channels=int(cfg.INPUT.AUDIO.CHANNELS))
+        register_avs_dataset(name, root, split=split, audio_channels=int(cfg.INPUT.AUDIO.CHANNELS), splits=splits)

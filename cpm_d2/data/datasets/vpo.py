@@ -28,6 +28,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from .account import LoadAccount
 from .avss import image_size, parse_csv_rows, read_csv_text
 from .record import frame_record
 
@@ -101,32 +102,46 @@ def _image_folder(root, setup, rows):
 
 
 def load_vpo(root, setup, split):
-    """Dicts of VPO ``setup`` ("ss" | "ms" | "msmi") and ``split`` ("train" | "test")."""
+    """Dicts of VPO ``setup`` ("ss" | "ms" | "msmi") and ``split`` ("train" | "test").
+
+    An image, label map or stereo wav that is absent is an error naming it (or, with
+    ``DATASETS.ALLOW_INCOMPLETE``, skipped and reported); the loading summary is logged.
+    """
     if setup not in VPO_SETUPS:
         raise ValueError(f"VPO setup must be one of {sorted(VPO_SETUPS)}, got {setup!r}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"VPO not found: {root} (see docs/datasets.md)")
     out_dir = os.path.join(root, VPO_SETUPS[setup])
+    account = LoadAccount(f"VPO-{setup.upper()} at {root}", split)
+    prepare = f" (run `python datasets/prepare_avss.py vpo --root {root}`)"
     dicts = []
-    for (row_split, img_id), rows in _read_samples(root, setup).items():
+    samples = _read_samples(root, setup)
+    for (row_split, img_id), rows in samples.items():
         if row_split != split:
             continue
         stem = f"{img_id:012d}"
+        clip_id = f"vpo_{setup}/{stem}"
         image = os.path.join(_image_folder(root, setup, rows), "data", stem + ".jpg")
         label = os.path.join(out_dir, "labels_semantic", stem + ".png")
         wav = os.path.join(out_dir, "audio_stereo", stem + ".wav")
-        for path, what in ((label, "label map"), (wav, "stereo audio")):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{what} not found: {path} (run `python datasets/prepare_avss.py vpo --root {root}`)"
-                )
+        absent = [(path, what, hint) for path, what, hint in ((image, "image", ""), (label, "label map", prepare),
+                                                               (wav, "stereo audio", prepare))
+                  if not os.path.isfile(path)]
+        if absent:
+            path, what, hint = absent[0]
+            account.missing(f"{what} missing", clip_id, f"{what} not found: {path}{hint}")
+            continue
         height, width = image_size(image)
+        account.keep(1, 1)
         dicts.append(frame_record(
             file_name=image, sem_seg_file_name=label, audio_file_name=wav, audio_start=0.0,
-            audio_duration=AUDIO_SECONDS, frame_index=0, num_frames=1, clip_id=f"vpo_{setup}/{stem}",
+            audio_duration=AUDIO_SECONDS, frame_index=0, num_frames=1, clip_id=clip_id,
             height=height, width=width, subset=f"vpo_{setup}",
             multi_source=len({r.get("cateName", "") for r in rows}) > 1,
         ))
+    listed = {f"{img_id:012d}" for _, img_id in samples}
+    account.note_unlisted(os.path.join(out_dir, "data"), listed, os.path.basename(_csv_path(root, setup)))
+    account.log()
     return dicts
 
 
