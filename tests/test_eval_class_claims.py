@@ -29,3 +29,26 @@ def test_summary_by_hand():
     assert s["claims_per_frame"] == pytest.approx(7 / 4)
     assert (s["frames"], s["sounding_classes"], s["silent_claims"], s["absent_claims"]) == (4, 4, 2, 3)
     assert claims.summarize([])["recall"] is None
+
+
+def test_unmatched_queries_kept_as_objects():
+    """Per frame: the queries the matcher leaves without a target, and how many of them the model
+    still labels with a class (argmax not "no object", index C)."""
+    import torch
+    from types import SimpleNamespace
+
+    C = 3
+    logits = torch.full((2, 4, C + 1), -5.0)
+    logits[0, :, C] = 5.0  # frame 0: every query says no object...
+    logits[0, 1, 2] = 9.0  # ...except query 1 (matched)
+    logits[1, 0, 1] = logits[1, 2, 1] = logits[1, 3, 1] = 9.0  # frame 1: queries 0, 2, 3 claim class 1
+    logits[1, 1, C] = 9.0
+    indices = [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([2]), torch.tensor([0]))]
+    model = SimpleNamespace(num_classes=C, preprocess_image=lambda inputs: None,
+                            prepare_targets=lambda inputs, images: [{}, {}],
+                            criterion=SimpleNamespace(matcher=lambda outputs, targets: indices))
+    out = claims.unmatched_queries(model, [{}, {}], {"pred_logits": logits, "pred_masks": torch.zeros(2, 4, 1, 1)})
+    assert out == [(3, 0), (3, 2)]
+    s = claims.summarize([{"sounding": 1, "hits": 1, "silent": 0, "absent": 0, "unmatched": u, "unmatched_as_object": k}
+                          for u, k in out])
+    assert s["unmatched_as_object"] == pytest.approx(100.0 * 2 / 6)
