@@ -127,7 +127,9 @@ def _add_gmm_head_keys(mf):
     prompts of MODEL.CPM.LINEAR_HEAD_PROMPTS "gmm"); docs/architecture.md draws how they are fed."""
     g = mf.GMM = CN()
     g.NUM_COMPONENTS = 3  # M Gaussians per class
-    g.COVARIANCE = "diag"  # "diag" or "full"
+    # "diag" (a diagonal covariance per component), "tied" (one diagonal covariance per class, shared by
+    # its components) or "full"
+    g.COVARIANCE = "diag"
     # --- the memory bank each class's mixture is fitted to
     g.MEMORY_SIZE = 512  # entries kept per class (ring buffer, newest kept)
     g.MAX_AGE = 0  # > 0: EM ignores bank entries older than this many iterations

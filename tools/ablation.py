@@ -79,6 +79,7 @@ ROW_TITLES = {
     "x_gmm_reseed_worst": "CPM, starved GMM components re-seeded on the worst-explained entry",
     "x_gmm_eps_1e-2": "CPM, GMM variance floor 1e-2",
     "x_gmm_class_layer_norm": "CPM, GMM class scores through a LayerNorm over classes",
+    "x_gmm_tied": "CPM, one covariance per class shared by its GMM components",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",

@@ -26,7 +26,7 @@ that scale (a unit vector's coordinates have variance about 1/D), and ``sample``
 samples by the mean norm of the class's raw embeddings so that prompts live where the queries do.
 
 Shapes: K mixtures, M components, D dims, S bank slots per class. Buffers: weights (K, M), means
-(K, M, D), covariances (K, M, D) ("diag") or (K, M, D, D) ("full"), initialized (K,) bool,
+(K, M, D), covariances (K, M, D) ("diag", "tied") or (K, M, D, D) ("full"), initialized (K,) bool,
 bank (K, S, D), bank_count / bank_ptr (K,), bank_iter (K, S) (the training iteration of each entry),
 bank_source (K, S) (which query of that iteration it came from), bank_norm (K,) (mean raw norm of
 the entries, for ``normalize``).
@@ -54,6 +54,7 @@ _DEAD = 1e-6  # without re-seeding, a component with less responsibility mass ke
 LIVE_WEIGHT = 0.05  # a component counts as live (``live_components``) when its weight is at least this
 _SOURCE_STRIDE = 1 << 24  # bank_source = rank * stride + the query's index within its rank's batch
 ESTEPS = ("posterior", "sinkhorn")
+COVARIANCES = ("diag", "tied", "full")
 RESEEDS = ("split", "worst")
 _POWER_ITERS = 10  # power iterations for the principal axis of a component split in two
 _SINKHORN_ITERS = 20  # alternating column / row normalisations of the balanced E-step
@@ -100,7 +101,9 @@ class ClassMixtures(nn.Module):
             num_mixtures: K, one mixture (and bank) per class.
             embed_dim: D.
             num_components: M Gaussians per mixture.
-            covariance: "diag" or "full".
+            covariance: "diag" (one diagonal covariance per component), "tied" (one diagonal
+                covariance per class, shared by its components: the pooled within-component spread)
+                or "full".
             memory_size: S, entries kept per class (ring buffer, newest kept).
             update_interval: ``step(it)`` runs EM when ``(it + 1) % update_interval == 0``.
             em_iters: EM iterations per update.
@@ -126,8 +129,8 @@ class ClassMixtures(nn.Module):
                             ("update_interval", update_interval), ("em_iters", em_iters)):
             if int(value) != value or value < 1:
                 raise ValueError(f"GMM {name} must be a positive integer, got {value!r}")
-        if covariance not in ("diag", "full"):
-            raise ValueError(f"GMM covariance must be 'diag' or 'full', got {covariance!r}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"GMM covariance must be one of {COVARIANCES}, got {covariance!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"GMM momentum must be in [0, 1), got {momentum}")
         if eps <= 0:
@@ -169,7 +172,7 @@ class ClassMixtures(nn.Module):
         self.register_buffer("weights", torch.full((K, M), 1.0 / M))
         self.register_buffer("means", means)
         prior_var = 1.0 / D if self.normalize else 1.0
-        if covariance == "diag":
+        if covariance != "full":
             self.register_buffer("covariances", torch.full((K, M, D), prior_var))
         else:
             self.register_buffer("covariances", (prior_var * torch.eye(D)).expand(K, M, D, D).clone())
@@ -254,7 +257,7 @@ class ClassMixtures(nn.Module):
         K, M, D = self.num_mixtures, self.num_components, self.embed_dim
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = self.prepare(x.double() if x.dtype != torch.float64 else x)
-            if self.covariance == "diag":
+            if self.covariance != "full":
                 inv_t, mu_inv_t, mu2_inv, const = self._diag_terms()
                 # sum((x - mu)^2 / var) = x^2 . (1/var) - 2 x . (mu/var) + mu^2 . (1/var): two fused matmuls
                 quad = torch.addmm(torch.addmm(mu2_inv, x, mu_inv_t, alpha=-2.0), x * x, inv_t).clamp_min(0.0)
@@ -388,7 +391,7 @@ class ClassMixtures(nn.Module):
     def _paired_log_normal(self, x: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """Class-paired log N: x (K, S, D), mu (K, M, D), cov (K, M, D[, D]) (float64) -> (K, S, M)."""
         D = x.shape[-1]
-        if self.covariance == "diag":
+        if self.covariance != "full":
             inv = cov.reciprocal()
             quad = (x * x) @ inv.transpose(1, 2) - 2.0 * (x @ (mu * inv).transpose(1, 2))
             quad = (quad + (mu * mu * inv).sum(-1)[:, None, :]).clamp_min(0.0)
@@ -408,7 +411,7 @@ class ClassMixtures(nn.Module):
         cnt = n.clamp_min(1).to(X.dtype)[:, None]
         mean = (w * X).sum(1) / cnt
         centred = (X - mean[:, None]) * w
-        if self.covariance == "diag":
+        if self.covariance != "full":
             return (centred.pow(2).sum(1) / cnt).clamp_min(self.eps)
         cov = centred.transpose(1, 2) @ centred / cnt[..., None]
         eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
@@ -534,11 +537,14 @@ class ClassMixtures(nn.Module):
         denom = nk.clamp_min(_TINY)
         mu_new = resp.transpose(1, 2) @ X / denom[..., None]
         mu_new = self._project(mu_new)
-        if self.covariance == "diag":
+        if self.covariance != "full":
             ex2 = resp.transpose(1, 2) @ (X * X) / denom[..., None]
             ex = resp.transpose(1, 2) @ X / denom[..., None]
             # E[(x - mu)^2] around the (possibly projected) mean
             cov_new = (ex2 - 2.0 * mu_new * ex + mu_new * mu_new).clamp_min(self.eps)
+            if self.covariance == "tied":  # the pooled within-component variance, shared by the class
+                pooled = (nk[..., None] * cov_new).sum(1) / nk.sum(1).clamp_min(_TINY)[:, None]
+                cov_new = pooled[:, None].expand_as(cov_new).clamp_min(self.eps)
         else:
             centred = X[:, None] - mu_new[:, :, None]  # (K, M, S, D)
             weighted = resp.transpose(1, 2)[..., None] * centred
@@ -621,7 +627,7 @@ class ClassMixtures(nn.Module):
         comp = torch.multinomial(self.weights[lab].to(draw_dev), 1, generator=generator).squeeze(1).to(dev)
         noise = torch.randn(N, self.embed_dim, generator=generator, device=draw_dev).to(dev)
         mu = self.means[lab, comp]
-        if self.covariance == "diag":
+        if self.covariance != "full":
             z = mu + self.covariances[lab, comp].sqrt() * noise
         else:
             L, _, _ = self._full_factors()
