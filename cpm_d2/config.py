@@ -238,7 +238,7 @@ def add_avs_config(cfg):
     # Audio decoder layers: queries cross-attend the audio tokens before the visual decoder.
     _C.MODEL.MASK_FORMER.AUDIO_DEC_LAYERS = 3
 
-    # ---------------- MODEL.AUDIO.STEREO_POSITION: stereo-aware decoding (issue #12, docs/stereo.md) ----------------
+    # ---------------- MODEL.AUDIO.STEREO_POSITION: stereo-aware decoding (docs/stereo.md) ----------------
     # The paper feeds stereo only to the audio backbone's 2-channel stem (position and semantics
     # encoded jointly). With this switch each query also estimates where its sound is from the
     # inter-channel level difference of the time-frequency bins its audio mask selects, and adds a
@@ -250,10 +250,8 @@ def add_avs_config(cfg):
     sp.ENABLED = False
     # Width sigma of the column prior, as a fraction of the frame width:
     # mask logit += -gain * ((column x - estimated source x) / WIDTH)^2. The gain is learned, so WIDTH
-    # sets the prior's sharpness at initialisation (gain / WIDTH^2). The stereo configs set 0.05,
-    # chosen on the stereo_msmi preset's val split (3 seeds each, docs/stereo.md: pick rate 92.2,
-    # mIoU 58.3 against 88.4, 56.8 for 0.1).
-    sp.WIDTH = 0.1
+    # sets the prior's sharpness at initialisation (gain / WIDTH^2; docs/stereo.md compares widths).
+    sp.WIDTH = 0.05
     # Gain of the prior at initialisation, the same for every query; afterwards each query's gain is
     # learned from its embedding (>= 0, so a query can switch the prior off, e.g. background).
     sp.INIT_GAIN = 0.5
@@ -295,7 +293,7 @@ def add_cpm_config(cfg):
     c.PCL.NUM_PIXELS = 1024  # pixels sampled per image (bounds memory)
     c.PCL.PROJ_DIM = 128  # PCL compares projections of the audio anchors and the pixel features
     # Negatives of an anchor: "image" (pixels of other classes in the anchor's own image) or
-    # "batch" (of every image of the batch). Ablation on the hard proxy's val split (3 seeds,
-    # docs/results.md): with VCP.AUDIO "clean" (the configs) "image" 41.51 vs "batch" 39.54 mIoU.
+    # "batch" (of every image of the batch; a silent object of the anchor's class in another image
+    # is then a negative). docs/results.md compares the two.
     c.PCL.NEGATIVES = "image"
     return cfg
