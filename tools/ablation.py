@@ -80,6 +80,8 @@ ROW_TITLES = {
     "x_gmm_eps_1e-2": "CPM, GMM variance floor 1e-2",
     "x_gmm_class_layer_norm": "CPM, GMM class scores through a LayerNorm over classes",
     "x_gmm_tied": "CPM, one covariance per class shared by its GMM components",
+    "x_gmm_per_dim": "CPM, GMM logits divided by D",
+    "x_gmm_learned_temperature": "CPM, GMM logits divided by a learned temperature",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
