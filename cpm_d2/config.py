@@ -286,6 +286,9 @@ def add_cpm_config(cfg):
     # prompt decode for both). The paper runs VCP "simultaneously with ACP" and does not say which
     # (docs/results.md compares the two).
     c.VCP.AUDIO = "clean"
+    # Multiplies VCP's class term (its CE, at every layer) on top of VCP.WEIGHT and
+    # MODEL.MASK_FORMER.CLASS_WEIGHT; 0 = VCP supervises only the prompts' masks.
+    c.VCP.CLASS_WEIGHT = 1.0
     c.PCL = CN()
     c.PCL.ENABLED = True
     c.PCL.WEIGHT = 1.0

@@ -157,7 +157,7 @@ ROWS = {
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
         "x_gmm_observe_last", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_normalize",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_bank_128", "x_gmm_no_reseed",
-        "x_gmm_reseed_worst", "x_gmm_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature")},
+        "x_gmm_reseed_worst", "x_gmm_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term")},
 }
 
 
@@ -279,10 +279,11 @@ def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
         torch.manual_seed(0)
         unit = _prompt_losses(model, batch, pieces)
         p = model.cpm_loss
-        p.loss_lambda, p.acp_weight, p.vcp_weight, p.pcl_weight = 2.0, 0.5, 3.0, 0.25
+        p.loss_lambda, p.acp_weight, p.vcp_weight, p.pcl_weight, p.vcp_class_weight = 2.0, 0.5, 3.0, 0.25, 0.5
         torch.manual_seed(0)
         scaled = _prompt_losses(model, batch, pieces)
-    factor = {"loss_acp": 1.0, "loss_pcl": 0.5, **{k: 6.0 for k in VCP_KEYS}}
+    # VCP.CLASS_WEIGHT scales only VCP's CE terms (final and per layer)
+    factor = {"loss_acp": 1.0, "loss_pcl": 0.5, **{k: 3.0 if k.startswith("loss_vcp_ce") else 6.0 for k in VCP_KEYS}}
     assert set(scaled) == set(factor)
     for k, f in factor.items():
         assert unit[k].item() > 0

@@ -82,6 +82,7 @@ ROW_TITLES = {
     "x_gmm_tied": "CPM, one covariance per class shared by its GMM components",
     "x_gmm_per_dim": "CPM, GMM logits divided by D",
     "x_gmm_learned_temperature": "CPM, GMM logits divided by a learned temperature",
+    "x_vcp_no_class_term": "CPM, VCP without its class term",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",

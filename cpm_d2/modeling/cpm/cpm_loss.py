@@ -73,6 +73,7 @@ class CPMLoss(nn.Module):
         acp_weight: float = 1.0,
         vcp_enabled: bool = True,
         vcp_weight: float = 1.0,
+        vcp_class_weight: float = 1.0,
         vcp_audio: str = "mixture",
         pcl_enabled: bool = True,
         pcl_weight: float = 1.0,
@@ -115,6 +116,9 @@ class CPMLoss(nn.Module):
         self.loss_lambda = float(loss_lambda)
         self.acp_enabled, self.acp_weight = bool(acp_enabled), float(acp_weight)
         self.vcp_enabled, self.vcp_weight = bool(vcp_enabled), float(vcp_weight)
+        if vcp_class_weight < 0:
+            raise ValueError(f"MODEL.CPM.VCP.CLASS_WEIGHT must be >= 0, got {vcp_class_weight}")
+        self.vcp_class_weight = float(vcp_class_weight)
         self.vcp_audio = vcp_audio
         self.pcl_enabled, self.pcl_weight = bool(pcl_enabled), float(pcl_weight)
         self.pcl_temperature = float(pcl_temperature)
@@ -136,6 +140,7 @@ class CPMLoss(nn.Module):
             "acp_weight": c.ACP.WEIGHT,
             "vcp_enabled": c.VCP.ENABLED,
             "vcp_weight": c.VCP.WEIGHT,
+            "vcp_class_weight": c.VCP.CLASS_WEIGHT,
             "vcp_audio": c.VCP.AUDIO,
             "pcl_enabled": c.PCL.ENABLED,
             "pcl_weight": c.PCL.WEIGHT,
@@ -189,8 +194,8 @@ class CPMLoss(nn.Module):
         raw = self.criterion(outputs, vcp_targets, indices=vcp_indices(prompt_labels, vcp_targets),
                              num_masks=num_masks)
         s = self._scale(self.vcp_weight)
-        return {"loss_vcp_" + k[len("loss_"):]: v * self.weight_dict[k] * s for k, v in raw.items()
-                if k in self.weight_dict}
+        return {"loss_vcp_" + k[len("loss_"):]: v * self.weight_dict[k] * s * (self.vcp_class_weight if
+                k.startswith("loss_ce") else 1.0) for k, v in raw.items() if k in self.weight_dict}
 
     @record_function("cpm.pcl_loss")
     def pcl(self, outputs, valid, prompt_labels, targets, pixel_features, audio_features) -> torch.Tensor:
