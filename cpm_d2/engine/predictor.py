@@ -221,6 +221,7 @@ class AVSPredictor:
         from ..checkpoint import AVSCheckpointer
         from ..data import AVSDatasetMapper
         from ..data.audio import _to_channels
+        from .num_classes import check_num_classes
 
         if int(batch_size) < 1:
             raise ValueError(f"AVSPredictor: batch_size must be >= 1, got {batch_size}")
@@ -228,13 +229,10 @@ class AVSPredictor:
         self.cfg.freeze()
         self.batch_size = int(batch_size)
         self.num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        check_num_classes(cfg)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
         if class_names is None:
             names = metadata.get("stuff_classes", None) if metadata is not None else None
-            if names is not None and len(names) != self.num_classes:
-                logger.warning(f"AVSPredictor: dataset {cfg.DATASETS.TEST[0]!r} has {len(names)} classes but "
-                               f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {self.num_classes}: using generic class names")
-                names = None
             class_names = names or [f"class_{i}" for i in range(self.num_classes)]
         if len(class_names) != self.num_classes:
             raise ValueError(f"AVSPredictor: {len(class_names)} class names given for "

@@ -37,6 +37,7 @@ from cpm_d2.checkpoint import AVSCheckpointer
 from cpm_d2.checkpoint.loading import MIN_BACKBONE_SHARE
 from cpm_d2.data.datasets.account import loading_policy
 
+from .num_classes import check_num_classes
 from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
 
 __all__ = ["Trainer", "build_optimizer", "check_output_dir", "OutputDirNotEmpty"]
@@ -307,6 +308,12 @@ class Trainer(DefaultTrainer):
 
             hook_list.insert(-1, STSHook(cfg.TEST.AVS.STS_PERIOD))
         return hook_list
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's, after :func:`check_num_classes` (a wrong NUM_CLASSES fails here, not at evaluation)."""
+        check_num_classes(cfg)
+        return super().build_model(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -622,6 +622,22 @@ def _load_user_dataset(root, split, subsets, audio_window, multi_source, splits)
                            allowed_splits=splits)
 
 
+def _check_class_names(name, class_names, on_disk, label_file):
+    """``class_names`` given for dataset ``name`` against its ``label2idx.json``: another number of
+    classes raises ValueError (label ids would point at the wrong names); other names of the same
+    number are used, with a warning naming the first difference."""
+    if len(class_names) != len(on_disk):
+        raise ValueError(
+            f"dataset {name!r}: class_names has {len(class_names)} names, but {label_file} lists {len(on_disk)} "
+            f"classes ({', '.join(on_disk[:4])}{', ...' if len(on_disk) > 4 else ''}): pass the dataset's "
+            "classes, background first, or class_names=None to read them from that file"
+        )
+    diff = next((i for i, (a, b) in enumerate(zip(class_names, on_disk)) if a != b), None)
+    if diff is not None:
+        logger.warning(f"dataset {name!r}: class_names[{diff}] is {class_names[diff]!r}, {label_file} names index "
+                       f"{diff} {on_disk[diff]!r}; using the given class_names")
+
+
 def register_avs_dataset(
     name,
     root,
@@ -642,6 +658,7 @@ def register_avs_dataset(
         root: folder with metadata.csv, label2idx.json and ``<subset>/<uid>/...`` clips.
         split: value of metadata.csv's ``split`` column (e.g. "train").
         class_names: list of class names, background first; default: ``<root>/label2idx.json``.
+            When that file exists, a list of another length is refused (ValueError naming both).
         subsets: keep only these values of the ``label`` column (None: all).
         audio_window: seconds of audio per frame (1.0 AVSBench, 3.0 VPO).
         audio_channels: 1 (mono) or 2 (stereo): recorded in the metadata for configs/checks.
@@ -655,9 +672,12 @@ def register_avs_dataset(
     convert); clip duration from the wav length. Dicts of splits other than "train" carry
     ``multi_source``. Returns None.
     """
+    label_file = os.path.join(root, "label2idx.json")
     if class_names is None:
-        class_names = read_label2idx(os.path.join(root, "label2idx.json"))
+        class_names = read_label2idx(label_file)
     class_names = [str(c) for c in class_names]
+    if os.path.isfile(label_file):
+        _check_class_names(name, class_names, read_label2idx(label_file), label_file)
     if is_binary and len(class_names) != 2:
         raise ValueError(f"is_binary datasets have 2 classes, got {len(class_names)} for {name!r}")
     if audio_channels not in (1, 2):
