@@ -98,18 +98,57 @@ def test_train_then_eval_only_prints_metrics(tiny_root, tmp_path):
     assert any(k.startswith("loss_ce") for k in rows[-1]) and "lr" in rows[-1]
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written to OUTPUT_DIR"
 
-    proc = _run(_common(tiny_root, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")))
+    # the model alone (no optimizer, scheduler, random states): what --eval-only loads strictly
+    model_only = tmp_path / "model_only.pth"
+    proc = _run([sys.executable, str(REPO / "tools" / "convert_pretrained.py"), "--model-only",
+                 str(out / "model_final.pth"), str(model_only)])
+    assert "dropped" in proc.stdout and model_only.stat().st_size < 0.5 * (out / "model_final.pth").stat().st_size
+
+    evaluation = tmp_path / "eval"
+    proc = _run(_common(tiny_root, evaluation, "--eval-only", "MODEL.WEIGHTS", str(model_only),
+                        "TEST.AVS.SAVE_PREDICTIONS", "True"))
     log = proc.stdout + proc.stderr
     assert "copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench" in log
     values = log.split("copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench")[1].splitlines()[1]
     numbers = [float(x) for x in values.split("copypaste:")[1].split(",")]
     assert all(0.0 <= x <= 100.0 for x in numbers)
+    # the evaluator's tables are in log.txt; one predicted label PNG per frame, laid out like the dataset
+    text = (evaluation / "log.txt").read_text()
+    assert "AVS evaluation of tiny_val (6 frames" in text and "Per-class results:" in text
+    _check_prediction_pngs(evaluation, tiny_root)
 
     # A fresh run must not silently write over that run's checkpoints.
     proc = _run(_common(tiny_root, out, "SOLVER.MAX_ITER", "2"), expect_ok=False)
     assert proc.returncode != 0
     assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
     assert (out / "model_final.pth").is_file()
+
+
+def _check_prediction_pngs(out, tiny_root, dataset="tiny_val", split="val"):
+    """OUTPUT_DIR/inference/<dataset>/predictions/<label>/<uid>/<i>.png for every frame of the split: index
+    PNGs in the AVSS palette, the size of the frame's label map, values among the dataset's classes."""
+    from PIL import Image
+
+    from cpm_d2.data.datasets.avss import avss_palette, read_label_map
+
+    predictions = out / "inference" / dataset / "predictions"
+    expected = sorted(p.relative_to(tiny_root).parts for p in Path(tiny_root).glob("*/*/labels_semantic/*.png")
+                      if p.parts[-3] in _split_uids(tiny_root, split))
+    written = sorted(p.relative_to(predictions) for p in predictions.glob("*/*/*.png"))
+    assert [(label, uid, name) for label, uid, _, name in expected] == [w.parts for w in written]
+    for (label, uid, _, name) in expected:
+        with Image.open(predictions / label / uid / name) as im:
+            assert im.mode == "P" and im.getpalette()[3:6] == list(avss_palette(2)[1])
+        pred = read_label_map(str(predictions / label / uid / name))
+        assert pred.shape == read_label_map(str(Path(tiny_root, label, uid, "labels_semantic", name))).shape
+        assert pred.max() < 5
+
+
+def _split_uids(root, split):
+    import csv
+
+    with open(Path(root) / "metadata.csv") as f:
+        return {row["uid"] for row in csv.DictReader(f) if row["split"] == split}
 
 
 def test_flag_after_the_config_overrides_says_where_flags_go(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "read_metadata_csv",
     "check_metadata_rows",
     "read_label_map",
+    "write_label_map",
     "read_csv_text",
     "check_image_file",
     "label_classes",
@@ -337,6 +338,18 @@ def read_label_map(path):
             raise ValueError(f"label map {path}: values must be in [0, 255], got [{arr.min()}, {arr.max()}]")
         arr = arr.astype(np.uint8)
     return arr
+
+
+def write_label_map(path, labels):
+    """Write ``labels`` (``H x W`` ints in [0, 255]) to ``path`` as an index PNG (mode "P") coloured with
+    the AVSS palette: what :func:`read_label_map` reads back, and what AVSBench's tools display."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or (labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255)):
+        raise ValueError(f"{path}: a label map is H x W with values in [0, 255], got shape {labels.shape}")
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(avss_palette(256).reshape(-1).tolist())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
 
 
 _CLASS_CACHE = {}
