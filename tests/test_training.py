@@ -5,6 +5,7 @@ tiny synthetic dataset registered with ``--register-dataset``: no Python registr
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,93 @@ def test_two_process_ddp_matches_single_process(tiny_root, tmp_path):
     for key in ("total_loss", "loss_ce", "loss_dice"):
         a, b = results[1][key], results[2][key]
         assert abs(a - b) <= 0.1 * abs(a) + 1e-3, (key, a, b)
+
+
+def _one_job_of_two(out):
+    """OUTPUT_DIR of ONE world-size-2 job: rank 0's log.txt and rank 1's log.txt.rank1 (each saying world size
+    2), every checkpoint written once, every iteration logged once (two independent world-size-1 trainings,
+    the old torchrun behaviour, logged "World size: 1" twice and two losses per iteration)."""
+    log = (out / "log.txt").read_text()
+    assert log.count("World size: 2") == 1 and "World size: 1" not in log
+    assert "Rank of current process: 0. World size: 2" in log
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]
+    assert log.count("Saving checkpoint to") == 1
+    iterations = [r["iteration"] for r in _train_rows(out)]
+    assert iterations and len(iterations) == len(set(iterations))
+    assert not (out / "train.lock").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_together(commands, timeout=300):
+    """Start every ``(cmd, env)`` at once (the processes of one job); -> their CompletedProcess, in order."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", **env)) for cmd, env in commands]
+    done = []
+    try:
+        for (cmd, _), proc in zip(commands, procs):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+@pytest.mark.distributed
+def test_torchrun_with_two_processes_is_one_job(tiny_root, tmp_path):
+    """torchrun used to start two world-size-1 trainings into one OUTPUT_DIR (and exit 0)."""
+    out = tmp_path / "run"
+    cmd = _common(tiny_root, out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
+                  "TEST.AVS.SAVE_PREDICTIONS", "True")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + cmd[1:])
+    _one_job_of_two(out)
+    _check_prediction_pngs(out, tiny_root)  # the final evaluation: each rank wrote the frames it evaluated
+
+
+@pytest.mark.distributed
+def test_two_machines_of_one_process_on_localhost_are_one_job(tiny_root, tmp_path):
+    out, url = tmp_path / "run", f"tcp://127.0.0.1:{_free_port()}"
+    machines = [(_common(tiny_root, out, "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+                         "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()"), {})
+                for rank in (0, 1)]
+    for proc in _run_together(machines):
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    _one_job_of_two(out)
+
+
+@pytest.mark.distributed
+def test_slurm_tasks_start_their_ranks_as_one_job(tiny_root, tmp_path):
+    """Two srun-like tasks (SLURM_PROCID 0 and 1 of SLURM_NTASKS 2, the master from the compressed node list,
+    the port from the job id). Global rank 0 holds the OUTPUT_DIR lock: a folder in use is refused by rank 0,
+    and rank 1 ends too, naming rank 0's error, instead of waiting for it."""
+    from cpm_d2.engine import output_dir_lock
+    from cpm_d2.engine.launcher import SLURM_PORT_BASE
+
+    out = tmp_path / "run"
+    job = _free_port() - SLURM_PORT_BASE
+    tasks = [(_common(tiny_root, out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()"),
+              {"SLURM_JOB_ID": str(job), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.[1-2]"}) for rank in (0, 1)]
+    with output_dir_lock(str(out)):
+        rank0, rank1 = _run_together(tasks, timeout=120)
+    assert rank0.returncode == 1 and rank1.returncode == 1
+    assert re.search(r"OutputDirLocked: OUTPUT_DIR .* is in use by another training job: pid "
+                     rf"{os.getpid()} ", rank0.stderr.strip().splitlines()[-1]), rank0.stderr[-2000:]
+    assert rank1.stderr.strip().splitlines()[-1].startswith("rank 1: rank 0 did not start the job: OutputDirLocked:")
+    assert not (out / "metrics.json").exists()
+    for proc in _run_together(tasks):
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    _one_job_of_two(out)
 
 
 def test_resume_after_kill_continues_at_same_iteration_and_lr(tiny_root, tmp_path):
