@@ -27,8 +27,8 @@ rate. Output (``__call__`` / ``predict_video``)::
      "times": float64 (T,),            # seconds
      "class_names": [C names]}
 
-``iter_predictions`` / ``iter_video`` yield one frame at a time (same keys, no T axis, plus
-``frame_index``, ``time`` and ``image`` = the RGB frame) for long videos.
+``iter_predictions`` / ``iter_video`` / ``iter_timed_frames`` yield one frame at a time (same keys,
+no T axis, plus ``frame_index``, ``time`` and ``image`` = the RGB frame) for long videos.
 """
 import logging
 import math
@@ -168,12 +168,14 @@ def _as_frames(frames) -> List[np.ndarray]:
     frames = list(frames)
     if not frames:
         raise ValueError("no frames given")
-    for i, f in enumerate(frames):
-        f = np.asarray(f)
-        if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
-            raise ValueError(f"frame {i} must be an H x W x 3 uint8 RGB array, got shape {f.shape} dtype {f.dtype}")
-        frames[i] = f
-    return frames
+    return [_checked_frame(i, f) for i, f in enumerate(frames)]
+
+
+def _checked_frame(i, frame) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frame {i} must be an H x W x 3 uint8 RGB array, got shape {frame.shape} dtype {frame.dtype}")
+    return frame
 
 
 def _as_wave(waveform) -> torch.Tensor:
@@ -319,8 +321,21 @@ class AVSPredictor:
         bad = [t for t in frame_times if not math.isfinite(t) or t < 0]
         if bad:
             raise ValueError(f"frame times must be finite and >= 0, got {bad[:3]}")
+        yield from self.iter_timed_frames(zip(frames, frame_times), waveform, sample_rate)
+
+    def iter_timed_frames(self, timed_frames, waveform, sample_rate) -> Iterator[dict]:
+        """Like :meth:`iter_predictions`, over an iterable of ``(H x W x 3 uint8 RGB frame, time in s)``
+        consumed lazily: at most ``batch_size`` frames are held, whatever the length (``tools/demo.py``)."""
         wave = self.prepare_waveform(waveform, sample_rate)
-        yield from self._batched(((i, f, t, t) for i, (f, t) in enumerate(zip(frames, frame_times))), wave)
+
+        def items():
+            for i, (rgb, t) in enumerate(timed_frames):
+                rgb, t = _checked_frame(i, rgb), float(t)
+                if not math.isfinite(t) or t < 0:
+                    raise ValueError(f"frame {i}: its time must be finite and >= 0, got {t}")
+                yield i, rgb, t, t
+
+        yield from self._batched(items(), wave)
 
     def iter_video(self, path, *, fps=None, max_frames=None) -> Iterator[dict]:
         """:meth:`iter_predictions` over a video file, decoded lazily (see :func:`iter_video_frames`).

@@ -41,6 +41,7 @@ __all__ = [
     "check_metadata_rows",
     "read_label_map",
     "write_label_map",
+    "frame_files",
     "read_csv_text",
     "check_image_file",
     "label_classes",
@@ -412,7 +413,7 @@ def _wav_duration(path):
 
 
 # ---------------------------------------------------------------------------------- loader
-def _frame_files(frame_dir):
+def frame_files(frame_dir):
     """``{index: file name}`` of a clip's ``frames/`` folder, numbered ``0 .. n-1`` (hidden files ignored).
 
     Raises ValueError naming the file for a ``.jpg`` / ``.png`` that is not named ``<index>.jpg`` or
@@ -533,7 +534,7 @@ def load_avs_layout(
             account.missing("audio missing", where, f"audio not found: {wav}")
             continue
         if frame_count is None:
-            files = _frame_files(frame_dir)
+            files = frame_files(frame_dir)
             num_frames = max(files) + 1 if files else 0
         else:
             files, num_frames = None, int(frame_count(row))
