@@ -116,6 +116,10 @@ def test_train_then_eval_only_prints_metrics(tiny_root, tmp_path):
     # the evaluator's tables are in log.txt; one predicted label PNG per frame, laid out like the dataset
     text = (evaluation / "log.txt").read_text()
     assert "AVS evaluation of tiny_val (6 frames" in text and "Per-class results:" in text
+    # cpm_d2's lines on the console formatted as detectron2's ("[time logger]: message"), as in log.txt
+    assert re.search(r"^\[\d\d/\d\d \d\d:\d\d:\d\d cpm_d2\.evaluation\.avs_evaluator\]: Per-class results:$",
+                     proc.stdout, re.M)
+    assert re.search(r"^\[[^]]+\] cpm_d2\.data\.datasets\.account INFO: dataset 'tiny_val'", text, re.M)
     _check_prediction_pngs(evaluation, tiny_root)
 
     # A fresh run must not silently write over that run's checkpoints.
