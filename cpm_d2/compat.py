@@ -252,8 +252,12 @@ def run_rank(main_func, args=(), timeout=DEFAULT_TIMEOUT):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+        if backend == "nccl":  # a task bound to one GPU (SLURM --gpus-per-task 1) sees it as device 0
+            visible = torch.cuda.device_count()
+            if local_rank >= visible and visible != 1:
+                raise ValueError(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): start one "
+                                 "process per GPU (torchrun --nproc_per_node, srun --ntasks-per-node = GPUs per node)")
+            torch.cuda.set_device(local_rank if local_rank < visible else 0)
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
         _set_local_process_group(os.environ.get("GROUP_RANK") or socket.gethostname())
         comm.synchronize()

@@ -170,7 +170,9 @@ class _ResumableBestCheckpointer(hooks.BestCheckpointer):
 
 def _wrap_ddp(model):
     """detectron2's DDP wrapper, with device_ids=None for CPU processes and unused parameters allowed."""
-    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    device = next(model.parameters()).device  # the rank's GPU (cpm_d2.compat.run_rank set it), or the CPU
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
     return create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True, device_ids=device_ids)
 
 
