@@ -54,16 +54,23 @@ _KEY = re.compile(r"^(conv1\.weight|bn1\.(weight|bias|running_mean|running_var|n
                   r"layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.\w+|downsample\.[01]\.\w+))$")
 
 
-def read_torchvision_resnet(path):
-    """-> (OrderedDict of tensors, block type "basic"/"bottleneck", depth). Errors name ``path``."""
+def _torch_load(path, what):
+    """``torch.load`` of ``path`` (tensors only); a missing or unreadable file raises naming it as ``what``."""
     import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch state dict: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read {path} as {what}: {type(e).__name__}: {e}") from e
+
+
+def read_torchvision_resnet(path):
+    """-> (OrderedDict of tensors, block type "basic"/"bottleneck", depth). Errors name ``path``."""
+    import torch
+
+    data = _torch_load(path, "a torch state dict")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     elif isinstance(data, dict) and isinstance(data.get("model"), dict):
@@ -120,12 +127,7 @@ def read_model_only(path):
     """A cpm_d2 / detectron2 training checkpoint -> (OrderedDict of its model tensors, the other keys dropped)."""
     import torch
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+    data = _torch_load(path, "a torch checkpoint")
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         hint = (" (it looks like a torchvision state dict: convert it without --model-only)"
                 if isinstance(data, dict) and "conv1.weight" in data else "")
