@@ -18,11 +18,14 @@ Fixes:
    detectron2 0.6 imports it at module top in ``layers/deform_conv.py``, ``rotated_boxes.py``
    and ``roi_align_rotated.py``. We register a stand-in module whose attributes raise a clear
    error naming the op, so importing works and only *calling* such an op fails.
-3. ``detectron2.engine.launch`` in 0.6 asserts CUDA and hard-codes NCCL. :func:`launch` runs
-   CPU-only multi-process jobs on gloo and, on every detectron2, destroys the process group at
-   the end of each worker (torch >= 2.14 aborts a worker that exits with a live group). When a
-   worker raises, it ends the whole job within seconds with that worker's error
-   (:class:`DistributedWorkerError`) instead of hanging in a barrier.
+3. ``detectron2.engine.launch`` in 0.6 asserts CUDA and hard-codes NCCL, and 0.6 has no
+   ``create_local_process_group``. :func:`launch` starts the workers with torch's elastic agent
+   (what ``torchrun`` runs) on NCCL or, without CUDA, gloo; :func:`run_rank` is the body of every
+   rank however it was started (``launch``, ``torchrun``, SLURM): it joins the group from the
+   environment (``env://``), sets detectron2's per-machine group, and destroys the group at the
+   end (torch >= 2.14 aborts a worker that exits with a live group). When a worker raises, the
+   job ends within seconds with that worker's traceback (:class:`DistributedWorkerError`) instead
+   of hanging in a barrier.
 """
 import importlib
 import logging
@@ -36,6 +39,7 @@ __all__ = [
     "patch_pillow",
     "patch_missing_detectron2_C",
     "launch",
+    "run_rank",
     "MissingCompiledOp",
     "DistributedWorkerError",
 ]
@@ -141,33 +145,6 @@ def apply_all():
 # --------------------------------------------------------------------------------------------
 # Multi-process launch
 # --------------------------------------------------------------------------------------------
-def _find_free_port():
-    import socket
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def _setup_local_process_group(num_workers_per_machine, machine_rank, world_size):
-    """Create the per-machine process group detectron2's ``comm.get_local_rank`` uses."""
-    from detectron2.utils import comm
-
-    if hasattr(comm, "create_local_process_group"):  # current detectron2
-        comm.create_local_process_group(num_workers_per_machine)
-        return
-    num_machines = world_size // num_workers_per_machine  # detectron2 0.6
-    import torch.distributed as dist
-
-    for i in range(num_machines):
-        ranks = list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine))
-        group = dist.new_group(ranks)
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-
-
 class DistributedWorkerError(RuntimeError):
     """A worker process of :func:`launch` failed; the others were stopped.
 
@@ -185,132 +162,165 @@ class DistributedWorkerError(RuntimeError):
         super().__init__(f"distributed job failed; the other workers were stopped. {detail}")
 
 
-# How long the launcher waits, after a worker failed, for the others to exit by themselves before
-# SIGTERM, and after SIGTERM before SIGKILL. A worker blocked in a collective waiting for the failed
-# one cannot finish by itself, so these bound the time from a failure to the launcher's exit.
-FAILURE_GRACE_SECONDS = 2.0
-TERMINATE_GRACE_SECONDS = 5.0
+# After a worker failed, the elastic agent SIGTERMs the others and SIGKILLs them after this many
+# seconds: a worker blocked in a collective waiting for the failed one cannot finish by itself.
+TERMINATE_GRACE_SECONDS = 5
 
 
-def _report_worker_failure(report_dir, global_rank):
-    """In a failing worker: log the error (rank log file, stderr) and leave it for the launcher."""
-    import json
-    import time
+def _find_free_port():
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def _set_local_process_group(node):
+    """Give detectron2's ``comm.get_local_rank`` / ``get_local_size`` the group of the ranks on this
+    machine (``node``: any value the ranks of one machine share). Collective: every rank calls it.
+
+    detectron2 0.6 has no ``create_local_process_group``; current detectron2 assumes the same number of
+    processes per machine. Grouping by ``node`` works on both and for any launcher.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    for value in sorted(set(nodes), key=str):
+        group = dist.new_group([r for r, n in enumerate(nodes) if n == value])
+        if value == node:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def _log_error_to_files(message):
+    """Write ``message`` to the log files of detectron2's logger (this rank's log.txt / log.txt.rankN), not the console."""
+    import sys as _sys
+
+    log = logging.getLogger("detectron2")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if getattr(handler, "stream", None) not in (_sys.stdout, _sys.stderr):
+            try:
+                handler.handle(record)
+                handler.flush()
+            except Exception:
+                pass
+
+
+def _leave_after_error(rank, exitcode=1):
+    """In an ``except`` block of a rank: report the error and end this process at once.
+
+    The traceback goes to this rank's log files, to stderr and, when torch's elastic agent (``launch``,
+    ``torchrun``) started the process, to its error file (``TORCHELASTIC_ERROR_FILE``), which the agent
+    reports. The process never waits for the other ranks: they may be blocked in a collective that needs
+    this one. ``os._exit`` skips the process-group teardown that would block or abort.
+    """
     import traceback
 
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
     tb = traceback.format_exc()
-    logging.getLogger("detectron2").error(f"rank {global_rank} failed:\n{tb}")
-    if report_dir:
-        path = os.path.join(report_dir, f"rank{global_rank}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"rank": global_rank, "time": time.time(), "traceback": tb}, f)
-        os.replace(path + ".tmp", path)
-    for handler in logging.getLogger("detectron2").handlers + logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:
-            pass
+    _log_error_to_files(f"rank {rank} failed:\n{tb}")
+    sys.stderr.write(tb)
+    ErrorHandler().record_exception(sys.exc_info()[1])
     sys.stdout.flush()
     sys.stderr.flush()
+    os._exit(exitcode)
 
 
-def _distributed_worker(
-    local_rank,
-    main_func,
-    world_size,
-    num_workers_per_machine,
-    machine_rank,
-    dist_url,
-    args,
-    timeout,
-    backend,
-    report_dir=None,
-):
+def run_rank(main_func, args=(), timeout=DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` as one rank of a multi-process job; returns what it returns.
+
+    The environment describes the rank, as torch's launchers set it: ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (``GROUP_RANK``: the machine's index, else the
+    host name groups the ranks of a machine). The process joins the job's group with
+    ``init_process_group("env://")`` (NCCL with CUDA, gloo on the CPU), runs ``main_func``, and leaves
+    with the others (torch >= 2.14 aborts a process that exits with a live group).
+
+    When ``main_func`` raises, the traceback is reported (:func:`_leave_after_error`) and the process
+    exits with status 1 at once; ``SystemExit(n)`` exits with status ``n`` without a traceback.
+    """
+    import socket
+
     import torch
     import torch.distributed as dist
     from detectron2.utils import comm
 
-    global_rank = machine_rank * num_workers_per_machine + local_rank
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
-        dist.init_process_group(
-            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
-        )
-        _setup_local_process_group(num_workers_per_machine, machine_rank, world_size)
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+        if backend == "nccl":  # a task bound to one GPU (SLURM --gpus-per-task 1) sees it as device 0
+            visible = torch.cuda.device_count()
+            if local_rank >= visible and visible != 1:
+                raise ValueError(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): start one "
+                                 "process per GPU (torchrun --nproc_per_node, srun --ntasks-per-node = GPUs per node)")
+            torch.cuda.set_device(local_rank if local_rank < visible else 0)
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        _set_local_process_group(os.environ.get("GROUP_RANK") or socket.gethostname())
         comm.synchronize()
-        main_func(*args)
+        result = main_func(*args)
     except SystemExit as e:
-        if e.code not in (None, 0):
-            _report_worker_failure(report_dir, global_rank)
-            os._exit(1)
+        if e.code in (None, 0):
+            result = None
+        elif isinstance(e.code, int):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        else:
+            _leave_after_error(rank)
     except BaseException:
-        # Never wait for the other ranks here: they may be blocked in a collective that needs this
-        # one (that was the hang: a barrier in `finally`). Report and leave at once; the launcher
-        # stops the others. os._exit skips the process-group teardown that would block or abort.
-        _report_worker_failure(report_dir, global_rank)
-        os._exit(1)
-    # torch >= 2.14 aborts ("terminate called without an active exception") when a worker
-    # returns with a live process group; leave together, then tear the group down.
+        _leave_after_error(rank)
     if dist.is_initialized():
         try:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+    return result
 
 
-def _read_failure_reports(report_dir):
+def _rendezvous_address(dist_url, num_machines):
+    """``tcp://HOST:PORT`` or ``"auto"`` (a free local port, one machine only) -> (host, port)."""
+    from urllib.parse import urlparse
+
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
+        return "127.0.0.1", _find_free_port()
+    url = urlparse(dist_url)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"--dist-url {dist_url!r}: expected tcp://HOST:PORT (machine 0's address) or 'auto'")
+    return url.hostname, url.port
+
+
+def _first_worker_error(failure, log_dir, machine_rank, num_workers, world_size):
+    """:class:`DistributedWorkerError` of the earliest error file the workers wrote under ``log_dir``.
+
+    A peer that lost its connection to the failed worker fails later, so the earliest Python error is
+    the root cause; a worker killed by a signal leaves no error file and is named by its exit code.
+    """
     import glob
     import json
 
-    reports = []
-    for path in glob.glob(os.path.join(report_dir, "rank*.json")):
+    rank, first = failure.get_first_failure()
+    if first.exitcode < 0 and not os.path.isfile(first.error_file):
+        return DistributedWorkerError(rank, first.exitcode, None, world_size)
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True),
+                   key=lambda p: os.stat(p).st_mtime_ns)
+    for path in files:
         try:
             with open(path) as f:
-                reports.append(json.load(f))
-        except (OSError, ValueError):
-            pass
-    return sorted(reports, key=lambda r: r["time"])
-
-
-def _join_workers(processes, report_dir, machine_rank, num_workers_per_machine, world_size):
-    """Wait for every worker; on the first failure stop the others and raise DistributedWorkerError."""
-    import multiprocessing.connection
-    import time
-
-    alive = {p.sentinel: i for i, p in enumerate(processes)}
-    first_failed = None
-    while alive and first_failed is None:
-        for sentinel in multiprocessing.connection.wait(list(alive)):
-            i = alive.pop(sentinel)
-            processes[i].join()
-            if processes[i].exitcode != 0 and first_failed is None:
-                first_failed = i
-    if first_failed is None:
-        return
-    deadline = time.monotonic() + FAILURE_GRACE_SECONDS
-    for p in processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + TERMINATE_GRACE_SECONDS
-    for p in processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    # The root cause is the earliest Python error (a peer that lost its connection reports later);
-    # a worker killed by a signal leaves no report and is named by its exit code.
-    reports = _read_failure_reports(report_dir)
-    first_rank = machine_rank * num_workers_per_machine + first_failed
-    first_exitcode = processes[first_failed].exitcode
-    if reports and (first_exitcode > 0 or any(r["rank"] == first_rank for r in reports)):
-        r = reports[0]
-        local = r["rank"] - machine_rank * num_workers_per_machine
-        raise DistributedWorkerError(r["rank"], processes[local].exitcode, r["traceback"], world_size)
-    raise DistributedWorkerError(first_rank, first_exitcode, None, world_size)
+                message = json.load(f)["message"]
+            worker_traceback = message["extraInfo"]["py_callstack"]
+            local_rank = int(os.path.basename(os.path.dirname(path)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rank = machine_rank * num_workers + local_rank
+        exitcode = failure.failures[rank].exitcode if rank in failure.failures else 1
+        return DistributedWorkerError(rank, exitcode, worker_traceback, world_size)
+    return DistributedWorkerError(rank, first.exitcode, None, world_size)
 
 
 def launch(
@@ -325,47 +335,50 @@ def launch(
     """Drop-in for ``detectron2.engine.launch`` that also works without a GPU, and never hangs on a failure.
 
     ``num_gpus_per_machine`` is the number of worker processes per machine: GPUs when CUDA is
-    present (NCCL), CPU processes otherwise (gloo). ``dist_url="auto"`` picks a free local port.
+    present (NCCL), CPU processes otherwise (gloo). ``dist_url``: ``tcp://HOST:PORT`` of machine 0,
+    or ``"auto"`` (a free local port, one machine). A world of one process runs ``main_func`` here.
 
-    When a worker raises, it logs the traceback (its ``log.txt.rankN`` and stderr) and exits at
-    once; the launcher then gives the other local workers ``FAILURE_GRACE_SECONDS`` to exit,
-    SIGTERMs them, SIGKILLs them after ``TERMINATE_GRACE_SECONDS`` more, and raises
-    :class:`DistributedWorkerError` carrying the failing rank's traceback (the earliest error:
-    ranks that lost their peer fail later). On one machine the job therefore ends within about
-    ``FAILURE_GRACE_SECONDS + TERMINATE_GRACE_SECONDS`` (7 s) of the error. Workers on *other*
-    machines notice when their collective fails: at once with gloo (the peer's sockets close),
-    within ``timeout`` with NCCL.
+    The workers are started by torch's elastic agent (``torch.distributed.launcher``, what ``torchrun``
+    runs; static rendezvous at ``dist_url``, no restarts) and each runs :func:`run_rank`. When a worker
+    raises, it reports its traceback and exits at once; the agent stops the other local workers
+    (SIGTERM, SIGKILL after ``TERMINATE_GRACE_SECONDS``) and this raises :class:`DistributedWorkerError`
+    with the first failing rank's traceback. Workers on *other* machines notice when their collective
+    fails: at once with gloo (the peer's sockets close), within ``timeout`` with NCCL.
     """
     import shutil
     import tempfile
 
     import torch
-    import torch.multiprocessing as mp
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
-        main_func(*args)
-        return
-    use_cuda = torch.cuda.is_available()
-    if use_cuda and num_gpus_per_machine > torch.cuda.device_count():
+        return main_func(*args)
+    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(
             f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPU(s) are visible"
         )
-    if dist_url is None or dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    backend = "nccl" if use_cuda else "gloo"
-    report_dir = tempfile.mkdtemp(prefix="cpm_d2_launch_")
+    host, port = _rendezvous_address(dist_url, num_machines)
+    log_dir = tempfile.mkdtemp(prefix="cpm_d2_launch_")
+    config = LaunchConfig(
+        min_nodes=num_machines,
+        max_nodes=num_machines,
+        nproc_per_node=num_gpus_per_machine,
+        run_id=f"cpm_d2_{host}_{port}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{host}:{port}",
+        rdzv_configs={"rank": machine_rank},
+        max_restarts=0,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        shutdown_timeout=TERMINATE_GRACE_SECONDS,
+    )
     try:
-        context = mp.start_processes(
-            _distributed_worker,
-            nprocs=num_gpus_per_machine,
-            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, backend, report_dir),
-            daemon=False,
-            join=False,
-            start_method="spawn",
-        )
-        _join_workers(context.processes, report_dir, machine_rank, num_gpus_per_machine, world_size)
+        results = elastic_launch(config, run_rank)(main_func, args, timeout)
+    except ChildFailedError as e:
+        raise _first_worker_error(e, log_dir, machine_rank, num_gpus_per_machine, world_size) from None
     finally:
-        shutil.rmtree(report_dir, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return results.get(machine_rank * num_gpus_per_machine)

@@ -267,6 +267,11 @@ def add_avs_config(cfg):
     t.SUBSETS = []  # extra result blocks for named subsets: [[subset_name, dataset-dict key, value], ...]
     t.SAVE_BEST_METRIC = "sem_seg/mIoU"  # the best checkpoint is kept by this metric
     t.STS_PERIOD = 0  # > 0: log the matching-stability score every this many iterations
+    # True: every evaluation also writes each frame's predicted label map (the evaluator's own label
+    # rule) as an index PNG in the AVSS palette, laid out like the dataset:
+    # <evaluator folder>/predictions/<clip>/<frame>.png (tools/train_net.py: OUTPUT_DIR/inference/
+    # <dataset>/predictions/, beside avs_results.json); every process writes the frames it evaluated.
+    t.SAVE_PREDICTIONS = False
     return cfg
 
 

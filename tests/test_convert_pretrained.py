@@ -142,3 +142,35 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_pretrained.main([str(r50), str(existing)])
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_model_only_checkpoint_drops_the_training_state_and_loads_strictly(tmp_path, capsys):
+    cfg = setup_cfg(TINY, ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # AdamW moments: the bulk of a training checkpoint
+    full = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "trainer": {"optimizer": optimizer.state_dict(), "iteration": 3},
+                "iteration": 3}, full)
+    out = tmp_path / "model_only.pth"
+    convert_pretrained.main(["--model-only", str(full), str(out)])
+    printed = capsys.readouterr().out
+    size_in, size_out = full.stat().st_size / 2**20, out.stat().st_size / 2**20
+    assert f"wrote {out}: {len(model.state_dict())} model tensors, {size_out:.1f} MiB ({full}: {size_in:.1f} MiB; " \
+           "dropped iteration, trainer)" in printed
+    assert size_out < 0.5 * size_in
+    data = torch.load(out, map_location="cpu", weights_only=True)
+    assert list(data) == ["model"]
+    fresh = build_model(cfg)
+    AVSCheckpointer(fresh, strict=True).load(str(out))  # strict: every tensor, nothing extra
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    _, r18 = _torchvision_pth(tmp_path, "resnet18")
+    with pytest.raises(SystemExit):
+        convert_pretrained.main(["--model-only", str(r18), str(tmp_path / "x.pth")])
+    assert "looks like a torchvision state dict: convert it without --model-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_pretrained.main(["--model-only", str(full), str(tmp_path / "x.pkl")])
+    assert "name the output *.pth" in capsys.readouterr().err

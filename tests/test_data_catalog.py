@@ -296,6 +296,13 @@ def test_register_from_cfg(tmp_path, names):
     cfg.DATASETS.AVS_REGISTER = [[name, str(tmp_path / "other"), "train"]]
     with pytest.raises(ValueError, match="already registered"):
         register_avs_datasets_from_cfg(cfg)
+    # the same root with another split used to be skipped silently (the name kept loading 'train')
+    cfg.DATASETS.AVS_REGISTER = [[name, root, "val"]]
+    with pytest.raises(ValueError, match=rf"'{name}' is already registered with root '{re.escape(str(root))}', split "
+                                         r"'train'; DATASETS.AVS_REGISTER asks for .* split 'val': give this entry"):
+        register_avs_datasets_from_cfg(cfg)
+    with pytest.raises(AssertionError, match="already registered"):  # Python: detectron2's own refusal
+        register_avs_dataset(name, root, split="train")
 
 
 # ------------------------------------------------------------------------------ AVSBench-object

@@ -5,6 +5,7 @@ tiny synthetic dataset registered with ``--register-dataset``: no Python registr
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,18 +99,61 @@ def test_train_then_eval_only_prints_metrics(tiny_root, tmp_path):
     assert any(k.startswith("loss_ce") for k in rows[-1]) and "lr" in rows[-1]
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written to OUTPUT_DIR"
 
-    proc = _run(_common(tiny_root, tmp_path / "eval", "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")))
+    # the model alone (no optimizer, scheduler, random states): what --eval-only loads strictly
+    model_only = tmp_path / "model_only.pth"
+    proc = _run([sys.executable, str(REPO / "tools" / "convert_pretrained.py"), "--model-only",
+                 str(out / "model_final.pth"), str(model_only)])
+    assert "dropped" in proc.stdout and model_only.stat().st_size < 0.5 * (out / "model_final.pth").stat().st_size
+
+    evaluation = tmp_path / "eval"
+    proc = _run(_common(tiny_root, evaluation, "--eval-only", "MODEL.WEIGHTS", str(model_only),
+                        "TEST.AVS.SAVE_PREDICTIONS", "True"))
     log = proc.stdout + proc.stderr
     assert "copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench" in log
     values = log.split("copypaste: mIoU,Fbeta,mIoU_avsbench,Fbeta_avsbench")[1].splitlines()[1]
     numbers = [float(x) for x in values.split("copypaste:")[1].split(",")]
     assert all(0.0 <= x <= 100.0 for x in numbers)
+    # the evaluator's tables are in log.txt; one predicted label PNG per frame, laid out like the dataset
+    text = (evaluation / "log.txt").read_text()
+    assert "AVS evaluation of tiny_val (6 frames" in text and "Per-class results:" in text
+    # cpm_d2's lines on the console formatted as detectron2's ("[time logger]: message"), as in log.txt
+    assert re.search(r"^\[\d\d/\d\d \d\d:\d\d:\d\d cpm_d2\.evaluation\.avs_evaluator\]: Per-class results:$",
+                     proc.stdout, re.M)
+    assert re.search(r"^\[[^]]+\] cpm_d2\.data\.datasets\.account INFO: dataset 'tiny_val'", text, re.M)
+    _check_prediction_pngs(evaluation, tiny_root)
 
     # A fresh run must not silently write over that run's checkpoints.
     proc = _run(_common(tiny_root, out, "SOLVER.MAX_ITER", "2"), expect_ok=False)
     assert proc.returncode != 0
     assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
     assert (out / "model_final.pth").is_file()
+
+
+def _check_prediction_pngs(out, tiny_root, dataset="tiny_val", split="val"):
+    """OUTPUT_DIR/inference/<dataset>/predictions/<label>/<uid>/<i>.png for every frame of the split: index
+    PNGs in the AVSS palette, the size of the frame's label map, values among the dataset's classes."""
+    from PIL import Image
+
+    from cpm_d2.data.datasets.avss import avss_palette, read_label_map
+
+    predictions = out / "inference" / dataset / "predictions"
+    expected = sorted(p.relative_to(tiny_root).parts for p in Path(tiny_root).glob("*/*/labels_semantic/*.png")
+                      if p.parts[-3] in _split_uids(tiny_root, split))
+    written = sorted(p.relative_to(predictions) for p in predictions.glob("*/*/*.png"))
+    assert [(label, uid, name) for label, uid, _, name in expected] == [w.parts for w in written]
+    for (label, uid, _, name) in expected:
+        with Image.open(predictions / label / uid / name) as im:
+            assert im.mode == "P" and im.getpalette()[3:6] == list(avss_palette(2)[1])
+        pred = read_label_map(str(predictions / label / uid / name))
+        assert pred.shape == read_label_map(str(Path(tiny_root, label, uid, "labels_semantic", name))).shape
+        assert pred.max() < 5
+
+
+def _split_uids(root, split):
+    import csv
+
+    with open(Path(root) / "metadata.csv") as f:
+        return {row["uid"] for row in csv.DictReader(f) if row["split"] == split}
 
 
 def test_flag_after_the_config_overrides_says_where_flags_go(tmp_path):
@@ -165,6 +209,93 @@ def test_two_process_ddp_matches_single_process(tiny_root, tmp_path):
     for key in ("total_loss", "loss_ce", "loss_dice"):
         a, b = results[1][key], results[2][key]
         assert abs(a - b) <= 0.1 * abs(a) + 1e-3, (key, a, b)
+
+
+def _one_job_of_two(out):
+    """OUTPUT_DIR of ONE world-size-2 job: rank 0's log.txt and rank 1's log.txt.rank1 (each saying world size
+    2), every checkpoint written once, every iteration logged once (two independent world-size-1 trainings,
+    the old torchrun behaviour, logged "World size: 1" twice and two losses per iteration)."""
+    log = (out / "log.txt").read_text()
+    assert log.count("World size: 2") == 1 and "World size: 1" not in log
+    assert "Rank of current process: 0. World size: 2" in log
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]
+    assert log.count("Saving checkpoint to") == 1
+    iterations = [r["iteration"] for r in _train_rows(out)]
+    assert iterations and len(iterations) == len(set(iterations))
+    assert not (out / "train.lock").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_together(commands, timeout=300):
+    """Start every ``(cmd, env)`` at once (the processes of one job); -> their CompletedProcess, in order."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", **env)) for cmd, env in commands]
+    done = []
+    try:
+        for (cmd, _), proc in zip(commands, procs):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+@pytest.mark.distributed
+def test_torchrun_with_two_processes_is_one_job(tiny_root, tmp_path):
+    """torchrun used to start two world-size-1 trainings into one OUTPUT_DIR (and exit 0)."""
+    out = tmp_path / "run"
+    cmd = _common(tiny_root, out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
+                  "TEST.AVS.SAVE_PREDICTIONS", "True")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + cmd[1:])
+    _one_job_of_two(out)
+    _check_prediction_pngs(out, tiny_root)  # the final evaluation: each rank wrote the frames it evaluated
+
+
+@pytest.mark.distributed
+def test_two_machines_of_one_process_on_localhost_are_one_job(tiny_root, tmp_path):
+    out, url = tmp_path / "run", f"tcp://127.0.0.1:{_free_port()}"
+    machines = [(_common(tiny_root, out, "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+                         "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()"), {})
+                for rank in (0, 1)]
+    for proc in _run_together(machines):
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    _one_job_of_two(out)
+
+
+@pytest.mark.distributed
+def test_slurm_tasks_start_their_ranks_as_one_job(tiny_root, tmp_path):
+    """Two srun-like tasks (SLURM_PROCID 0 and 1 of SLURM_NTASKS 2, the master from the compressed node list,
+    the port from the job id). Global rank 0 holds the OUTPUT_DIR lock: a folder in use is refused by rank 0,
+    and rank 1 ends too, naming rank 0's error, instead of waiting for it."""
+    from cpm_d2.engine import output_dir_lock
+    from cpm_d2.engine.launcher import SLURM_PORT_BASE
+
+    out = tmp_path / "run"
+    job = _free_port() - SLURM_PORT_BASE
+    tasks = [(_common(tiny_root, out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()"),
+              {"SLURM_JOB_ID": str(job), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.[1-2]"}) for rank in (0, 1)]
+    with output_dir_lock(str(out)):
+        rank0, rank1 = _run_together(tasks, timeout=120)
+    assert rank0.returncode == 1 and rank1.returncode == 1
+    assert re.search(r"OutputDirLocked: OUTPUT_DIR .* is in use by another training job: pid "
+                     rf"{os.getpid()} ", rank0.stderr.strip().splitlines()[-1]), rank0.stderr[-2000:]
+    assert rank1.stderr.strip().splitlines()[-1].startswith("rank 1: rank 0 did not start the job: OutputDirLocked:")
+    assert not (out / "metrics.json").exists()
+    for proc in _run_together(tasks):
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    _one_job_of_two(out)
 
 
 def test_resume_after_kill_continues_at_same_iteration_and_lr(tiny_root, tmp_path):
@@ -273,75 +404,6 @@ def test_optimizer_groups_multiplier_and_no_decay():
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 
-def _make_video_with_audio(path, frames=6, fps=3, size=(48, 64), sr=16000):
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        v = container.add_stream("mpeg4", rate=fps)
-        v.width, v.height, v.pix_fmt = size[1], size[0], "yuv420p"
-        a = container.add_stream("aac", rate=sr)
-        a.layout = "mono"
-        for i in range(frames):
-            img = np.full((size[0], size[1], 3), 90, np.uint8)
-            img[10:30, 5 + 5 * i : 25 + 5 * i] = (220, 40, 40)
-            for packet in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in v.encode():
-            container.mux(packet)
-        t = np.arange(int(sr * frames / fps)) / sr
-        wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        for start in range(0, len(wave), 1024):
-            chunk = wave[start : start + 1024]
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
-            frame.sample_rate = sr
-            for packet in a.encode(frame):
-                container.mux(packet)
-        for packet in a.encode():
-            container.mux(packet)
-
-
-def test_video_demo_writes_playable_mp4_with_all_frames(tiny_root, tmp_path):
-    import av
-
-    run = tmp_path / "run"
-    _run(_common(tiny_root, run, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100"))
-    video = tmp_path / "clip.mp4"
-    _make_video_with_audio(video, frames=6)
-    out = tmp_path / "demo"
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "demo.py"),
-        "--config-file",
-        TINY,
-        "--weights",
-        str(run / "model_final.pth"),
-        "--video",
-        str(video),
-        "--output",
-        str(out),
-        "--dataset",
-        "synthetic_avs_test",
-        "--save-frames",
-        "INPUT.FIXED_SIZE",
-        "(48, 64)",
-    ]
-    _run(cmd)
-    with av.open(str(out / "overlay.mp4")) as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(decoded) == 6
-    assert len(list(out.glob("frame_*.png"))) == 6
-    assert decoded[0].shape[1] > 2 * 64  # frame | prediction side by side
-
-
-def test_video_without_audio_track_is_a_clear_error(silent_video):
-    sys.path.insert(0, str(REPO / "tools"))
-    import demo
-
-    path = silent_video("silent.mp4", codec="mpeg4", pix_fmt="yuv420p", rate=2)
-    with pytest.raises(ValueError, match="no audio track"):
-        demo.decode_audio(str(path), 16000)
-
-
 def test_make_demo_job_end_to_end_tiny(tmp_path):
     """tools/run_demo.py (what `make demo` runs) with 3 iterations: data, training, both evals, overlays."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="1")
@@ -358,6 +420,7 @@ def test_make_demo_job_end_to_end_tiny(tmp_path):
     log = (out / "log.txt").read_text()
     assert "dataset 'synthetic_avs_train': split 'train' of synthetic AVS at" in log
     assert "dataset 'synthetic_avs_test': split 'test' of synthetic AVS at" in log
+    assert "AVS evaluation of synthetic_avs_test" in log and "Per-class results:" in log  # the evaluator's tables
     assert not (out / "train.lock").exists(), "the OUTPUT_DIR lock is released"
     # A second run resumes the finished run: nothing is retrained or deleted.
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

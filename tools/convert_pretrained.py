@@ -22,6 +22,13 @@ Audio backbone (``MODEL.AUDIO.WEIGHTS``, ``--audio``): torchvision ResNet-18/34 
     python tools/convert_pretrained.py resnet18-f37072fd.pth audio-R-18.pkl --audio
     ... MODEL.AUDIO.WEIGHTS audio-R-18.pkl MODEL.AUDIO.DEPTH 18 MODEL.AUDIO.BASE_CHANNELS 64
 
+Model-only checkpoint (``--model-only``): a cpm_d2 training checkpoint (``model_final.pth``, which also
+holds the optimizer, scheduler, iteration and random states for ``--resume``) -> its model tensors
+alone, as a ``.pth`` that ``MODEL.WEIGHTS`` (``--eval-only``, fine-tuning) and ``AVSPredictor`` load
+strictly; both file sizes are printed:
+
+    python tools/convert_pretrained.py --model-only output/model_final.pth output/model_only.pth
+
 Nothing is downloaded: get the ``.pth`` yourself (e.g. ``torchvision.models.resnet50(weights=...)``
 on a machine with internet access, then ``torch.save(model.state_dict(), path)``).
 """
@@ -33,7 +40,7 @@ import sys
 from collections import OrderedDict
 
 
-__all__ = ["read_torchvision_resnet", "convert_visual", "convert_audio", "main"]
+__all__ = ["read_torchvision_resnet", "convert_visual", "convert_audio", "read_model_only", "main"]
 
 # blocks per stage -> depth, for BasicBlock and Bottleneck ResNets
 _DEPTHS = {
@@ -47,16 +54,23 @@ _KEY = re.compile(r"^(conv1\.weight|bn1\.(weight|bias|running_mean|running_var|n
                   r"layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.\w+|downsample\.[01]\.\w+))$")
 
 
-def read_torchvision_resnet(path):
-    """-> (OrderedDict of tensors, block type "basic"/"bottleneck", depth). Errors name ``path``."""
+def _torch_load(path, what):
+    """``torch.load`` of ``path`` (tensors only); a missing or unreadable file raises naming it as ``what``."""
     import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch state dict: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read {path} as {what}: {type(e).__name__}: {e}") from e
+
+
+def read_torchvision_resnet(path):
+    """-> (OrderedDict of tensors, block type "basic"/"bottleneck", depth). Errors name ``path``."""
+    import torch
+
+    data = _torch_load(path, "a torch state dict")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     elif isinstance(data, dict) and isinstance(data.get("model"), dict):
@@ -109,18 +123,59 @@ def convert_audio(state, block, depth, path="<input>"):
     return OrderedDict(("audio_backbone." + k, v) for k, v in state.items() if not k.startswith("fc."))
 
 
+def read_model_only(path):
+    """A cpm_d2 / detectron2 training checkpoint -> (OrderedDict of its model tensors, the other keys dropped)."""
+    import torch
+
+    data = _torch_load(path, "a torch checkpoint")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        hint = (" (it looks like a torchvision state dict: convert it without --model-only)"
+                if isinstance(data, dict) and "conv1.weight" in data else "")
+        raise ValueError(f"{path} is not a training checkpoint: it has no 'model' dict of tensors{hint}")
+    state = OrderedDict((k, v) for k, v in data["model"].items() if isinstance(v, torch.Tensor))
+    if not state:
+        raise ValueError(f"{path}: its 'model' entry holds no tensor")
+    return state, sorted(k for k in data if k != "model")
+
+
+def _write_model_only(args, parser):
+    import torch
+
+    if not args.output.endswith(".pth"):
+        parser.error(f"--model-only writes a torch .pth file; name the output *.pth: {args.output}")
+    try:
+        state, dropped = read_model_only(args.input)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    tmp = args.output + ".tmp"
+    torch.save({"model": state}, tmp)
+    os.replace(tmp, args.output)
+    size_in, size_out = os.path.getsize(args.input), os.path.getsize(args.output)
+    print(f"wrote {args.output}: {len(state)} model tensors, {size_out / 2**20:.1f} MiB "
+          f"({args.input}: {size_in / 2**20:.1f} MiB; dropped {', '.join(dropped) or 'nothing'})")
+    print(f"use: MODEL.WEIGHTS {args.output} (tools/train_net.py --eval-only, AVSPredictor)")
+    return args.output
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="torchvision ResNet state dict (.pth)")
-    parser.add_argument("output", help="file to write (.pkl)")
+    parser.add_argument("input", help="torchvision ResNet state dict (.pth); with --model-only a training checkpoint")
+    parser.add_argument("output", help="file to write (.pkl; .pth with --model-only)")
     parser.add_argument("--audio", action="store_true", help="write the MODEL.AUDIO.WEIGHTS form (ResNet-18/34)")
+    parser.add_argument("--model-only", action="store_true",
+                        help="write the model tensors of a training checkpoint alone (a .pth MODEL.WEIGHTS loads)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
 
-    if not args.output.endswith(".pkl"):
-        parser.error(f"output must end in .pkl (detectron2 reads .pkl files as converted weights): {args.output}")
+    if args.model_only and args.audio:
+        parser.error("--model-only and --audio are different conversions: pass one")
     if os.path.exists(args.output) and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
+    if args.model_only:
+        return _write_model_only(args, parser)
+
+    if not args.output.endswith(".pkl"):
+        parser.error(f"output must end in .pkl (detectron2 reads .pkl files as converted weights): {args.output}")
     try:
         state, block, depth = read_torchvision_resnet(args.input)
         if args.audio:
@@ -130,7 +185,7 @@ def main(argv=None):
             converted = convert_visual(state)
             author = f"torchvision ResNet-{depth} via cpm_d2 tools/convert_pretrained.py"
     except (OSError, ValueError) as e:
-        parser.exit(2, f"convert_pretrained.py: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     payload = {"model": _numpy(converted), "__author__": author, "matching_heuristics": False}
     tmp = args.output + ".tmp"
     with open(tmp, "wb") as f:

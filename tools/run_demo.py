@@ -27,7 +27,6 @@ import cpm_d2  # noqa: E402,F401
 from cpm_d2.config import setup_cfg  # noqa: E402
 from cpm_d2.data.datasets.synthetic import ensure_synthetic_avs  # noqa: E402
 from detectron2.engine import default_setup  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
 
 
 def _summary_table(results):
@@ -71,7 +70,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
-    from cpm_d2.engine import Trainer, output_dir_lock
+    from cpm_d2.engine import Trainer, output_dir_lock, setup_cpm_logger
     from cpm_d2.utils.visualization import grid, write_dataset_overlays
     from cpm_d2.checkpoint import AVSCheckpointer
     from detectron2.data import MetadataCatalog
@@ -87,7 +86,7 @@ def main(argv=None):
     resume = os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if resume:
         print(f"[demo] resuming the run in {cfg.OUTPUT_DIR}")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=0, name="cpm_d2")  # loading summaries in log.txt
+    setup_cpm_logger(cfg.OUTPUT_DIR, 0)  # loading summaries and the evaluator's tables in log.txt
     with output_dir_lock(cfg.OUTPUT_DIR):  # one training job per OUTPUT_DIR, as in tools/train_net.py
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=resume)

@@ -11,7 +11,12 @@
         --register-dataset my_train /data/my_avs train --register-dataset my_test /data/my_avs test \\
         DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_test",)'
 
-Without a GPU, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
+    # the same job started by torchrun, or by SLURM with one task per GPU (docs/getting_started.md):
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file configs/avss_r50.yaml
+    srun --ntasks-per-node 8 python tools/train_net.py --config-file configs/avss_r50.yaml
+
+Without a GPU, ``--num-gpus N`` (or torchrun's ``--nproc_per_node N``) runs N CPU processes
+(gloo); add ``MODEL.DEVICE cpu``.
 Training holds ``OUTPUT_DIR/train.lock`` while it runs (one job per folder,
 ``cpm_d2/engine/output_lock.py``); a checkpoint that cannot be written ends the job with one
 line naming the file and the OS error.
@@ -24,14 +29,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
 from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.compat import DistributedWorkerError, launch  # noqa: E402
+from cpm_d2.compat import DistributedWorkerError  # noqa: E402
 from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
-from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock  # noqa: E402
+from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock, setup_cpm_logger  # noqa: E402
+from cpm_d2.engine.launcher import check_flags, detect_launch, launch_job  # noqa: E402
 from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
 
 def get_parser():
@@ -80,17 +86,12 @@ def build_cfg(args):
     return cfg
 
 
-def _setup_cpm_logger(output_dir, rank):
-    """cpm_d2's log lines (dataset loading summaries, the OUTPUT_DIR lock) on the console and in log.txt."""
-    setup_logger(output_dir, distributed_rank=rank, name="cpm_d2")
-
-
 def setup(args):
     """Config, dataset registration, logging and seeding, in every worker process."""
     cfg = build_cfg(args)
-    register_avs_datasets_from_cfg(cfg)
     default_setup(cfg, args)
-    _setup_cpm_logger(cfg.OUTPUT_DIR, comm.get_rank())
+    setup_cpm_logger(cfg.OUTPUT_DIR, comm.get_rank())  # before registration: its messages reach log.txt
+    register_avs_datasets_from_cfg(cfg)
     return cfg
 
 
@@ -129,32 +130,33 @@ def _fail(output_dir, error):
     return 1
 
 
+@contextlib.contextmanager
+def _output_dir_guard(cfg, args):
+    """What the job's owning process holds around a training: the OUTPUT_DIR lock (a folder in use by
+    another job is refused at once), after refusing to write over an earlier run's checkpoints
+    without ``--resume``."""
+    setup_cpm_logger(cfg.OUTPUT_DIR, 0)  # the lock's messages (a dead holder taken over) in log.txt
+    with output_dir_lock(cfg.OUTPUT_DIR):
+        check_output_dir(cfg.OUTPUT_DIR, args.resume)
+        yield
+
+
 def run(args, main_func=main):
     """What ``python tools/train_net.py ...`` does with parsed ``args``: returns the exit status.
 
-    Training takes the OUTPUT_DIR lock first (machine 0's launcher only; a folder in use by
-    another job is refused at once) and refuses to write over an earlier run's checkpoints
-    without ``--resume``. With several processes, a worker that raises ends the whole job
-    (``cpm_d2.compat.launch`` stops the others within seconds); its traceback goes to the end of
-    the console output and of ``OUTPUT_DIR/log.txt``, and the exit status is 1. A checkpoint that
+    One job however it is started (``--num-gpus``/``--num-machines``, torchrun or SLURM's srun:
+    ``cpm_d2/engine/launcher.py``); flags that clash with the launcher raise ``LaunchError``.
+    Training takes the OUTPUT_DIR lock first (one process per job: machine 0's launcher, or global
+    rank 0 under torchrun/SLURM) and refuses to write over an earlier run's checkpoints without
+    ``--resume``. A worker that raises ends the whole job; with ``--num-gpus`` its traceback goes
+    to the end of the console output and of ``OUTPUT_DIR/log.txt`` and the exit status is 1 (under
+    torchrun/SLURM each rank reports its own error and torchrun names the first). A checkpoint that
     cannot be written ends the job with one line naming the file and the OS error.
     """
     cfg = build_cfg(args)
+    guard = None if args.eval_only else (lambda: _output_dir_guard(cfg, args))
     try:
-        with contextlib.ExitStack() as stack:
-            if not args.eval_only and args.machine_rank == 0:
-                _setup_cpm_logger(cfg.OUTPUT_DIR, 0)
-                stack.enter_context(output_dir_lock(cfg.OUTPUT_DIR))
-                # Before any worker starts: never write over an earlier run's checkpoints by accident.
-                check_output_dir(cfg.OUTPUT_DIR, args.resume)
-            launch(
-                main_func,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args,),
-            )
+        launch_job(main_func, args, guard=guard, default_dist_url=get_parser().get_default("dist_url"))
     except (DistributedWorkerError, CheckpointWriteError) as e:
         return _fail(cfg.OUTPUT_DIR, e)
     return 0
@@ -166,6 +168,9 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         check_flag_order(args)
-    except ValueError as e:
+        check_flags(args, detect_launch(), parser.get_default("dist_url"))
+    except ValueError as e:  # LaunchError is one
+        ErrorHandler().record_exception(e)  # under torchrun: its failure summary shows the message
         parser.error(str(e))
-    sys.exit(run(args))
+    # record: under torchrun, an error raised here goes to the error file torchrun reports
+    sys.exit(record(run)(args))

@@ -2,8 +2,9 @@
 
 Two jobs writing one folder interleave ``metrics.json``, write every checkpoint twice and leave
 whichever model came last. ``tools/train_net.py`` therefore holds ``OUTPUT_DIR/train.lock``
-for the whole job (the launcher process only: rank 0 of machine 0; evaluation-only runs take
-no lock):
+for the whole job, in one process per job (machine 0's launcher when ``--num-gpus`` starts the
+workers, global rank 0 when torchrun or SLURM started them: ``cpm_d2/engine/launcher.py``;
+evaluation-only runs take no lock):
 
 * the file holds ``{"host", "pid", "started", "command"}`` of its holder and is kept
   ``flock``-ed while the job runs; the lock is released (the file removed) when it ends;

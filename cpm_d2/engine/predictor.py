@@ -27,8 +27,8 @@ rate. Output (``__call__`` / ``predict_video``)::
      "times": float64 (T,),            # seconds
      "class_names": [C names]}
 
-``iter_predictions`` / ``iter_video`` yield one frame at a time (same keys, no T axis, plus
-``frame_index``, ``time`` and ``image`` = the RGB frame) for long videos.
+``iter_predictions`` / ``iter_video`` / ``iter_timed_frames`` yield one frame at a time (same keys,
+no T axis, plus ``frame_index``, ``time`` and ``image`` = the RGB frame) for long videos.
 """
 import logging
 import math
@@ -168,12 +168,14 @@ def _as_frames(frames) -> List[np.ndarray]:
     frames = list(frames)
     if not frames:
         raise ValueError("no frames given")
-    for i, f in enumerate(frames):
-        f = np.asarray(f)
-        if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
-            raise ValueError(f"frame {i} must be an H x W x 3 uint8 RGB array, got shape {f.shape} dtype {f.dtype}")
-        frames[i] = f
-    return frames
+    return [_checked_frame(i, f) for i, f in enumerate(frames)]
+
+
+def _checked_frame(i, frame) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frame {i} must be an H x W x 3 uint8 RGB array, got shape {frame.shape} dtype {frame.dtype}")
+    return frame
 
 
 def _as_wave(waveform) -> torch.Tensor:
@@ -221,6 +223,7 @@ class AVSPredictor:
         from ..checkpoint import AVSCheckpointer
         from ..data import AVSDatasetMapper
         from ..data.audio import _to_channels
+        from .num_classes import check_num_classes
 
         if int(batch_size) < 1:
             raise ValueError(f"AVSPredictor: batch_size must be >= 1, got {batch_size}")
@@ -228,13 +231,10 @@ class AVSPredictor:
         self.cfg.freeze()
         self.batch_size = int(batch_size)
         self.num_classes = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        check_num_classes(cfg)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
         if class_names is None:
             names = metadata.get("stuff_classes", None) if metadata is not None else None
-            if names is not None and len(names) != self.num_classes:
-                logger.warning(f"AVSPredictor: dataset {cfg.DATASETS.TEST[0]!r} has {len(names)} classes but "
-                               f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {self.num_classes}: using generic class names")
-                names = None
             class_names = names or [f"class_{i}" for i in range(self.num_classes)]
         if len(class_names) != self.num_classes:
             raise ValueError(f"AVSPredictor: {len(class_names)} class names given for "
@@ -321,8 +321,21 @@ class AVSPredictor:
         bad = [t for t in frame_times if not math.isfinite(t) or t < 0]
         if bad:
             raise ValueError(f"frame times must be finite and >= 0, got {bad[:3]}")
+        yield from self.iter_timed_frames(zip(frames, frame_times), waveform, sample_rate)
+
+    def iter_timed_frames(self, timed_frames, waveform, sample_rate) -> Iterator[dict]:
+        """Like :meth:`iter_predictions`, over an iterable of ``(H x W x 3 uint8 RGB frame, time in s)``
+        consumed lazily: at most ``batch_size`` frames are held, whatever the length (``tools/demo.py``)."""
         wave = self.prepare_waveform(waveform, sample_rate)
-        yield from self._batched(((i, f, t, t) for i, (f, t) in enumerate(zip(frames, frame_times))), wave)
+
+        def items():
+            for i, (rgb, t) in enumerate(timed_frames):
+                rgb, t = _checked_frame(i, rgb), float(t)
+                if not math.isfinite(t) or t < 0:
+                    raise ValueError(f"frame {i}: its time must be finite and >= 0, got {t}")
+                yield i, rgb, t, t
+
+        yield from self._batched(items(), wave)
 
     def iter_video(self, path, *, fps=None, max_frames=None) -> Iterator[dict]:
         """:meth:`iter_predictions` over a video file, decoded lazily (see :func:`iter_video_frames`).

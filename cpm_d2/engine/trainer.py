@@ -37,6 +37,7 @@ from cpm_d2.checkpoint import AVSCheckpointer
 from cpm_d2.checkpoint.loading import MIN_BACKBONE_SHARE
 from cpm_d2.data.datasets.account import loading_policy
 
+from .num_classes import check_num_classes
 from .resume import ResumableTrainLoader, TrainBatchStream, get_rng_state, hooks_seed, isolated_rng, set_rng_state
 
 __all__ = ["Trainer", "build_optimizer", "check_output_dir", "OutputDirNotEmpty"]
@@ -169,7 +170,9 @@ class _ResumableBestCheckpointer(hooks.BestCheckpointer):
 
 def _wrap_ddp(model):
     """detectron2's DDP wrapper, with device_ids=None for CPU processes and unused parameters allowed."""
-    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    device = next(model.parameters()).device  # the rank's GPU (cpm_d2.compat.run_rank set it), or the CPU
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
     return create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True, device_ids=device_ids)
 
 
@@ -307,6 +310,12 @@ class Trainer(DefaultTrainer):
 
             hook_list.insert(-1, STSHook(cfg.TEST.AVS.STS_PERIOD))
         return hook_list
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's, after :func:`check_num_classes` (a wrong NUM_CLASSES fails here, not at evaluation)."""
+        check_num_classes(cfg)
+        return super().build_model(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):

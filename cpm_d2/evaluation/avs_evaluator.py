@@ -46,11 +46,11 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..data.datasets.avss import read_label_map
+from ..data.datasets.avss import read_label_map, write_label_map
 from . import metrics as M
 from .coverage import frame_coverage, gt_class_set, predicted_class_set
 
-__all__ = ["AVSEvaluator", "build_avs_evaluator", "parse_subsets"]
+__all__ = ["AVSEvaluator", "build_avs_evaluator", "parse_subsets", "prediction_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,16 @@ def _scalar_meta(input_dict):
     return meta
 
 
+def prediction_path(predictions_dir, input_dict, label_path):
+    """``<predictions_dir>/<clip_id>/<frame_index>.png``, the dataset's layout (AVSS: ``<label>/<uid>/<i>.png``);
+    a frame without a clip id or index is named after its label map."""
+    clip = [p for p in str(input_dict.get("clip_id") or "").replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    frame = input_dict.get("frame_index")
+    if not clip or frame is None:
+        return os.path.join(predictions_dir, os.path.basename(label_path))
+    return os.path.join(predictions_dir, *clip, f"{int(frame)}.png")
+
+
 class AVSEvaluator(DatasetEvaluator):
     """Both AVS protocols (``dataset`` and ``avsbench``), subsets and the coverage score.
 
@@ -127,10 +137,14 @@ class AVSEvaluator(DatasetEvaluator):
             ``avs_per_frame.npz`` (per-frame counts, IoUs, F-curves, coverage, frame metadata).
         subsets: ``[(name, key, value), ...]``: also report the frames whose input dict has
             ``input[key] == value`` under ``"<name>/<metric>"``.
+        predictions_dir: if set, every process writes the predicted label map of each frame it
+            processes to ``<predictions_dir>/<clip_id>/<frame_index>.png`` (:func:`prediction_path`),
+            an index PNG in the AVSS palette.
     """
 
-    def __init__(self, dataset_name, distributed=True, output_dir=None, subsets=()):
+    def __init__(self, dataset_name, distributed=True, output_dir=None, subsets=(), predictions_dir=None):
         self._dataset_name = dataset_name
+        self._predictions_dir = predictions_dir
         self._distributed = distributed
         self._output_dir = output_dir
         meta = MetadataCatalog.get(dataset_name)
@@ -220,6 +234,8 @@ class AVSEvaluator(DatasetEvaluator):
             else:
                 pred = torch.argmax(scores, dim=0).numpy()
             self._counts.append(M.frame_class_counts(pred, gt, self._num_classes, self._ignore_label))
+            if self._predictions_dir:
+                write_label_map(prediction_path(self._predictions_dir, input_dict, path), pred)
 
             cov = float("nan")
             has_probs = output.get("audio_class_probs", None) is not None
@@ -434,6 +450,10 @@ class AVSEvaluator(DatasetEvaluator):
 
 
 def build_avs_evaluator(cfg, dataset_name, output_dir=None):
-    """An :class:`AVSEvaluator` with the subsets of ``cfg.TEST.AVS.SUBSETS`` ([name, key, value] lists)."""
-    subsets = list(cfg.TEST.AVS.SUBSETS) if cfg.TEST.get("AVS", None) is not None else []
-    return AVSEvaluator(dataset_name, distributed=True, output_dir=output_dir, subsets=subsets)
+    """An :class:`AVSEvaluator` with the subsets of ``cfg.TEST.AVS.SUBSETS`` ([name, key, value] lists), writing
+    prediction PNGs to ``<output_dir>/predictions`` when ``cfg.TEST.AVS.SAVE_PREDICTIONS``."""
+    avs = cfg.TEST.get("AVS", None)
+    subsets = list(avs.SUBSETS) if avs is not None else []
+    save = output_dir and avs is not None and avs.get("SAVE_PREDICTIONS", False)
+    return AVSEvaluator(dataset_name, distributed=True, output_dir=output_dir, subsets=subsets,
+                        predictions_dir=os.path.join(output_dir, "predictions") if save else None)

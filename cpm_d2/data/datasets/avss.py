@@ -40,6 +40,8 @@ __all__ = [
     "read_metadata_csv",
     "check_metadata_rows",
     "read_label_map",
+    "write_label_map",
+    "frame_files",
     "read_csv_text",
     "check_image_file",
     "label_classes",
@@ -339,6 +341,18 @@ def read_label_map(path):
     return arr
 
 
+def write_label_map(path, labels):
+    """Write ``labels`` (``H x W`` ints in [0, 255]) to ``path`` as an index PNG (mode "P") coloured with
+    the AVSS palette: what :func:`read_label_map` reads back, and what AVSBench's tools display."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or (labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255)):
+        raise ValueError(f"{path}: a label map is H x W with values in [0, 255], got shape {labels.shape}")
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(avss_palette(256).reshape(-1).tolist())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+
+
 _CLASS_CACHE = {}
 
 
@@ -399,7 +413,7 @@ def _wav_duration(path):
 
 
 # ---------------------------------------------------------------------------------- loader
-def _frame_files(frame_dir):
+def frame_files(frame_dir):
     """``{index: file name}`` of a clip's ``frames/`` folder, numbered ``0 .. n-1`` (hidden files ignored).
 
     Raises ValueError naming the file for a ``.jpg`` / ``.png`` that is not named ``<index>.jpg`` or
@@ -520,7 +534,7 @@ def load_avs_layout(
             account.missing("audio missing", where, f"audio not found: {wav}")
             continue
         if frame_count is None:
-            files = _frame_files(frame_dir)
+            files = frame_files(frame_dir)
             num_frames = max(files) + 1 if files else 0
         else:
             files, num_frames = None, int(frame_count(row))
@@ -622,6 +636,22 @@ def _load_user_dataset(root, split, subsets, audio_window, multi_source, splits)
                            allowed_splits=splits)
 
 
+def _check_class_names(name, class_names, on_disk, label_file):
+    """``class_names`` given for dataset ``name`` against its ``label2idx.json``: another number of
+    classes raises ValueError (label ids would point at the wrong names); other names of the same
+    number are used, with a warning naming the first difference."""
+    if len(class_names) != len(on_disk):
+        raise ValueError(
+            f"dataset {name!r}: class_names has {len(class_names)} names, but {label_file} lists {len(on_disk)} "
+            f"classes ({', '.join(on_disk[:4])}{', ...' if len(on_disk) > 4 else ''}): pass the dataset's "
+            "classes, background first, or class_names=None to read them from that file"
+        )
+    diff = next((i for i, (a, b) in enumerate(zip(class_names, on_disk)) if a != b), None)
+    if diff is not None:
+        logger.warning(f"dataset {name!r}: class_names[{diff}] is {class_names[diff]!r}, {label_file} names index "
+                       f"{diff} {on_disk[diff]!r}; using the given class_names")
+
+
 def register_avs_dataset(
     name,
     root,
@@ -642,6 +672,7 @@ def register_avs_dataset(
         root: folder with metadata.csv, label2idx.json and ``<subset>/<uid>/...`` clips.
         split: value of metadata.csv's ``split`` column (e.g. "train").
         class_names: list of class names, background first; default: ``<root>/label2idx.json``.
+            When that file exists, a list of another length is refused (ValueError naming both).
         subsets: keep only these values of the ``label`` column (None: all).
         audio_window: seconds of audio per frame (1.0 AVSBench, 3.0 VPO).
         audio_channels: 1 (mono) or 2 (stereo): recorded in the metadata for configs/checks.
@@ -655,9 +686,12 @@ def register_avs_dataset(
     convert); clip duration from the wav length. Dicts of splits other than "train" carry
     ``multi_source``. Returns None.
     """
+    label_file = os.path.join(root, "label2idx.json")
     if class_names is None:
-        class_names = read_label2idx(os.path.join(root, "label2idx.json"))
+        class_names = read_label2idx(label_file)
     class_names = [str(c) for c in class_names]
+    if os.path.isfile(label_file):
+        _check_class_names(name, class_names, read_label2idx(label_file), label_file)
     if is_binary and len(class_names) != 2:
         raise ValueError(f"is_binary datasets have 2 classes, got {len(class_names)} for {name!r}")
     if audio_channels not in (1, 2):

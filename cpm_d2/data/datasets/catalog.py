@@ -170,8 +170,9 @@ def register_avs_datasets_from_cfg(cfg):
     """Register each ``[name, root, split]`` of ``cfg.DATASETS.AVS_REGISTER`` (AVSS layout).
 
     The split names a root's metadata.csv may hold are train / val / test and every split the
-    entries name for that root. A name already registered with the same root is skipped (every
-    worker process calls this); the same name with another root raises ValueError.
+    entries name for that root. A name already registered with the same root and split is skipped
+    (every worker process calls this); the same name with another root or split (a builtin's name
+    included) raises ValueError naming both.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -183,11 +184,12 @@ def register_avs_datasets_from_cfg(cfg):
     for name, root, split in entries:
         splits = list(SPLITS) + [s for _, r, s in entries if _same_root(r, root)]
         if name in DatasetCatalog.list():
-            existing = MetadataCatalog.get(name).get("root", None)
-            if existing is not None and _same_root(existing, root):
+            meta = MetadataCatalog.get(name)
+            existing, existing_split = meta.get("root", None), meta.get("split", None)
+            if existing is not None and _same_root(existing, root) and existing_split == split:
                 continue
             raise ValueError(
-                f"dataset {name!r} is already registered with root {existing!r}; "
-                f"DATASETS.AVS_REGISTER asks for root {root!r}"
+                f"dataset {name!r} is already registered with root {existing!r}, split {existing_split!r}; "
+                f"DATASETS.AVS_REGISTER asks for root {root!r}, split {split!r}: give this entry another name"
             )
         register_avs_dataset(name, root, split=split, audio_channels=int(cfg.INPUT.AUDIO.CHANNELS), splits=splits)
