@@ -425,7 +425,7 @@ def test_a_killed_component_is_reseeded_on_the_mode_it_left():
 def test_first_fit_waits_for_enough_distinct_entries():
     """Copies of one query (one source, several layers) count once: a class is neither fitted nor
     marked fitted before it holds ``min_entries`` distinct entries, and keeps its prior until then."""
-    g = _gmm(num_classes=0, embed_dim=2, num_components=2, memory_size=64, min_entries=4)
+    g = _gmm(num_classes=1, embed_dim=2, num_components=2, memory_size=64, min_entries=4)
     prior = g.means.clone()
     x = torch.randn(3, 2)
     g.observe(x.repeat(4, 1), torch.zeros(12, dtype=torch.long), 0, sources=torch.arange(3).repeat(4))
@@ -445,7 +445,7 @@ def test_sinkhorn_estep_balances_component_mass():
     valid = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1] * 7], dtype=torch.bool)
     r = g._responsibilities(log_r, valid, valid.sum(1))
     torch.testing.assert_close(r.sum(2), valid.double())
-    torch.testing.assert_close(r.sum(1), (valid.sum(1, keepdim=True) / 3.0).double().expand(2, 3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(r.sum(1), (valid.sum(1, keepdim=True) / 3.0).double().expand(2, 3), atol=1e-2, rtol=0)
     rng = np.random.default_rng(3)
     modes = _modes(rng, 1, 3, 8, 6.0)
     h = _gmm(num_classes=0, embed_dim=8, num_components=3, memory_size=300, em_iters=10, estep="sinkhorn")
