@@ -63,6 +63,11 @@ def build_pair(base_cfg, cpm_cfg, seed=0):
 
     torch.manual_seed(seed)
     cpm = build_model(cpm_cfg)
+    # the steady state of training: every class's mixture fitted, so every class is prompted (a
+    # fresh model prompts a class only once its bank holds enough entries)
+    mixtures = getattr(cpm.class_predictor, "mixtures", None)
+    if mixtures is not None:
+        mixtures.initialized.fill_(True)
     torch.manual_seed(seed)
     base = build_model(base_cfg)
     src, dst = cpm.state_dict(), base.state_dict()
