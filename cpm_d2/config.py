@@ -153,10 +153,10 @@ def _add_gmm_head_keys(mf):
     # (a fraction of the uniform weight) is re-seeded; 0 = never (a component left without
     # responsibility then keeps its stale Gaussian).
     g.RESEED_BELOW = 0.4
-    # How: "split" (the class's heaviest component is halved along its principal axis: the new one
-    # starts inside the class's data) or "worst" (on the bank entry the class's mixture explains
-    # worst, with the class-wide covariance).
-    g.RESEED = "split"
+    # How: "worst" (on the bank entry the class's mixture explains worst, with the class-wide
+    # covariance) or "split" (the class's heaviest component is halved along its principal axis: the
+    # new one starts inside the class's data).
+    g.RESEED = "worst"
     # Responsibilities of the E-step: "posterior" (EM, eq. 3) or "sinkhorn" (balanced so that every
     # component takes an equal share of its class's bank: GMMSeg's guard against collapse).
     g.ESTEP = "posterior"
