@@ -82,6 +82,9 @@ ROW_TITLES = {
     "x_gmm_per_dim": "CPM, GMM logits divided by D",
     "x_gmm_learned_temperature": "CPM, GMM logits divided by a learned temperature",
     "x_vcp_no_class_term": "CPM, VCP without its class term",
+    "x_gmm_normalize_tied": "CPM, normalised mixtures, one covariance per class",
+    "x_gmm_normalize_no_object_mixture": "CPM, normalised mixtures, no-object scored by a mixture",
+    "x_gmm_normalize_per_dim": "CPM, normalised mixtures, logits divided by D",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
