@@ -85,6 +85,8 @@ ROW_TITLES = {
     "x_gmm_normalize_tied": "CPM, normalised mixtures, one covariance per class",
     "x_gmm_normalize_no_object_mixture": "CPM, normalised mixtures, no-object scored by a mixture",
     "x_gmm_normalize_per_dim": "CPM, normalised mixtures, logits divided by D",
+    "x_vcp_class_weight_0.1": "CPM, VCP class term x 0.1",
+    "x_gmm_normalize_vcp_class_weight_0.1": "CPM, normalised mixtures, VCP class term x 0.1",
     # configs/stereo_rows/ (issue #12, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
