@@ -9,9 +9,10 @@ Losses (all unweighted here; the meta-architecture applies CLASS/MASK/DICE_WEIGH
               divided by num_masks.
     loss_dice 1 - (2 sum(s g) + 1) / (sum(s) + sum(g) + 1) on the same points, summed / num_masks.
 num_masks is the number of target masks in the batch, averaged over ranks (all-reduced) and
-clamped to >= 1. Auxiliary outputs get the same losses with suffix "_<layer index>".
+clamped to >= 1. Auxiliary outputs get the same losses with suffix "_<layer index>". All
+predictions are matched in one matcher call; the losses read nothing back from the device.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,14 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
     return (1 - (num + 1) / (den + 1)).sum() / num_masks
 
 
+class _Pairs(NamedTuple):
+    """Matched (query, target) pairs over a batch: image, query (M,), target labels (M,), masks (M, H, W)."""
+    image: torch.Tensor
+    query: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+
+
 def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     """Uncertainty of (R, 1, ...) mask logits = -|logit| (highest at the decision boundary)."""
     return -torch.abs(logits)
@@ -97,31 +106,58 @@ class SetCriterion(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     # ------------------------------------------------------------------------------------------
-    def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+    @staticmethod
+    def _flat_targets(targets, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every target of the batch concatenated: labels (T,) and masks (T, H, W) on ``device``."""
+        labels = torch.cat([t["labels"] for t in targets]).to(device)
+        masks = torch.cat([t["masks"] for t in targets]).to(device)
+        return labels, masks
+
+    @staticmethod
+    def _pairs(indices, targets, device, flat_targets) -> "_Pairs":
+        """The (query, target) pairs of ``indices`` over the batch: image / query index and target
+        label / mask of each, from one copy of the indices to ``device`` (they come from the host)."""
+        offsets = [0]
+        for t in targets:
+            offsets.append(offsets[-1] + len(t["labels"]))
+        parts = [torch.stack([torch.full_like(src, i), src, tgt + offsets[i]]).long()
+                 for i, (src, tgt) in enumerate(indices)]
+        if len({p.device for p in parts}) > 1:
+            parts = [p.to(device) for p in parts]
+        flat = torch.cat(parts, dim=1).to(device) if parts else torch.zeros(3, 0, dtype=torch.long, device=device)
+        labels, masks = flat_targets
+        return _Pairs(flat[0], flat[1], labels[flat[2]], masks[flat[2]])
+
+    def _cross_entropy(self, logits: torch.Tensor, target_classes: torch.Tensor) -> torch.Tensor:
+        """F.cross_entropy's class-weighted mean over the queries not ignored (-100), computed
+        without a host check: 0 (in the graph) when every query is ignored."""
+        weight = self.empty_weight.to(logits)
+        per_query = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, ignore_index=-100,
+                                    reduction="none")  # weight[target] * nll, 0 where ignored
+        total = (weight[target_classes.clamp_min(0)] * (target_classes != -100)).sum()
+        return per_query.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    def loss_labels(self, outputs, targets, indices, num_masks, pairs=None) -> Dict[str, torch.Tensor]:
         logits = outputs["pred_logits"].float()
         b, q = logits.shape[:2]
+        if pairs is None:
+            pairs = self._pairs(indices, targets, logits.device, self._flat_targets(targets, logits.device))
         target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
-        for i, (t, (src, tgt)) in enumerate(zip(targets, indices)):
-            if len(src):
-                target_classes[i, src.to(logits.device)] = t["labels"].to(logits.device)[tgt.to(logits.device)]
+        target_classes[pairs.image, pairs.query] = pairs.labels.to(logits.device)
         pad = outputs.get("query_padding_mask")
         if pad is not None:
             target_classes = target_classes.masked_fill(pad.to(logits.device, torch.bool), -100)
-            if (target_classes == -100).all():  # nothing to classify: keep the graph, value 0
-                return {"loss_ce": logits.sum() * 0.0}
-        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits), ignore_index=-100)
-        return {"loss_ce": loss}
+        return {"loss_ce": self._cross_entropy(logits, target_classes)}
 
-    def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
+    def loss_masks(self, outputs, targets, indices, num_masks, pairs=None) -> Dict[str, torch.Tensor]:
         pred = outputs["pred_masks"]
-        src_b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(pred.device)
-        src_q = torch.cat([src for src, _ in indices]).to(pred.device)
-        if src_q.numel() == 0:
+        if pairs is None:
+            pairs = self._pairs(indices, targets, pred.device, self._flat_targets(targets, pred.device))
+        if pairs.query.numel() == 0:
             zero = pred.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        src_masks = pred[src_b, src_q][:, None].float()  # (M, 1, h, w)
-        tgt_masks = torch.cat([t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)])
-        tgt_masks = tgt_masks.to(device=pred.device, dtype=torch.float32)[:, None]  # (M, 1, H, W)
+        src_masks = pred[pairs.image, pairs.query][:, None].float()  # (M, 1, h, w)
+        tgt_masks = pairs.masks.to(device=pred.device, dtype=torch.float32)[:, None]  # (M, 1, H, W)
         with torch.no_grad():
             coords = get_uncertain_point_coords_with_randomness(
                 src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
@@ -135,39 +171,46 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def num_masks(targets, device) -> float:
-        """Target masks per rank, averaged over ranks, >= 1."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(n)
-        return torch.clamp(n / comm.get_world_size(), min=1).item()
+    def num_masks(targets, device):
+        """Target masks per rank, averaged over ranks, >= 1: a float on one process (counted from
+        the targets' shapes), a 0-dim tensor on ``device`` under torch.distributed (never read
+        back to the host)."""
+        n = float(sum(len(t["labels"]) for t in targets))
+        if comm.get_world_size() == 1:
+            return max(n, 1.0)
+        total = torch.as_tensor([n], device=device)
+        torch.distributed.all_reduce(total)
+        return torch.clamp(total[0] / comm.get_world_size(), min=1)
 
-    def _layer_losses(self, outputs, targets, indices, num_masks):
-        losses = self.loss_labels(outputs, targets, indices, num_masks)
-        losses.update(self.loss_masks(outputs, targets, indices, num_masks))
+    def _layer_losses(self, outputs, targets, pairs, num_masks):
+        losses = self.loss_labels(outputs, targets, None, num_masks, pairs)
+        losses.update(self.loss_masks(outputs, targets, None, num_masks, pairs))
         return losses
 
     def forward(self, outputs: Dict, targets: List[Dict],
                 indices: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                return_indices: bool = False, num_masks: Optional[float] = None):
+                return_indices: bool = False, num_masks=None):
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"criterion.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
-        fixed = indices is not None
+        device = outputs["pred_logits"].device
         pad = outputs.get("query_padding_mask")
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        final_indices = list(indices) if fixed else self.matcher(main, targets)
+        aux = [a if pad is None or "query_padding_mask" in a else dict(a, query_padding_mask=pad)
+               for a in outputs.get("aux_outputs", [])]
         if num_masks is None:
-            num_masks = self.num_masks(targets, outputs["pred_logits"].device)
-        losses = self._layer_losses(main, targets, final_indices, num_masks)
-        all_indices = []
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            if pad is not None and "query_padding_mask" not in aux:
-                aux = dict(aux, query_padding_mask=pad)
-            aux_indices = final_indices if fixed else self.matcher(aux, targets)
-            all_indices.append(aux_indices)
-            losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets, aux_indices, num_masks).items()})
+            num_masks = self.num_masks(targets, device)
+        flat_targets = self._flat_targets(targets, device)
+        if indices is not None:  # fixed: the same pairs for every prediction
+            matched = [list(indices)] * (len(aux) + 1)
+            pairs = [self._pairs(indices, targets, device, flat_targets)] * (len(aux) + 1)
+        else:  # every prediction matched in one call (one device->host copy of the costs)
+            matched = self.matcher.match_all(aux + [main], targets)
+            pairs = [self._pairs(m, targets, device, flat_targets) for m in matched]
+        losses = self._layer_losses(main, targets, pairs[-1], num_masks)
+        for i, a in enumerate(aux):
+            losses.update({f"{k}_{i}": v for k, v in self._layer_losses(a, targets, pairs[i], num_masks).items()})
         if return_indices:
-            return losses, all_indices + [final_indices], num_masks
+            return losses, matched, num_masks
         return losses
 
     def __repr__(self):
