@@ -4,7 +4,7 @@ Query path (every tensor batch-first):
     q (B, Q, D)  --[AUDIO_DEC_LAYERS x (cross-attn to audio tokens, self-attn, FFN)]-->
                  --[DEC_LAYERS x (masked cross-attn to visual scale i % 3, self-attn, FFN)]--> q̃
 After every layer the shared heads predict, from q̃ = LayerNorm(q):
-    class logits  = class_predictor(q̃)                  (B, Q, C+1)
+    class logits  = class_predictor(q̃)                  (B, Q, C+1)  one call for all predictions, after the pass
     mask logits   = <mask_embed(q̃), ũ_v>                 (B, Q, H/4, W/4)
     audio masks   = <audio_mask_embed(q̃), ũ_a>           (B, Q, T', F')  only when asked (CPM's prompts)
 The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
@@ -224,15 +224,13 @@ class AudioVisualTransformerDecoder(nn.Module):
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
         return queries, query_pos, query_padding_mask
 
-    def _predict(self, output, mask_features, audios, layout, attn_size, stereo=None, prior=None, classify=True,
-                 final=False):
-        """One prediction of every group -> (per-group pred dicts, attention mask for the next layer
-        or None after the final prediction, stereo prior or None).
-        ``layout``: (groups, sizes, offsets); ``stereo``: the stereo prior's per-forward constants
-        per audio; ``prior``: (bias, x̂) over all queries to reuse (visual layers) instead of
-        estimating it from this prediction's audio masks (audio layers); ``classify``: whether the
-        groups that classify do so here; ``final``: the last prediction (mask logits only for the
-        groups that keep them)."""
+    def _predict(self, output, mask_features, audios, layout, attn_size, stereo=None, prior=None, final=False):
+        """One prediction of every group, without class logits (``_classify`` adds them) -> (per-group
+        pred dicts, attention mask for the next layer or None after the final prediction, stereo
+        prior or None). ``layout``: (groups, sizes, offsets); ``stereo``: the stereo prior's
+        per-forward constants per audio; ``prior``: (bias, x̂) over all queries to reuse (visual
+        layers) instead of estimating it from this prediction's audio masks (audio layers);
+        ``final``: the last prediction (mask logits only for the groups that keep them)."""
         groups, sizes, offsets = layout
         total = offsets[-1] + sizes[-1]
         sources = [g.audio for g in groups]
@@ -263,8 +261,6 @@ class AudioVisualTransformerDecoder(nn.Module):
                 attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
                 attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
                 attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
-        class_runs = runs(sizes, [classify and g.classify for g in groups])
-        logits = per_group([self.class_predictor(rows(a, e)) for a, e, _ in class_runs], class_runs, offsets, sizes)
         audio_logits = per_group(audio_logits, audio_runs, offsets, sizes)
         everything = [(0, total, list(range(len(groups))))]
         embs = per_group([emb], everything, offsets, sizes)
@@ -277,14 +273,24 @@ class AudioVisualTransformerDecoder(nn.Module):
             if g in mask_of:
                 pred["pred_masks"] = mask_of[g]
             pred["query_embeddings"] = embs[g]
-            if g in logits:
-                pred["pred_logits"] = logits[g]
             if group.audio_masks == "all" or (final and group.audio_masks == "final"):
                 pred["pred_audio_masks"] = audio_logits[g]
             if g in x_hat:
                 pred["pred_stereo_x"] = x_hat[g]
             preds.append(pred)
-        return preds, attn, prior
+        return preds, attn, prior, emb
+
+    def _classify(self, predictions, embeddings, layout, which) -> None:
+        """Class logits "pred_logits" of the classifying groups at the predictions ``which``, from one
+        class-head call per stretch of such groups over those predictions' embeddings together
+        (the head is per query, so this is the per-prediction computation in fewer calls)."""
+        groups, sizes, offsets = layout
+        for start, end, members in runs(sizes, [g.classify for g in groups]):
+            n = end - start
+            x = cat([embeddings[i][:, start:end] for i in which])
+            for i, logits in zip(which, self.class_predictor(x).split(n, dim=1)):
+                for g, value in per_group([logits], [(start, end, members)], offsets, sizes).items():
+                    predictions[i][g]["pred_logits"] = value
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
                 queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
@@ -348,21 +354,20 @@ class AudioVisualTransformerDecoder(nn.Module):
             # per-forward constants of the stereo prior (cues flattened, column grid), per audio
             stereo = {s: self.stereo_position.prepare(audios[s], mask_features.shape[-1]) for s in heard}
 
-        predictions = []  # per prediction, one dict per group
-        # at inference only the last audio prediction (coverage) and the final one need classes
-        every = self.training
+        predictions, embeddings = [], []  # per prediction: one dict per group; the embeddings of all queries
         if self.num_audio_layers == 0:
-            pred, attn_mask, prior = self._predict(output, mask_features, audios, layout, sizes[0], stereo)
+            pred, attn_mask, prior, emb = self._predict(output, mask_features, audios, layout, sizes[0], stereo)
             predictions.append(pred)
+            embeddings.append(emb)
         for j in range(self.num_audio_layers):
             output = self.audio_cross_attention[j](output, tokens, memory_mask=audio_mask, pos=tokens_pos,
                                                    query_pos=qpos)
             output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos, attn_mask=self_mask)
             output = self.audio_ffn[j](output)
-            pred, attn_mask, prior = self._predict(output, mask_features, audios, layout, sizes[0], stereo,
-                                                   classify=every or j == self.num_audio_layers - 1)
+            pred, attn_mask, prior, emb = self._predict(output, mask_features, audios, layout, sizes[0], stereo)
             predictions.append(pred)
-        audio_preds = predictions[-1]
+            embeddings.append(emb)
+        audio_index = len(predictions) - 1
 
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
@@ -370,11 +375,16 @@ class AudioVisualTransformerDecoder(nn.Module):
             output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos, attn_mask=self_mask)
             output = self.ffn[i](output)
             # the visual layers reuse the last audio prediction's stereo prior (they do not hear the audio)
-            final = i == self.num_layers - 1
-            pred, attn_mask, _ = self._predict(output, mask_features, audios, layout,
-                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior,
-                                               classify=every or final, final=final)
+            pred, attn_mask, _, emb = self._predict(output, mask_features, audios, layout,
+                                                    sizes[(i + 1) % self.num_feature_levels], stereo, prior,
+                                                    final=i == self.num_layers - 1)
             predictions.append(pred)
+            embeddings.append(emb)
+        # classes at every prediction in training; at inference only the last audio prediction
+        # (coverage) and the final one need them
+        which = list(range(len(predictions))) if self.training else [audio_index, len(predictions) - 1]
+        self._classify(predictions, embeddings, layout, which)
+        audio_preds = predictions[audio_index]
 
         outs = []
         for g, group in enumerate(groups):
