@@ -325,8 +325,8 @@ class AudioVisualTransformerDecoder(nn.Module):
         if len(x) != self.num_feature_levels:
             raise ValueError(f"audio_visual_decoder.py: expected {self.num_feature_levels} feature maps, got {len(x)}")
         if not groups or any(not 0 <= g.audio < len(audios) for g in groups):
-            raise ValueError(f"audio_visual_decoder.py: every query group must hear one of the {len(audios)} audio "
-                             f"dicts, got audio indices {[g.audio for g in groups]}")
+            raise ValueError(f"every query group must hear one of the {len(audios)} audio dicts passed to "
+                             f"forward_groups, got audio indices {[g.audio for g in groups]}")
         b = mask_features.shape[0]
         srcs, poss, sizes = [], [], []
         for i in range(self.num_feature_levels):
