@@ -110,13 +110,13 @@ def test_expected_labels_follow_the_config():
                 "cpm.encode_audio", "cpm.decode", "cpm.class_head", "cpm.class_agnostic_losses", "cpm.matcher",
                 "cpm.observe_assignments"}
     assert set(profiling.expected_train_labels(base_cfg)) == agnostic
-    cpm = agnostic | {"cpm.prompt_pass", "cpm.acp_mixture", "cpm.acp_loss", "cpm.vcp_loss", "cpm.pcl_loss",
-                      "gmm.sample", "gmm.observe"}
+    cpm = agnostic | {"cpm.prompt_pass", "cpm.prompt_labels", "cpm.prompt_losses", "cpm.acp_loss", "cpm.vcp_loss",
+                      "cpm.pcl_loss", "gmm.sample", "gmm.observe"}
     assert set(profiling.expected_train_labels(cpm_cfg)) == cpm
     assert set(profiling.expected_train_labels(cpm_cfg, em_calls=1)) == cpm | {"gmm.em"}
     no_acp = cpm_cfg.clone()
     no_acp.MODEL.CPM.ACP.ENABLED = False
-    assert set(profiling.expected_train_labels(no_acp)) == cpm - {"cpm.acp_mixture", "cpm.acp_loss"}
+    assert set(profiling.expected_train_labels(no_acp)) == cpm - {"cpm.acp_loss"}
     # EM runs at iterations i with (i + 1) % interval == 0
     assert profiling.em_iterations(3, 2, 5) == 1 and profiling.em_iterations(0, 4, 5) == 0
     assert profiling.em_iterations(0, 10, 5) == 2
@@ -157,6 +157,8 @@ def test_build_pair_shares_every_weight_but_the_class_head():
 def test_breakdown_finds_every_label_and_partitions_the_step(tiny_pair):
     model, optim, cfg = tiny_pair["models"]["cpm"].train(), tiny_pair["optims"]["cpm"], tiny_pair["cfg"]
     model._iter.fill_(3)  # the 2 profiled iterations are 3 and 4: EM runs at 4 (UPDATE_INTERVAL 5)
+    # every class promptable, as after a benchmark run's timing steps (EM has fitted the mixtures)
+    model.class_predictor.mixtures.initialized.fill_(True)
     bd = profiling.breakdown(model, optim, cfg, tiny_pair["train"], steps=2)
     assert bd["steps"] == 2 and bd["gmm_em_calls"] == 1
     labels = bd["labels"]
@@ -164,12 +166,14 @@ def test_breakdown_finds_every_label_and_partitions_the_step(tiny_pair):
         assert labels[name]["calls_per_step"] > 0 and labels[name]["cpu_total_ms"] > 0, name
         assert 0 <= labels[name]["cpu_self_ms"] <= labels[name]["cpu_total_ms"], name
     assert labels["gmm.em"]["calls_per_step"] == 0.5
-    # deep supervision over 1 audio + 3 visual predictions: 4 matchings; 4 class-head calls in each
-    # of the three decodes (class-agnostic queries; prompts on the clean audio for VCP, the configs'
-    # MODEL.CPM.VCP.AUDIO "clean"; prompts on the ACP mixture)
+    # deep supervision over 1 audio + 3 visual predictions: their 4 matchings in one matcher call;
+    # one decoder pass over the queries and both prompt groups (VCP's on the clean audio, the
+    # configs' MODEL.CPM.VCP.AUDIO "clean"; ACP's on the mixture), the class head once for all 4
+    # predictions of the queries and VCP's prompts (ACP's need no classes), as in the baseline
     assert cfg.MODEL.CPM.VCP.AUDIO == "clean"
-    assert labels["cpm.matcher"]["calls_per_step"] == 4 and bd["matching_calls_per_step"] == 4
-    assert labels["cpm.class_head"]["calls_per_step"] == 12
+    assert labels["cpm.matcher"]["calls_per_step"] == 1 and bd["matching_calls_per_step"] == 1
+    assert labels["cpm.decode"]["calls_per_step"] == 1
+    assert labels["cpm.class_head"]["calls_per_step"] == 1
 
     tree = {r["path"]: r for r in bd["tree"]}
     assert [r["path"] for r in bd["tree"] if r["depth"] == 0] == ["bench.step"]
@@ -184,11 +188,14 @@ def test_breakdown_finds_every_label_and_partitions_the_step(tiny_pair):
     # forward + backward + optimizer are (nearly) the whole step: the step label adds no work
     phases = sum(tree[f"bench.step/{p}"]["ms"] for p in ("bench.forward", "bench.backward", "bench.optimizer"))
     assert 0.9 * bd["step_ms"] <= phases <= bd["step_ms"]
-    # the ACP mixture's audio encoding is inside the prompt pass; the first encoding is not
-    acp = "bench.step/bench.forward/cpm.prompt_pass/cpm.acp_mixture"
-    assert tree[acp + "/cpm.encode_audio"]["calls_per_step"] == 1
-    assert tree["bench.step/bench.forward/cpm.encode_audio"]["calls_per_step"] == 1
-    assert tree[acp]["ms"] <= tree["bench.step/bench.forward/cpm.prompt_pass"]["ms"]
+    # the prompt pass takes the place of the baseline's audio encoding (one, of [a_i; a_i + a_j]) and
+    # decode (one); the prompt losses follow the class-agnostic ones
+    prompt = "bench.step/bench.forward/cpm.prompt_pass"
+    assert tree[prompt + "/cpm.encode_audio"]["calls_per_step"] == 1
+    assert tree[prompt + "/cpm.decode"]["calls_per_step"] == 1
+    assert tree[prompt + "/cpm.prompt_labels/gmm.sample"]["calls_per_step"] == 1
+    assert "bench.step/bench.forward/cpm.encode_audio" not in tree and "bench.step/bench.forward/cpm.decode" not in tree
+    assert tree["bench.step/bench.forward/cpm.prompt_losses/cpm.vcp_loss"]["calls_per_step"] == 1
     assert "bench.step/bench.forward/cpm.observe_assignments/gmm.em" in tree
     # the two profiler views agree: a label's key_averages total = the sum over its paths
     for name, s in labels.items():
@@ -205,9 +212,61 @@ def test_inference_profile_times_the_class_head_of_both_models(tiny_pair):
             head = profiling.inference_class_head(model, tiny_pair["test"])
         finally:
             model.train()
-        # at inference the class head runs on the last audio prediction (coverage) and the final one only
-        assert head["class_head_ms_per_frame"] > 0 and head["class_head_calls_per_frame"] == 2, name
+        # at inference the class head runs on the last audio prediction (coverage) and the final one
+        # only, in one call
+        assert head["class_head_ms_per_frame"] > 0 and head["class_head_calls_per_frame"] == 1, name
         assert head["infer_ms_per_frame_profiled"] > head["class_head_ms_per_frame"], name
+
+
+# ---------------------------------------------------------------------------------- syncs
+def test_sync_counter_counts_what_would_sync_on_a_gpu():
+    """A function with 8 calls that force a host-device sync on a GPU and as many on host tensors,
+    which force none."""
+    from cpm_d2.benchmark.syncs import count_syncs, host_tensors
+
+    x = torch.tensor([1.0, -2.0, 3.0])  # a device tensor: not created inside, not declared host
+    inputs = [{"audio": torch.ones(2, 3)}]
+
+    def fn():
+        x.sum().item()  # 1
+        x.tolist()  # 2
+        if x[0] > 0:  # 3: bool() of a device tensor
+            pass
+        int(x.argmax())  # 4
+        x[x > 0]  # 5: a boolean mask (data-dependent shape)
+        torch.nonzero(x)  # 6
+        y = x.cpu()  # 7
+        torch.unique(x)  # 8
+        # on the host: free
+        y.numpy(), y.tolist(), bool(y[0] > 0)
+        h = torch.arange(4)  # no device= argument, no device input: a host tensor
+        h.sum().item(), h[h > 1], int(h.max())
+        a = inputs[0]["audio"]
+        bool((a < 0).any()), a.mean().item()
+        x[h[:3] > 0]  # a host mask on a device tensor: the mask's nonzero runs on the host
+        d = h.to(x.device)  # moved: a device tensor from here on
+        d.sum().item()  # 9... but only when it would live on the device:
+        x + 1  # arithmetic never syncs
+
+    res = count_syncs(fn, "cpu", host_tensors(inputs))
+    assert res["total"] == 9, res["sites"]
+    assert res["by_kind"] == {"item": 2, "tolist": 1, "__bool__": 1, "__int__": 1, "bool_mask_indexing": 1,
+                              "nonzero": 1, "cpu": 1, "unique": 1}
+    assert set(res["by_file"]) == {"test_benchmark.py"}
+
+
+def test_step_syncs_of_both_models(tiny_pair):
+    """One training step: the baseline reads back its matching costs and the iteration counter;
+    CPM adds the promptable classes and what the GMM head's observe (and EM) read."""
+    from cpm_d2.benchmark.syncs import step_syncs
+
+    base = step_syncs(tiny_pair["models"]["baseline"].train(), tiny_pair["optims"]["baseline"], tiny_pair["train"])
+    cpm = step_syncs(tiny_pair["models"]["cpm"].train(), tiny_pair["optims"]["cpm"], tiny_pair["train"])
+    assert base["per_step"] == 2 and base["by_file"] == {"cpm_d2/modeling/matcher.py": 1,
+                                                        "cpm_d2/modeling/meta_arch/cpm.py": 1}
+    ours = {f: n for f, n in cpm["by_file"].items() if "class_predictor" not in f}
+    assert ours == {"cpm_d2/modeling/matcher.py": 1, "cpm_d2/modeling/meta_arch/cpm.py": 1,
+                    "cpm_d2/modeling/cpm/prompt_pass.py": 1}  # decoder and CPM losses: none
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -264,12 +323,15 @@ def cli(tmp_path_factory):
 def test_cli_writes_every_section(cli):
     data, stdout = cli
     for key in ("machine", "command", "config", "device", "train", "train_ratio", "inference", "inference_ratio",
-                "breakdown", "em_call", "gmm_share", "data_loading", "memory", "targets", "models"):
+                "breakdown", "syncs", "em_call", "gmm_share", "data_loading", "memory", "targets", "models"):
         assert key in data, key
     assert data["device"] == "cpu" and data["config"] == "configs/synthetic/cpm_r18_tiny.yaml"
     assert "sweep" not in data and "paper_size" not in data  # only with --sweep
-    assert set(data["targets"]) >= {"train_step_ratio", "inference_ratio", "gmm_share_C71_M3_D256",
-                                    "matching_share_100_queries", "loader_2_workers_not_bottleneck"}
+    assert set(data["targets"]) >= {"train_step_ratio", "inference_ratio", "extra_syncs_per_step",
+                                    "gmm_share_C71_M3_D256", "matching_share_100_queries",
+                                    "loader_2_workers_not_bottleneck"}
+    assert data["syncs"]["baseline"]["per_step"] > 0 and data["syncs"]["cpm"]["steps"] == 5
+    assert "host-device syncs per training step" in stdout
     for title in ("## CPM vs baseline", "## Where a CPM training step goes", "## Data loading", "## Targets"):
         assert title in stdout, title
 
@@ -298,7 +360,8 @@ def test_cli_breakdown_covers_one_em_interval(cli):
     assert bd["unprofiled_step_ms"] > 0 and bd["profiler_overhead"] > 0
     em = data["em_call"]
     assert em["em_call_ms"] > 0 and em["update_interval"] == 5
-    assert em["shape"] == {"C+1": 6, "M": 3, "D": 64, "S": 64}
+    gmm = cpm_cfg.MODEL.MASK_FORMER.GMM
+    assert em["shape"] == {"C+1": 6, "M": gmm.NUM_COMPONENTS, "D": 64, "S": gmm.MEMORY_SIZE}
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""CPM training (the meta-architecture's prompt pass + CPMLoss, cpm_d2/modeling/cpm/): loss keys of
-every ablation config, fixed VCP assignment and its normaliser, ACP target/loss, LAMBDA x WEIGHT
-scaling, normalisation statistics untouched by the mixture, inference untouched by CPM, empty
-batches, learnable point prompts, a short training run with GMM updates, and a checkpoint round
-trip of the GMM state. Tiny sizes, CPU, one thread."""
+"""CPM training (the prompt pass + CPMLoss, cpm_d2/modeling/cpm/): loss keys of every ablation
+config, fixed VCP assignment and its normaliser, ACP target/loss, LAMBDA x WEIGHT scaling,
+normalisation statistics untouched by the mixture, inference untouched by CPM, empty batches,
+learnable point prompts, a short training run with GMM updates, and a checkpoint round trip of
+the GMM state. The fused pass against separate decodes: tests/test_prompt_pass.py. Tiny sizes,
+CPU, one thread."""
 from pathlib import Path
 
 import numpy as np
@@ -117,18 +118,23 @@ def _fixed_prompts(model, table):
 
 
 def _pieces(model, batch):
-    """What the class-agnostic pass hands the prompt pass: magnitudes, visual and audio encodings,
-    targets and l_agn's mask normaliser."""
+    """The class-agnostic pieces of a batch: visual and clean audio encodings, targets and l_agn's
+    mask normaliser."""
     images = model.preprocess_image(batch)
     mags = model.preprocess_audio(batch)
     targets = model.prepare_targets(batch, images)
     num_masks = model.criterion.num_masks(targets, mags.device)
-    return mags, model.encode_visual(images.tensor), model.encode_audio(model.log_spectrogram(mags)), targets, num_masks
+    return model.encode_visual(images.tensor), model.encode_audio(model.log_spectrogram(mags)), targets, num_masks
 
 
-def _prompt_losses(model, batch, pieces):
-    mags, visual, audio, targets, num_masks = pieces
-    return model.prompt_losses(batch, mags, visual, audio, targets, num_masks)
+def _prompt_losses(model, batch):
+    """The CPM losses of one training forward, the class head's state left as it is (no observe,
+    no EM), so that repeated calls prompt and classify with the same head."""
+    model.observe_assignments = lambda *args, **kwargs: None
+    try:
+        return _cpm_part(model(batch))
+    finally:
+        del model.observe_assignments
 
 
 def _cpm_part(losses):
@@ -218,18 +224,17 @@ def test_vcp_assignment_is_fixed_by_prompt_class(monkeypatch):
              _frame(_sem(boxes=[(4, (10, 40, 20, 60))]), 2)]
     table = torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        pieces = _pieces(model, batch)
-    mags, visual, audio, targets, num_masks = pieces
+        visual, audio, targets, num_masks = _pieces(model, batch)
     assert num_masks == 6  # l_agn's normaliser: 4 masks in image 0, 2 in image 1 (backgrounds included)
 
     def vcp(order, relabel=None):
         """Prompts of image 0 in ``order``; prompt vectors table[relabel[label]] (default: own class)."""
         labels = [torch.tensor(order), torch.tensor([4])]
-        monkeypatch.setattr(model, "prompt_labels", lambda t: [x.clone() for x in labels])
+        monkeypatch.setattr(model.prompt_pass, "prompt_labels", lambda *a: [x.clone() for x in labels])
         mapping = torch.tensor(relabel or [0, 1, 2, 3, 4, 5])
         model.class_predictor.sample = lambda lab, generator=None: table[mapping[lab.long().cpu()]].clone()
         with torch.no_grad():
-            out = _prompt_losses(model, batch, pieces)
+            out = _prompt_losses(model, batch)
         assert set(out) == VCP_KEYS
         return out
 
@@ -279,13 +284,12 @@ def test_cpm_terms_scale_with_lambda_and_part_weights(monkeypatch):
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (34, 62, 40, 78))]), 4),
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 5)]
     with torch.no_grad():
-        pieces = _pieces(model, batch)
         torch.manual_seed(0)
-        unit = _prompt_losses(model, batch, pieces)
+        unit = _prompt_losses(model, batch)
         p = model.cpm_loss
         p.loss_lambda, p.acp_weight, p.vcp_weight, p.pcl_weight, p.vcp_class_weight = 2.0, 0.5, 3.0, 0.25, 0.5
         torch.manual_seed(0)
-        scaled = _prompt_losses(model, batch, pieces)
+        scaled = _prompt_losses(model, batch)
     # VCP.CLASS_WEIGHT scales only VCP's CE terms (final and per layer)
     factor = {"loss_acp": 1.0, "loss_pcl": 0.5, **{k: 3.0 if k.startswith("loss_vcp_ce") else 6.0 for k in VCP_KEYS}}
     assert set(scaled) == set(factor)
@@ -301,29 +305,32 @@ def _bn_buffers(module):
 
 
 def test_acp_mixture_leaves_normalisation_statistics_untouched():
-    """Audio BatchNorm (as the paper configs): the noise-mixed pass must not move the running
-    statistics that test time uses on clean audio; the class-agnostic pass does move them."""
+    """Audio BatchNorm (as the paper configs): the noise-mixed half of the audio branch's pass must
+    not move the running statistics that test time uses on clean audio; the clean half does move
+    them, exactly as the baseline's pass does."""
     model = _build(_cpm_cfg(**{"MODEL.AUDIO.NORM": "BN"}))
     model.train()
     batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 61), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 62)]
+    loud = [dict(x, noise_audio=50 * x["noise_audio"]) for x in batch]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     before = _bn_buffers(model)
     assert len(before) > 20  # the audio backbone's BN layers
     with torch.no_grad():
-        pieces = _pieces(model, batch)  # the clean class-agnostic encoding: statistics move
-    after_clean = _bn_buffers(model)
-    assert any(not torch.equal(before[n], after_clean[n]) for n in before)
-    with torch.no_grad():
-        losses = _prompt_losses(model, batch, pieces)  # re-encodes a_i + a_j in train mode
+        losses = _prompt_losses(model, batch)
     assert "loss_acp" in losses
-    after_prompt = _bn_buffers(model)
-    for n in before:
-        assert torch.equal(after_clean[n], after_prompt[n]), n
+    after_quiet = _bn_buffers(model)
+    assert any(not torch.equal(before[n], after_quiet[n]) for n in before)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        _prompt_losses(model, loud)  # another mixture, the same clean half
+    for n, b in _bn_buffers(model).items():
+        assert torch.equal(after_quiet[n], b), n
 
-    # a whole training step (both passes, then backward): the statistics move exactly as the clean
-    # pass alone moves them, and the backward through both passes runs
+    # a whole training step (then backward): the statistics move exactly as the clean pass alone
+    # moves them, and the backward through both halves runs
     reference = _build(_cpm_cfg(**{"MODEL.AUDIO.NORM": "BN", "MODEL.CPM.ENABLED": "False"}))
+    model.load_state_dict(state)
     reference.load_state_dict(model.state_dict(), strict=False)
-    model.load_state_dict(reference.state_dict(), strict=False)
     reference.train()
     start = _bn_buffers(model)
     sum(model(batch).values()).backward()
@@ -332,23 +339,6 @@ def test_acp_mixture_leaves_normalisation_statistics_untouched():
     assert any(not torch.equal(start[n], after_step[n]) for n in start)
     for n in expected:
         assert torch.allclose(after_step[n].float(), expected[n].float(), atol=1e-6), n
-
-
-def test_frozen_norm_statistics_restores_any_running_statistic():
-    from cpm_d2.modeling.cpm import frozen_norm_statistics
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(3))
-    net.train()
-    ref = _bn_buffers(net)
-    x = torch.randn(2, 1, 5, 5)
-    originals = {n: b for n, b in net.named_buffers()}
-    with frozen_norm_statistics(net):
-        y = net[1](net[0](x))  # train mode: batch statistics, running ones updated then restored
-    assert all(torch.equal(ref[n], b) for n, b in _bn_buffers(net).items())
-    assert all(b is originals[n] for n, b in net.named_buffers())  # the same tensors, never written
-    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)  # normalised with the batch's statistics
-    net[1](net[0](x))
-    assert not torch.equal(ref["1.running_mean"], net[1].running_mean)  # outside the block they move
 
 
 # ------------------------------------------------------------------------------------------ (d) inference
@@ -370,7 +360,8 @@ def test_inference_is_the_class_agnostic_path():
     def forbidden(*args, **kwargs):
         raise AssertionError("CPM prompting ran at inference")
 
-    cpm.prompt_losses = forbidden
+    cpm.prompt_pass.forward = forbidden
+    cpm.decode_groups = forbidden
     cpm.eval()
     base.eval()
     items = [_frame(_sem(48, 64), 8), _frame(_sem(40, 56, boxes=[(3, (5, 20, 5, 30))]), 9, noise=None)]
@@ -418,7 +409,7 @@ def test_acp_target_and_loss_are_wired(monkeypatch):
     seen = {}
     real_target = cpm_loss_module.acp_ratio_target
 
-    def spy(clean, noise, size):
+    def spy(clean, noise, size, **kwargs):
         seen["target"] = real_target(clean, noise, size)
         return seen["target"]
 
@@ -466,9 +457,8 @@ def test_noise_falls_back_to_the_batchs_other_audio():
              _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 32, noise=None)]
     with_noise = [dict(batch[0], noise_audio=batch[1]["audio"]), dict(batch[1], noise_audio=batch[0]["audio"])]
     with torch.no_grad():
-        pieces = _pieces(model, batch)
-        rolled = _prompt_losses(model, batch, pieces)["loss_acp"]
-        explicit = _prompt_losses(model, with_noise, pieces)["loss_acp"]
+        rolled = _prompt_losses(model, batch)["loss_acp"]
+        explicit = _prompt_losses(model, with_noise)["loss_acp"]
     assert rolled.item() == pytest.approx(explicit.item(), rel=1e-6)
     with pytest.raises(ValueError, match=r"frame_31\.jpg.*noise_audio"):
         model(batch[:1])
@@ -483,16 +473,15 @@ def test_vcp_audio_selects_the_audio_the_vcp_prompts_hear(monkeypatch, vcp_audio
     monkeypatch.setattr(criterion_module, "get_uncertain_point_coords_with_randomness", _grid_points)
     model = _build(_cpm_cfg(**{"MODEL.CPM.PCL.ENABLED": "False", "MODEL.CPM.VCP.AUDIO": vcp_audio}))
     model.train()
-    assert model.cpm_loss.separate_vcp_decode == (vcp_audio == "clean")
+    assert model.prompt_pass.vcp_group == (vcp_audio == "clean")
     _fixed_prompts(model, torch.randn(6, model.transformer_decoder.hidden_dim, generator=torch.Generator().manual_seed(3)))
     sem = _sem(boxes=[(1, (2, 30, 2, 36)), (3, (10, 50, 44, 78))])
     quiet, loud = [_frame(sem, 41, noise="zero")], [_frame(sem, 41, noise="random")]
     loud[0]["noise_audio"] = loud[0]["noise_audio"] * 50  # a mixture the noise dominates
     with torch.no_grad():
-        pieces = _pieces(model, quiet)
-        with_quiet, with_loud = _prompt_losses(model, quiet, pieces), _prompt_losses(model, loud, pieces)
-        model.cpm_loss.acp_enabled = False  # VCP on the clean encoding, one decode
-        acp_off = _prompt_losses(model, loud, pieces)
+        with_quiet, with_loud = _prompt_losses(model, quiet), _prompt_losses(model, loud)
+        model.cpm_loss.acp_enabled = model.prompt_pass.acp = False  # the prompts hear the clean audio only
+        acp_off = _prompt_losses(model, loud)
     assert abs(with_loud["loss_acp"].item() - with_quiet["loss_acp"].item()) > 1e-4
     moved = max(abs(with_loud[k].item() - with_quiet[k].item()) for k in VCP_KEYS)
     if vcp_audio == "clean":
@@ -562,9 +551,11 @@ def test_short_cpm_training_run_lowers_the_loss_and_updates_the_gmm():
     assert not torch.allclose(gmm.covariances, cov0)
     assert int(model._iter) == 30
     # entries are stamped with their iteration: every image has background (class 0), and with
-    # OBSERVE_LAYERS "all" each of the 4 predictions adds it: 16 per step; its 64 slots hold
-    # iterations 26..29 -> at 30 the ages are 1..4 (16 each), mean 2.5
-    assert gmm.bank_age(30)[0].item() == pytest.approx(2.5)
+    # OBSERVE_LAYERS "all" each of the 4 predictions adds it: 16 per step; its MEMORY_SIZE slots
+    # hold the last MEMORY_SIZE / 16 iterations -> at 30 the ages are 1..n (16 each), mean (n + 1) / 2
+    n = gmm.memory_size // 16
+    assert n >= 2
+    assert gmm.bank_age(30)[0].item() == pytest.approx((n + 1) / 2)
 
 
 @pytest.mark.parametrize("head", ["GMMClassPredictor", "LinearClassPredictor"])
@@ -573,10 +564,10 @@ def test_classes_are_prompted_only_once_their_mixture_is_fitted(head):
     prompted: the prompt pass leaves it out, and its losses are those of an image without prompts."""
     model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": head, "MODEL.CPM.LINEAR_HEAD_PROMPTS": "gmm"}),
                    prompts_ready=False)
-    targets = [{"labels": torch.tensor([0, 1, 2])}, {"labels": torch.tensor([0, 2])}]
-    assert [t.tolist() for t in model.prompt_labels(targets)] == [[], []]
+    pp, labels = model.prompt_pass, [torch.tensor([0, 1, 2]), torch.tensor([0, 2])]
+    assert [t.tolist() for t in pp.prompt_labels(labels, pp.promptable(model.class_predictor))] == [[], []]
     model.class_predictor.mixtures.initialized[2] = True
-    assert [t.tolist() for t in model.prompt_labels(targets)] == [[2], [2]]
+    assert [t.tolist() for t in pp.prompt_labels(labels, pp.promptable(model.class_predictor))] == [[2], [2]]
     model.train()
     losses = model([_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 93), _frame(_sem(boxes=[(3, (10, 40, 20, 60))]), 94)])
     assert all(v.item() == 0 for v in _cpm_part(losses).values())  # classes 1 and 3 are not fitted

@@ -395,15 +395,20 @@ def test_cpm_prompt_pass_uses_the_stereo_cues_of_the_mixture():
         sem[10:30, 10 + 40 * i:30 + 40 * i] = i + 1
         x.update(sem_seg=sem, instances=instances_from_sem_seg(sem), noise_audio=torch.rand(2, 97, 64))
     seen = []
-    decode = model.decode
-    model.decode = lambda visual, audio, **kw: seen.append(audio) or decode(visual, audio, **kw)
+    decode_groups = model.decode_groups
+    model.decode_groups = lambda visual, audios, groups: seen.append((audios, groups)) or decode_groups(
+        visual, audios, groups)
     losses = model(batch)
     assert {"loss_acp", "loss_pcl"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-    # class-agnostic pass; prompts on the clean audio (VCP.AUDIO "clean", the configs'); prompts on the mixture
-    assert cfg.MODEL.CPM.VCP.AUDIO == "clean" and len(seen) == 3
-    assert seen[1] is seen[0]
-    mixed = stereo_cues(torch.stack([x["audio"] + x["noise_audio"] for x in batch]), seen[2]["stereo_x"].shape[-2:])
-    torch.testing.assert_close(seen[2]["stereo_x"], mixed["stereo_x"])
-    assert torch.equal(seen[0]["stereo_frame"], seen[2]["stereo_frame"])
+    # one decoder pass: the class-agnostic queries and VCP's prompts hear the clean audio (VCP.AUDIO
+    # "clean", the configs'), ACP's prompts the mixture
+    assert cfg.MODEL.CPM.VCP.AUDIO == "clean" and len(seen) == 1
+    (clean, mixture), groups = seen[0]
+    assert [g.audio for g in groups] == [0, 0, 1]
+    torch.testing.assert_close(clean["stereo_x"], stereo_cues(torch.stack([x["audio"] for x in batch]),
+                                                              clean["stereo_x"].shape[-2:])["stereo_x"])
+    mixed = stereo_cues(torch.stack([x["audio"] + x["noise_audio"] for x in batch]), mixture["stereo_x"].shape[-2:])
+    torch.testing.assert_close(mixture["stereo_x"], mixed["stereo_x"])
+    assert torch.equal(clean["stereo_frame"], mixture["stereo_frame"])
     sum(losses.values()).backward()
     assert model.transformer_decoder.stereo_position.gain_weight.grad.abs().sum() > 0

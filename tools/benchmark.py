@@ -9,9 +9,10 @@ Baseline = the config with MODEL.CPM.ENABLED False + LinearClassPredictor; CPM =
 True + GMMClassPredictor; same weights except the class head, same batches. Measured: training
 step and inference per frame (interleaved A B A B, order rotating; medians over --repeats, ratio
 = median of the per-repeat ratios), where a CPM step goes (torch.profiler over the model's
-record_function labels; a label that records no call is an error), the class head's cost, one
-GMM EM call, data loading with 0 and 2 workers, peak memory of each model in a fresh process;
-with --sweep also queries / classes / image-size sweeps and the paper-size (R50) point.
+record_function labels; a label that records no call is an error), host-device syncs per
+training step of each model, the class head's cost, one GMM EM call, data loading with 0 and 2
+workers, peak memory of each model in a fresh process; with --sweep also the paper-size (R50)
+point and queries / classes / image-size sweeps.
 CPU runs use ONE intra-op thread by default (--threads): on a small shared machine a competing
 thread pool makes step times swing tenfold. Prints markdown tables; --output writes the JSON.
 The code is the package cpm_d2/benchmark/; docs/benchmark.md explains the numbers.

@@ -1,11 +1,12 @@
 """Where a step goes, read from the ``torch.profiler.record_function`` labels in the model.
 
 The model names its pieces (``grep -rn record_function cpm_d2/``): ``cpm.encode_visual``,
-``cpm.encode_audio``, ``cpm.decode``, ``cpm.class_agnostic_losses``, ``cpm.matcher``,
-``cpm.observe_assignments``, ``cpm.prompt_pass`` (CPM; inside it ``cpm.acp_mixture``, the second
-audio encoding of the noise-mixed spectrogram, ``cpm.acp_loss``, ``cpm.vcp_loss``,
-``cpm.pcl_loss``), ``cpm.class_head`` (every class-head call), ``gmm.observe``, ``gmm.em``,
-``gmm.sample`` and ``cpm.inference``; the benchmark's steps add ``bench.step``,
+``cpm.encode_audio``, ``cpm.decode``, ``cpm.class_agnostic_losses``, ``cpm.matcher`` (one call
+matches every prediction), ``cpm.observe_assignments``, ``cpm.prompt_pass`` (CPM: in place of the
+baseline's audio encoding and decode; inside it ``cpm.prompt_labels`` with ``gmm.sample``, the
+audio encoding of [a_i; a_i + a_j] and the one decoder pass over queries and prompts),
+``cpm.prompt_losses`` (``cpm.acp_loss``, ``cpm.vcp_loss``, ``cpm.pcl_loss``), ``cpm.class_head``
+(every class-head call), ``gmm.observe``, ``gmm.em`` and ``cpm.inference``; the benchmark's steps add ``bench.step``,
 ``bench.forward``, ``bench.backward``, ``bench.optimizer`` and ``bench.infer``
 (:mod:`.models`). Nothing in the model is patched.
 
@@ -17,7 +18,7 @@ stays bounded however many steps are profiled. Two views are kept:
   the label not spent in any recorded op: Python overhead), CUDA time of the kernels launched
   under it;
 * per label *path* (the chain of enclosing labels, e.g.
-  ``bench.step/bench.forward/cpm.prompt_pass/cpm.acp_mixture/cpm.encode_audio``), from the
+  ``bench.step/bench.forward/cpm.prompt_pass/cpm.encode_audio``), from the
   profiler's event tree: calls, inclusive time and time exclusive of nested labels. The
   exclusive times of all paths partition the root label's time, which is what the breakdown
   table shows.
@@ -166,9 +167,9 @@ def expected_train_labels(cfg, em_calls=0):
     c = cfg.MODEL.CPM
     gmm = cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR == "GMMClassPredictor"
     if c.ENABLED:
-        labels.append("cpm.prompt_pass")
+        labels += ["cpm.prompt_pass", "cpm.prompt_labels", "cpm.prompt_losses"]
         if c.ACP.ENABLED:
-            labels += ["cpm.acp_mixture", "cpm.acp_loss"]
+            labels.append("cpm.acp_loss")
         if c.VCP.ENABLED:
             labels.append("cpm.vcp_loss")
         if c.PCL.ENABLED:
@@ -259,7 +260,8 @@ def summarise(prof, steps, em_calls=0):
         "gmm_observe_share": share("gmm.observe"),
         "gmm_em_plus_sample_share": share("gmm.em") + share("gmm.sample"),
         "prompting_forward_share": share("cpm.prompt_pass"),
-        "acp_mixture_share": share("cpm.acp_mixture"),
+        "prompt_labels_share": share("cpm.prompt_labels"),
+        "prompt_losses_share": share("cpm.prompt_losses"),
         "class_head_forward_share": share("cpm.class_head"),
     }
 

@@ -1,13 +1,14 @@
 """One benchmark run: what is measured, in which order (``tools/benchmark.py`` is its CLI).
 
 1. baseline vs CPM training step and inference per frame, interleaved (:mod:`.timing`);
-2. where a CPM training step goes, from the model's profiler labels (:mod:`.profiling`), and the
-   class head's cost at inference in both models;
+2. where a CPM training step goes, from the model's profiler labels (:mod:`.profiling`), the
+   host-device synchronisations of a training step of each model (:mod:`.syncs`), and the class
+   head's cost at inference in both models;
 3. one GMM EM call and one prompt draw in isolation (:mod:`.gmm`);
 4. data loading with 0 / 2 workers (:mod:`.loader`);
 5. peak memory of each model in a fresh process (:mod:`.memory`);
-6. with ``--sweep``: the paper-size (R50) point, then the same over queries / classes / image
-   size on the narrow model, and a standalone GMM at C = 2, 23, 71;
+6. with ``--sweep``: the paper-size (R50) point (timing, syncs, peak memory), then the same over
+   queries / classes / image size on the narrow model, and a standalone GMM at C = 2, 23, 71;
 then the targets and the report (:mod:`.report`).
 """
 import argparse
@@ -22,6 +23,7 @@ from .loader import loader_throughput, train_with_loader
 from .memory import memory_probes
 from .models import build_pair, infer_step, load_cfg, pair_cfgs, sync_fn, train_step
 from .profiling import breakdown, inference_class_head
+from .syncs import step_syncs
 from .timing import interleaved
 
 __all__ = ["compare", "sweep", "paper_size", "run"]
@@ -51,6 +53,9 @@ def compare(base_cfg, cpm_cfg, train_batches, test_batches, settings, device, br
     bd["unprofiled_step_ms"] = unprofiled_ms
     bd["profiler_overhead"] = bd["step_ms"] / unprofiled_ms
     out["breakdown"] = bd
+    # one EM interval of steps (as the breakdown), so the GMM's EM syncs are counted at their rate
+    out["syncs"] = {name: step_syncs(models[name], optims[name], train_batches, breakdown_steps, device)
+                    for name in ("baseline", "cpm")}
     em = em_call_cost(models["cpm"].class_predictor, device)
     out["em_call"] = em
     if em is not None:
@@ -154,7 +159,8 @@ def sweep(cfg, args, device):
 
 
 def paper_size(args, device):
-    """GMM (C = 71, M = 3, D = 256, S = 512) and matching shares of a training step of the
+    """Training-step and inference ratios, host-device syncs, peak memory (unless --no-memory) and
+    the GMM (C = 71, M = 3, D = 256, S = 512) and matching shares of a training step of the
     paper-size model: ``--r50-config`` (default configs/avss_r50_224.yaml: R50 + deformable pixel
     decoder, 224x224, random init) on synthesised batches of ``--r50-batch`` frames."""
     cfg = load_cfg(args.r50_config)
@@ -170,6 +176,9 @@ def paper_size(args, device):
     res = compare(base_cfg, cpm_cfg, train_b, test_b, sub, device, breakdown_steps=args.r50_iters)
     del res["_models"], res["_optims"]
     bd, em = res["breakdown"], res["em_call"]
+    mem = None
+    if not args.no_memory:
+        mem = memory_probes(cfg, device, size=size, steps=1, seed=args.seed, threads=torch.get_num_threads())
     return {
         "config": report.relpath(args.r50_config),
         "batch_size": args.r50_batch, "image_size": f"{size[0]}x{size[1]}",
@@ -177,6 +186,10 @@ def paper_size(args, device):
         "gmm": em["shape"], "update_interval": em["update_interval"],
         "train_baseline_s": res["train"]["baseline"]["median_s"],
         "train_cpm_s": res["train"]["cpm"]["median_s"], "train_ratio": res["train_ratio"],
+        "train_ratio_per_repeat": res["train_ratio_per_repeat"],
+        "inference_ratio": res["inference_ratio"],
+        "syncs_per_step": {name: res["syncs"][name]["per_step"] for name in ("baseline", "cpm")},
+        "memory": mem,
         "em_call_ms": em["em_call_ms"],
         "gmm_sample_ms_per_step": bd["gmm_sample_share"] * bd["step_ms"],
         "gmm_observe_share": bd["gmm_observe_share"],

@@ -5,7 +5,8 @@ The mask costs are averaged over P points sampled uniformly at random per image 
 for every query and target of that image, Mask2Former's way of bounding memory). mask_cost is
 the per-point sigmoid cross-entropy ("bce") or sigmoid focal loss ("focal").
 All cost matrices of a batch are built in one batched pass (targets padded to K_max), moved to
-the CPU once, and solved per image with scipy's linear_sum_assignment.
+the CPU once (``match_all``: once for every prediction of a decoder pass), and solved per image
+with scipy's linear_sum_assignment.
 """
 from typing import Dict, List, Tuple
 
@@ -129,27 +130,39 @@ class HungarianMatcher(nn.Module):
             cost = cost.masked_fill(pad_q.to(device=device, dtype=torch.bool)[:, :, None], float("inf"))
         return cost
 
+    def forward(self, outputs: Dict, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return self.match_all([outputs], targets)[0]
+
     @torch.no_grad()
     @record_function("cpm.matcher")
-    def forward(self, outputs: Dict, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        if len(targets) != outputs["pred_logits"].shape[0]:
-            raise ValueError(f"matcher.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
-        cost = self.cost_matrices(outputs, targets).cpu()
-        pad_q = outputs.get("query_padding_mask")
-        indices = []
-        for i, t in enumerate(targets):
-            k = len(t["labels"])
-            c = cost[i, :, :k]
-            rows = torch.arange(c.shape[0])
-            if pad_q is not None:
-                rows = rows[~pad_q[i].cpu().to(torch.bool)]
-                c = c[rows]
-            if k == 0 or c.shape[0] == 0:
-                indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
-                continue
-            r, col = linear_sum_assignment(c.numpy())
-            indices.append((rows[torch.as_tensor(r, dtype=torch.int64)], torch.as_tensor(col, dtype=torch.int64)))
-        return indices
+    def match_all(self, predictions: List[Dict], targets: List[Dict]) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """``forward`` for several predictions of one batch (a decoder's layers): their cost matrices
+        are copied to the host in one go (one device->host sync for all of them)."""
+        for outputs in predictions:
+            if len(targets) != outputs["pred_logits"].shape[0]:
+                raise ValueError(f"matcher.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+        costs = torch.stack([self.cost_matrices(o, targets) for o in predictions]).cpu().numpy()  # (L, B, Q, K_max)
+        pads = [o.get("query_padding_mask") for o in predictions]
+        if any(p is not None for p in pads):
+            host = torch.stack([torch.zeros(o["pred_logits"].shape[:2], dtype=torch.bool, device=o["pred_logits"].device)
+                                if p is None else p.to(torch.bool) for o, p in zip(predictions, pads)]).cpu()
+        out = []
+        for layer, (cost, pad_q) in enumerate(zip(costs, pads)):
+            indices = []
+            for i, t in enumerate(targets):
+                k = len(t["labels"])
+                c = cost[i, :, :k]
+                rows = torch.arange(c.shape[0])
+                if pad_q is not None:
+                    rows = rows[~host[layer, i]]
+                    c = c[rows.numpy()]
+                if k == 0 or c.shape[0] == 0:
+                    indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
+                    continue
+                r, col = linear_sum_assignment(c)
+                indices.append((rows[torch.as_tensor(r, dtype=torch.int64)], torch.as_tensor(col, dtype=torch.int64)))
+            out.append(indices)
+        return out
 
     def __repr__(self):
         return (f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask} ({self.mask_cost}), "

@@ -1,35 +1,53 @@
-"""Run a forward pass without touching normalisation statistics."""
+"""Split-batch BatchNorm: one forward pass over [clean; other] that normalises as two passes would."""
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-__all__ = ["frozen_norm_statistics"]
+from detectron2.layers import NaiveSyncBatchNorm
+from detectron2.utils import comm
 
-_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+__all__ = ["split_batch_norm"]
 
 
 @contextmanager
-def frozen_norm_statistics(*modules: torch.nn.Module):
-    """Inside the block, forward passes of ``modules`` may use batch statistics (train mode), but
-    every running statistic (BatchNorm/SyncBatchNorm ``running_mean``, ``running_var``,
-    ``num_batches_tracked``, whatever updates them) is left as it was.
+def split_batch_norm(*modules: nn.Module, clean: int):
+    """Inside the block, a forward pass of ``modules`` over a batch whose first ``clean`` items are
+    the clean input and the rest another input (CPM's noise mixtures) normalises every BatchNorm
+    layer in train mode twice, each part by its own batch statistics, and only the clean part
+    updates the running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``):
+    the computation of a pass over the clean part followed by a pass over the rest with the
+    statistics left alone. Test time only ever sees clean audio, so the mixtures must not move them.
 
-    CPM's ACP encodes the noise-mixed spectrogram with the audio backbone in train mode; test
-    time only ever sees clean audio, so the mixture must not move the statistics it uses.
-
-    The buffers are swapped for copies during the block and the original tensors put back after
-    it, never written in place: an earlier forward pass may have saved them for its backward.
+    Layers in eval mode or without running statistics see the whole batch (GroupNorm, LayerNorm,
+    FrozenBatchNorm are per-sample and need nothing). Running statistics are updated in place by
+    the clean part only, never restored, so nothing saved for backward is overwritten.
     """
-    swapped = []
+    patched = []
     for module in modules:
         for sub in module.modules():
-            for name in _STAT_BUFFERS:
-                buf = sub._buffers.get(name)
-                if buf is not None:
-                    swapped.append((sub, name, buf))
-                    sub._buffers[name] = buf.detach().clone()
+            if not (isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats):
+                continue
+            if isinstance(sub, NaiveSyncBatchNorm) and comm.get_world_size() > 1:
+                raise ValueError("MODEL.AUDIO.NORM / MODEL.SEM_SEG_HEAD.NORM 'naiveSyncBN' cannot keep CPM's noise "
+                                 "mixtures out of its running statistics under DDP; use 'SyncBN' or 'BN'")
+            patched.append(sub)
+            sub.forward = _split_forward(sub, sub.forward, clean)
     try:
         yield
     finally:
-        for sub, name, buf in swapped:
-            sub._buffers[name] = buf
+        for sub in patched:
+            del sub.forward  # the class's forward again
+
+
+def _split_forward(layer: nn.Module, forward, clean: int):
+    def split(x: torch.Tensor) -> torch.Tensor:
+        head = forward(x[:clean])
+        layer.track_running_stats = False  # batch statistics, no running-statistic update
+        try:
+            tail = forward(x[clean:])
+        finally:
+            layer.track_running_stats = True
+        return torch.cat([head, tail])
+
+    return split

@@ -1,8 +1,8 @@
 """``CPMLoss``: the class-conditional prompting objectives of CPM (paper §3.2, eqs. 5-9).
 
-The meta-architecture runs the prompt pass (sample prompts z^k for each image's ground-truth
-classes, re-encode the noise-mixed audio for ACP, decode with the prompts as queries) and hands
-the resulting tensors here; this module only computes the losses:
+The prompt pass (``prompt_pass.py``: prompts z^k for each image's ground-truth classes, decoded
+beside the class-agnostic queries, ACP's on the noise-mixed audio) hands its outputs here as a
+``PromptBatch``; this module only computes the losses, without reading anything back to the host:
 
     ACP (eq. 5)    MSE(sigma(sum_k m^a_k), a_i / (a_i + a_j)) on the audio-mask grid T' x F'
     VCP (eq. 6)    the class-agnostic criterion with the fixed assignment prompt k <-> target of
@@ -32,8 +32,10 @@ Decisions where the paper is silent:
   weighs.
 * Images without sounding classes have no prompts and contribute nothing; every loss still
   exists (a zero attached to the graph), so the set of keys never changes (DDP-safe).
+* Inputs are checked where they enter the model (non-negative magnitudes, label ranges), once
+  per batch on the host, so nothing here synchronises with the device.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -42,7 +44,8 @@ from torch.profiler import record_function
 from detectron2.config import configurable
 
 from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
-from .losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, sample_pixels, vcp_indices
+from .losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, sample_pixel_slots
+from .prompt_pass import PromptBatch
 
 __all__ = ["CPMLoss"]
 
@@ -59,8 +62,8 @@ def _projection(in_dim: int, out_dim: int) -> nn.Module:
 
 
 class CPMLoss(nn.Module):
-    """forward(outputs, prompt_labels, valid, targets, num_masks, pixel_features, audio_features,
-    clean_audio=None, noise_audio=None) -> Dict[str, Tensor] (see the module docstring)."""
+    """forward(prompts: PromptBatch, targets, num_masks, pixel_features) -> Dict[str, Tensor]
+    (see the module docstring)."""
 
     @configurable
     def __init__(
@@ -68,6 +71,7 @@ class CPMLoss(nn.Module):
         *,
         criterion: SetCriterion,
         weight_dict: Dict[str, float],
+        num_classes: int,
         loss_lambda: float = 1.0,
         acp_enabled: bool = True,
         acp_weight: float = 1.0,
@@ -89,9 +93,10 @@ class CPMLoss(nn.Module):
         Args:
             criterion: a SetCriterion (VCP reuses it with fixed assignments; it holds no parameters).
             weight_dict: the class-agnostic loss weights ("loss_ce", ..., "loss_dice_<i>").
+            num_classes: C; the label maps hold classes in [0, C) besides ``ignore_value``.
             loss_lambda: lambda of l = l_agn + lambda * l_CPM.
             vcp_audio: "mixture" or "clean", the audio VCP's prompts are decoded with when ACP is on
-                (the meta-architecture decodes; here it only selects ``separate_vcp_decode``).
+                (the prompt pass decodes; here it is only reported).
             acp_* / vcp_* / pcl_*: the parts' switches and weights; PCL's tau, pixels per image and
                 negative set ("image" or "batch").
             pixel_dim / audio_dim: channels of u~_v (MASK_DIM) and u_a (AUDIO.PIXEL_DECODER_DIM).
@@ -113,6 +118,7 @@ class CPMLoss(nn.Module):
             raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
         self.criterion = criterion
         self.weight_dict = dict(weight_dict)
+        self.num_classes = int(num_classes)
         self.loss_lambda = float(loss_lambda)
         self.acp_enabled, self.acp_weight = bool(acp_enabled), float(acp_weight)
         self.vcp_enabled, self.vcp_weight = bool(vcp_enabled), float(vcp_weight)
@@ -135,6 +141,7 @@ class CPMLoss(nn.Module):
         return {
             "criterion": build_set_criterion(cfg),
             "weight_dict": loss_weight_dict(cfg),
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "loss_lambda": c.LAMBDA,
             "acp_enabled": c.ACP.ENABLED,
             "acp_weight": c.ACP.WEIGHT,
@@ -160,84 +167,66 @@ class CPMLoss(nn.Module):
         return (f"lambda={self.loss_lambda}, {', '.join(parts)}, vcp_audio={self.vcp_audio}, "
                 f"pcl_negatives={self.pcl_negatives}")
 
-    @property
-    def separate_vcp_decode(self) -> bool:
-        """Whether VCP needs its own prompt decode on the clean audio (ACP's decode is on the mixture)."""
-        return self.acp_enabled and self.vcp_enabled and self.vcp_audio == "clean"
-
-    @property
-    def needs_audio_masks(self) -> bool:
-        """Whether the prompt pass must predict audio masks m^a (ACP and PCL use them)."""
-        return self.acp_enabled or self.pcl_enabled
-
     def _scale(self, weight: float) -> float:
         return self.loss_lambda * weight
 
     # ------------------------------------------------------------------------------ the three parts
     @record_function("cpm.acp_loss")
-    def acp(self, outputs, valid, clean_audio, noise_audio) -> torch.Tensor:
-        """Eq. 5 on the final prediction's audio masks; clean/noise (B, Ca, T, F) linear magnitudes."""
-        audio_masks = outputs["pred_audio_masks"]
-        target = acp_ratio_target(clean_audio, noise_audio, audio_masks.shape[-2:])
-        return acp_loss(audio_masks, valid, target) * self._scale(self.acp_weight)
+    def acp(self, prompts: PromptBatch) -> torch.Tensor:
+        """Eq. 5 on the final prediction's audio masks of the prompts that heard a_p."""
+        audio_masks = prompts.outputs["pred_audio_masks"]
+        # the magnitudes were checked non-negative where they entered the model
+        target = acp_ratio_target(prompts.clean_audio, prompts.noise_audio, audio_masks.shape[-2:], check_sign=False)
+        return acp_loss(audio_masks, prompts.valid, target) * self._scale(self.acp_weight)
 
     @record_function("cpm.vcp_loss")
-    def vcp(self, outputs, targets, prompt_labels, num_masks) -> Dict[str, torch.Tensor]:
+    def vcp(self, prompts: PromptBatch, targets, num_masks) -> Dict[str, torch.Tensor]:
         """Eq. 6: the criterion with prompt k <-> the target of class k (final and aux predictions)."""
-        vcp_targets = []
-        for t, labels in zip(targets, prompt_labels):
-            keep = torch.isin(t["labels"], labels.to(t["labels"].device))
-            vcp_targets.append({"labels": t["labels"][keep], "masks": t["masks"][keep]})
+        outputs = prompts.vcp_outputs
         outputs = dict(outputs, pred_logits=_without_no_object(outputs["pred_logits"]),
                        aux_outputs=[dict(a, pred_logits=_without_no_object(a["pred_logits"]))
                                     for a in outputs.get("aux_outputs", [])])
-        raw = self.criterion(outputs, vcp_targets, indices=vcp_indices(prompt_labels, vcp_targets),
-                             num_masks=num_masks)
+        raw = self.criterion(outputs, targets, indices=prompts.vcp_indices, num_masks=num_masks)
         s = self._scale(self.vcp_weight)
         return {"loss_vcp_" + k[len("loss_"):]: v * self.weight_dict[k] * s * (self.vcp_class_weight if
                 k.startswith("loss_ce") else 1.0) for k, v in raw.items() if k in self.weight_dict}
 
     @record_function("cpm.pcl_loss")
-    def pcl(self, outputs, valid, prompt_labels, targets, pixel_features, audio_features) -> torch.Tensor:
+    def pcl(self, prompts: PromptBatch, targets, pixel_features) -> torch.Tensor:
         """Eqs. 7-9: projected anchors f(k) pooled from u_a vs projected pixels of u~_v."""
         if any("sem_seg" not in t for t in targets):
-            raise ValueError(f"{_WHERE}: PCL needs every training input to carry 'sem_seg' (the pixel labels)")
-        pooled = masked_average_pool(outputs["pred_audio_masks"], audio_features)  # (B, K, D_a)
-        anchors = self.pcl_audio_proj(pooled[valid])  # (A, P_dim)
-        anchor_labels = torch.cat(prompt_labels).to(anchors.device)
-        anchor_images = torch.nonzero(valid)[:, 0].to(anchors.device)  # row-major, as pooled[valid]
+            raise ValueError("PCL (MODEL.CPM.PCL.ENABLED) needs every training input to carry 'sem_seg' (the "
+                             "pixel labels); the mapper adds it")
+        pooled = masked_average_pool(prompts.outputs["pred_audio_masks"], prompts.audio_features)  # (B, K, D_a)
+        anchors = self.pcl_audio_proj(pooled[prompts.image_index, prompts.slot_index])  # (A, P_dim)
         sem_seg = torch.stack([t["sem_seg"] for t in targets])
-        feats, labels, images = sample_pixels(pixel_features, sem_seg, self.pcl_num_pixels,
-                                              ignore_value=self.ignore_value)
+        feats, labels, images, valid = sample_pixel_slots(pixel_features, sem_seg, self.pcl_num_pixels,
+                                                          self.num_classes, ignore_value=self.ignore_value)
         pixels = self.pcl_pixel_proj(feats)
         same = self.pcl_negatives == "image"
-        loss = pcl_loss(anchors, anchor_labels, pixels, labels, temperature=self.pcl_temperature,
-                        anchor_images=anchor_images if same else None, pixel_images=images if same else None)
+        loss = pcl_loss(anchors, prompts.labels, pixels, labels, temperature=self.pcl_temperature,
+                        anchor_images=prompts.image_index if same else None, pixel_images=images if same else None,
+                        pixel_valid=valid)
         return loss * self._scale(self.pcl_weight)
 
-    def forward(self, outputs: Dict, prompt_labels: List[torch.Tensor], valid: torch.Tensor,
-                targets: List[Dict[str, torch.Tensor]], num_masks: float, pixel_features: torch.Tensor,
-                audio_features: torch.Tensor, clean_audio: Optional[torch.Tensor] = None,
-                noise_audio: Optional[torch.Tensor] = None, vcp_outputs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
+    @record_function("cpm.prompt_losses")
+    def forward(self, prompts: PromptBatch, targets: List[Dict[str, torch.Tensor]], num_masks,
+                pixel_features: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
-            outputs: the decoder's outputs for the prompts (with "pred_audio_masks" when ACP/PCL is on).
-            prompt_labels: per image (K_b,) class of each prompt; valid: (B, K_max) bool (False = padding).
+            prompts: the step's prompt pass (``PromptBatch``: the prompts' decoder outputs, labels,
+                validity and indices, the audio features and magnitudes they heard).
             targets: the class-agnostic targets (per image "labels", "masks", "sem_seg").
             num_masks: l_agn's mask normaliser.
-            pixel_features: u~_v (B, MASK_DIM, H/4, W/4); audio_features: u_a (B, D_a, T', F') of the
-                audio the prompts were decoded with.
-            clean_audio / noise_audio: (B, Ca, T, F) linear magnitudes a_i / a_j (ACP).
-            vcp_outputs: the prompts' outputs decoded on the clean audio for VCP (``separate_vcp_decode``);
-                None = ``outputs``.
+            pixel_features: u~_v (B, MASK_DIM, H/4, W/4).
         """
         losses = {}
         if self.acp_enabled:
-            if clean_audio is None or noise_audio is None:
+            if prompts.clean_audio is None or prompts.noise_audio is None:
                 raise ValueError(f"{_WHERE}: ACP needs the clean and noise magnitudes")
-            losses["loss_acp"] = self.acp(outputs, valid, clean_audio, noise_audio)
+            losses["loss_acp"] = self.acp(prompts)
         if self.vcp_enabled:
-            losses.update(self.vcp(outputs if vcp_outputs is None else vcp_outputs, targets, prompt_labels, num_masks))
+            losses.update(self.vcp(prompts, targets, num_masks))
         if self.pcl_enabled:
-            losses["loss_pcl"] = self.pcl(outputs, valid, prompt_labels, targets, pixel_features, audio_features)
+            losses["loss_pcl"] = self.pcl(prompts, targets, pixel_features)
         return losses

@@ -1,7 +1,7 @@
 """Loss functions of the CPM training stage (paper §3.2, eqs. 5-9); pure functions, no model state.
 
 * ACP (eq. 5):  :func:`acp_ratio_target`, :func:`acp_loss`
-* PCL (eqs. 7-9): :func:`masked_average_pool`, :func:`sample_pixels`, :func:`pcl_loss`
+* PCL (eqs. 7-9): :func:`masked_average_pool`, :func:`sample_pixels` (:func:`sample_pixel_slots`), :func:`pcl_loss`
 * VCP (eq. 6) reuses the class-agnostic criterion with fixed assignments: :func:`vcp_indices`
 """
 from collections.abc import Mapping
@@ -16,6 +16,7 @@ __all__ = [
     "masked_average_pool",
     "pcl_loss",
     "sample_pixels",
+    "sample_pixel_slots",
     "vcp_indices",
 ]
 
@@ -34,13 +35,16 @@ def _resize_2d(x: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ ACP
 @torch.no_grad()
-def acp_ratio_target(clean_mag: torch.Tensor, noise_mag: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+def acp_ratio_target(clean_mag: torch.Tensor, noise_mag: torch.Tensor, out_size: Sequence[int],
+                     check_sign: bool = True) -> torch.Tensor:
     """Ratio mask a_i / a_p of eq. 5 on the audio-mask grid.
 
     Args:
         clean_mag: (B, Ca, T, F) or (Ca, T, F) non-negative magnitude a_i of the clip's own audio.
         noise_mag: same shape, magnitude a_j of the off-screen noise; the mixture is a_p = a_i + a_j.
         out_size: (T', F') of the predicted audio masks.
+        check_sign: raise on negative magnitudes (a host-device sync on a GPU); False when the
+            caller has checked them (the model does, where its inputs enter).
     Returns:
         (B, T', F') (or (T', F') for 3-D input) in [0, 1].
 
@@ -57,7 +61,7 @@ def acp_ratio_target(clean_mag: torch.Tensor, noise_mag: torch.Tensor, out_size:
         )
     if len(out_size) != 2:
         raise ValueError(f"{_WHERE}: out_size must be (T', F'), got {out_size!r}")
-    if bool((clean_mag < 0).any()) or bool((noise_mag < 0).any()):
+    if check_sign and (bool((clean_mag < 0).any()) or bool((noise_mag < 0).any())):
         raise ValueError(f"{_WHERE}: acp_ratio_target got negative magnitudes (pass linear magnitudes, not logs)")
     squeeze = clean_mag.dim() == 3
     if squeeze:
@@ -149,7 +153,25 @@ def sample_pixels(
         1 / (pixels of their class in that image) (Gumbel top-k), so every present class gets about
         the same share and small classes (e.g. the anchors' sounding objects) are not missed.
         Only the indices are drawn without gradient; the returned features keep their graph.
+        :func:`sample_pixel_slots` draws the same without data-dependent shapes.
     """
+    feats, labels, images, valid = sample_pixel_slots(pixel_feats, sem_seg, num_pixels, None, generator, ignore_value)
+    return feats[valid], labels[valid], images[valid]
+
+
+def sample_pixel_slots(
+    pixel_feats: torch.Tensor,
+    sem_seg: torch.Tensor,
+    num_pixels: int,
+    num_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    ignore_value: int = 255,
+):
+    """:func:`sample_pixels` with min(num_pixels, H W) slots per image, each valid or not (an image
+    with fewer valid pixels fills the rest with invalid slots): (feats (B k, D), labels (B k,),
+    image_index (B k,), valid (B k,) bool). With ``num_classes`` (labels in [0, num_classes)
+    besides ``ignore_value``, checked by the caller) nothing is read back to the host; None reads
+    the largest label and checks for negative ones (host-device syncs on a GPU)."""
     if pixel_feats.dim() != 4 or sem_seg.dim() != 3 or pixel_feats.shape[0] != sem_seg.shape[0]:
         raise ValueError(
             f"{_WHERE}: sample_pixels expects pixel_feats (B, D, H, W) and sem_seg (B, H', W'), got "
@@ -157,23 +179,24 @@ def sample_pixels(
         )
     B, D, H, W = pixel_feats.shape
     with torch.no_grad():
-        image_index, pixel_index, labels = _sample_pixel_indices(
-            sem_seg, (B, H, W), num_pixels, generator, ignore_value, pixel_feats.device
+        image_index, pixel_index, labels, valid = _sample_pixel_indices(
+            sem_seg, (B, H, W), num_pixels, num_classes, generator, ignore_value, pixel_feats.device
         )
     feats = pixel_feats.flatten(2)[image_index, :, pixel_index]  # (P, D), keeps the graph
-    return feats, labels[image_index, pixel_index], image_index
+    return feats, labels[image_index, pixel_index], image_index, valid
 
 
-def _sample_pixel_indices(sem_seg, shape, num_pixels, generator, ignore_value, dev):
+def _sample_pixel_indices(sem_seg, shape, num_pixels, num_classes, generator, ignore_value, dev):
     B, H, W = shape
     labels = F.interpolate(sem_seg[:, None].float(), size=(H, W), mode="nearest")[:, 0].long().flatten(1)
     labels = labels.to(dev)
     valid = labels != ignore_value
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    if bool((safe < 0).any()):
-        raise ValueError(f"{_WHERE}: sample_pixels got negative labels other than ignore_value={ignore_value}")
-    num_bins = int(safe.max()) + 1 if safe.numel() else 1
-    counts = torch.zeros(B, num_bins, device=dev).scatter_add_(1, safe, valid.float())
+    if num_classes is None:
+        if bool((safe < 0).any()):
+            raise ValueError(f"{_WHERE}: sample_pixels got negative labels other than ignore_value={ignore_value}")
+        num_classes = int(safe.max()) + 1 if safe.numel() else 1
+    counts = torch.zeros(B, num_classes, device=dev).scatter_add_(1, safe, valid.float())
     weight = torch.where(valid, counts.gather(1, safe).clamp_min(1).reciprocal(), torch.zeros_like(counts[:, :1]))
     draw_dev = generator.device if generator is not None else dev
     u = torch.rand(B, H * W, generator=generator, device=draw_dev).to(dev)
@@ -181,12 +204,11 @@ def _sample_pixel_indices(sem_seg, shape, num_pixels, generator, ignore_value, d
     keys = torch.where(valid, weight.log() + gumbel, torch.full_like(gumbel, float("-inf")))
     k = min(int(num_pixels), H * W)
     top, idx = keys.topk(k, dim=1)
-    keep = torch.isfinite(top)
-    image_index = torch.arange(B, device=dev)[:, None].expand(B, k)[keep]
-    return image_index, idx[keep], labels
+    image_index = torch.arange(B, device=dev)[:, None].expand(B, k).flatten()
+    return image_index, idx.flatten(), labels, torch.isfinite(top).flatten()
 
 
-def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperature, normalize, same_image):
+def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperature, normalize, pairs):
     a = anchors.float()
     p = pixel_feats.float()
     if normalize:
@@ -195,8 +217,8 @@ def _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, temperatur
     logits = a @ p.t() / temperature  # (A, P)
     pos = anchor_labels.to(logits.device)[:, None] == pixel_labels.to(logits.device)[None, :]
     neg = ~pos
-    if same_image is not None:  # pairs across images are neither positives nor negatives
-        pos, neg = pos & same_image, neg & same_image
+    if pairs is not None:  # pairs across images / with invalid pixels are neither positives nor negatives
+        pos, neg = pos & pairs, neg & pairs
     very_negative = torch.finfo(logits.dtype).min  # finite, so rows without negatives give no NaN grads
     neg_lse = torch.logsumexp(logits.masked_fill(~neg, very_negative), dim=1, keepdim=True)  # (A, 1)
     has_neg = neg.any(1, keepdim=True)
@@ -220,6 +242,7 @@ def pcl_loss(
     normalize: bool = True,
     anchor_images: Optional[torch.Tensor] = None,
     pixel_images: Optional[torch.Tensor] = None,
+    pixel_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Eq. 9: supervised InfoNCE between audio anchors and visual pixel features.
 
@@ -234,6 +257,7 @@ def pcl_loss(
         anchor_images, pixel_images: optional (A,) / (P,) image index of each anchor / pixel: an
             anchor's positives and negatives are then the pixels of its own image only ("image"
             negatives). Without them every pixel of the batch takes part ("batch" negatives).
+        pixel_valid: optional (P,) bool; invalid pixels take no part (:func:`sample_pixel_slots`).
     Returns:
         scalar: for each anchor f with at least one positive (pixel of the same class),
         mean over its positives p of -log(e^{f.p/tau} / (e^{f.p/tau} + sum_n e^{f.n/tau})) with n
@@ -254,15 +278,20 @@ def pcl_loss(
         raise ValueError(f"{_WHERE}: pcl_loss temperature must be > 0, got {temperature}")
     if (anchor_images is None) != (pixel_images is None):
         raise ValueError(f"{_WHERE}: pcl_loss needs both anchor_images and pixel_images, or neither")
-    same_image = None
+    pairs = None
     if anchor_images is not None:
         if anchor_images.shape != anchor_labels.shape or pixel_images.shape != pixel_labels.shape:
             raise ValueError(f"{_WHERE}: anchor_images / pixel_images must be (A,) / (P,), got "
                              f"{tuple(anchor_images.shape)} and {tuple(pixel_images.shape)}")
-        same_image = anchor_images.to(anchors.device)[:, None] == pixel_images.to(anchors.device)[None, :]
+        pairs = anchor_images.to(anchors.device)[:, None] == pixel_images.to(anchors.device)[None, :]
+    if pixel_valid is not None:
+        if pixel_valid.shape != pixel_labels.shape:
+            raise ValueError(f"{_WHERE}: pixel_valid must be (P,), got {tuple(pixel_valid.shape)}")
+        valid = pixel_valid.to(anchors.device, torch.bool)[None, :]
+        pairs = valid if pairs is None else pairs & valid
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         return _pcl_loss_impl(anchors, anchor_labels, pixel_feats, pixel_labels, float(temperature), normalize,
-                              same_image)
+                              pairs)
 
 
 # ------------------------------------------------------------------------------------------ VCP

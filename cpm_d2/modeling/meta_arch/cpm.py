@@ -5,20 +5,21 @@
     N learnable queries --AudioVisualTransformerDecoder--> per-layer class logits / masks
 
 Training = l_agn (the class-agnostic path of the paper's §3.1: Hungarian matching, CE + focal +
-dice at every prediction) and, with MODEL.CPM.ENABLED, CPM's prompt pass (§3.2), run here:
+dice at every prediction) and, with MODEL.CPM.ENABLED, CPM's prompting losses (§3.2). The prompt
+pass (modeling/cpm/prompt_pass.py) then takes the place of the audio encoding and the decode:
 
-    prompts      z^k = class_predictor.sample(k) for each image's ground-truth classes (GMM: drawn
-                 from the class's mixture; linear head: the learnable "Point Rep." embedding)
-    ACP audio    a_p = a_i + a_j (a_j off-screen noise from the mapper, or the next clip of the batch),
-                 re-encoded with every normalisation statistic left as it was
-    decode       the same visual features, the (mixed) audio, queries = the prompts (with
-                 MODEL.CPM.VCP.AUDIO "clean" a second decode on the clean audio feeds VCP)
-    losses       CPMLoss (ACP, VCP, PCL; modeling/cpm/), from those tensors
+    prompts      z^k = class_predictor.sample(k) for each image's ground-truth classes, drawn from
+                 the class predictor of the last iteration (before this step's observe)
+    ACP audio    a_p = a_i + a_j (a_j off-screen noise from the mapper, or the next clip of the
+                 batch); the audio branch encodes [a_i; a_p] at once (BatchNorm split per half)
+    decode       ONE decoder pass: [N queries on a_i | K prompts on a_i (VCP) | K prompts on a_p
+                 (ACP)], no group seeing another
+    losses       l_agn from the queries' outputs; CPMLoss (ACP, VCP, PCL) from the prompts'
 
-With MODEL.AUDIO.STEREO_POSITION.ENABLED (issue #12, transformer_decoder/stereo_position.py) the
-audio dict also carries the inter-channel level-difference cues of the clean (or, in ACP's pass,
-mixed) magnitudes and where each image's audio frame lies on the padded canvas; the decoder turns
-them into a per-query column prior on the masks.
+With MODEL.AUDIO.STEREO_POSITION.ENABLED (transformer_decoder/stereo_position.py) every audio
+dict also carries the inter-channel level-difference cues of its magnitudes (clean or mixed) and
+where each image's audio frame lies on the padded canvas; the decoder turns them into a
+per-query column prior on the masks.
 
 Inference is the class-agnostic path either way, so CPM costs nothing at test time. With
 MODEL.CPM.ENABLED False the model is the plain audio-visual Mask2Former (the baseline) and the
@@ -32,9 +33,10 @@ Pieces (separate methods, reused by tools and tests):
     audio_features(magnitudes (B, Ca, T, F), stereo_frame=None) -> encode_audio of the log (+ stereo cues)
     stereo_frame(batched_inputs, images) -> (B, 2) where each image's audio frame lies on the canvas
     decode(visual, audio, queries=None, query_pos=None, query_padding_mask=None, audio_masks=False)
+    decode_groups(visual, audios, groups) -> one outputs dict per query group (one decoder pass)
+    target_labels(batched_inputs) -> per image its targets' classes on the host (checked)
     prepare_targets(batched_inputs, images) -> [{"labels", "masks", "sem_seg"}] (padded)
     class_agnostic_losses(outputs, targets) -> (weighted losses, final-layer indices, num_masks)
-    prompt_losses(batched_inputs, magnitudes, visual, audio, targets, num_masks) -> CPM losses
     observe_assignments(outputs, targets, indices) -> class predictor observe/step, last_assignments
     semantic_inference(mask_cls (Q, C+1), mask_pred (Q, H, W)) -> (C, H, W)
 """
@@ -76,7 +78,7 @@ class CPM(nn.Module):
     Training input: list of mapper dicts (image, audio magnitude, instances, sem_seg [, noise_audio]).
     Returns weighted scalar losses "loss_ce", "loss_mask", "loss_dice" and "<name>_<i>" for the
     auxiliary predictions, plus the CPM losses ("loss_acp", "loss_vcp_*", "loss_pcl") when
-    ``cpm_loss`` is set (MODEL.CPM.ENABLED). Inference returns
+    ``cpm_loss`` and ``prompt_pass`` are set (MODEL.CPM.ENABLED). Inference returns
     [{"sem_seg": (C, height, width), "audio_class_probs": (C,)}].
     """
 
@@ -104,6 +106,7 @@ class CPM(nn.Module):
         observe_all_layers: bool = False,
         observe_correct_only: bool = False,
         cpm_loss: Optional[nn.Module] = None,
+        prompt_pass: Optional[nn.Module] = None,
         stereo_position: bool = False,
         stereo_backbone_input: str = "mid",
     ):
@@ -128,8 +131,9 @@ class CPM(nn.Module):
         self.semantic_inference_rule = semantic_inference
         self.observe_all_layers = bool(observe_all_layers)
         self.observe_correct_only = bool(observe_correct_only)
-        # CPM's prompting losses (training only), None = the class-agnostic baseline.
+        # CPM's prompt pass and prompting losses (training only), None = the class-agnostic baseline.
         self.cpm_loss = cpm_loss
+        self.prompt_pass = prompt_pass
         # MODEL.AUDIO.STEREO_POSITION: stereo cues for the decoder; "mid": the backbone sees the channel mean
         self.stereo_position = bool(stereo_position)
         self.stereo_backbone_input = stereo_backbone_input
@@ -144,6 +148,15 @@ class CPM(nn.Module):
                 "cpm.py: MODEL.CPM.ENABLED needs a class predictor that samples prompts "
                 f"(GMMClassPredictor or LinearClassPredictor); {type(self.class_predictor).__name__} does not"
             )
+        if (cpm_loss is None) != (prompt_pass is None):
+            raise ValueError("CPM's prompting needs both its losses (cpm_loss) and its prompt pass (prompt_pass), "
+                             "as from_config builds them with MODEL.CPM.ENABLED; got only one")
+        if cpm_loss is not None:
+            switches = lambda p, l: (p.acp, p.vcp, p.pcl, p.vcp_audio) != (  # noqa: E731
+                l.acp_enabled, l.vcp_enabled, l.pcl_enabled, l.vcp_audio)
+            if switches(prompt_pass, cpm_loss):
+                raise ValueError(f"the prompt pass ({prompt_pass.extra_repr()}) and the CPM losses ({cpm_loss.extra_repr()}) "
+                                 "were built from different MODEL.CPM.ACP/VCP/PCL settings")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("cpm.py: MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -167,11 +180,11 @@ class CPM(nn.Module):
         audio_pixel_decoder = AudioPixelDecoder(cfg, audio_backbone.output_shape())
         transformer_decoder = build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM)
         size_div = mf.SIZE_DIVISIBILITY if mf.SIZE_DIVISIBILITY > 0 else backbone.size_divisibility
-        cpm_loss = None
+        cpm_loss = prompt_pass = None
         if cfg.MODEL.CPM.ENABLED:
-            from ..cpm import CPMLoss  # CPM's training code is imported only when it is used
+            from ..cpm import CPMLoss, PromptPass  # CPM's training code is imported only when it is used
 
-            cpm_loss = CPMLoss(cfg)
+            cpm_loss, prompt_pass = CPMLoss(cfg), PromptPass(cfg)
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
@@ -193,6 +206,7 @@ class CPM(nn.Module):
             "observe_all_layers": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS == "all",
             "observe_correct_only": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_CORRECT_ONLY,
             "cpm_loss": cpm_loss,
+            "prompt_pass": prompt_pass,
             "stereo_position": check_stereo_config(cfg),
             "stereo_backbone_input": cfg.MODEL.AUDIO.STEREO_POSITION.BACKBONE_INPUT,
         }
@@ -219,7 +233,8 @@ class CPM(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def preprocess_audio(self, batched_inputs: List[dict], key: str = "audio") -> torch.Tensor:
-        """Stack the magnitude spectrograms ``x[key]`` (Ca, T, F) into (B, Ca, T, F) float32 on the device."""
+        """Stack the magnitude spectrograms ``x[key]`` (Ca, T, F) into (B, Ca, T, F) float32 on the
+        device; checked non-negative (linear magnitudes) before they leave the host."""
         audios = []
         for x in batched_inputs:
             a = x.get(key)
@@ -231,34 +246,62 @@ class CPM(nn.Module):
                 raise ValueError(f"cpm.py: input {_where(x)}: {key!r} shape {tuple(a.shape)} differs from the first "
                                  f"item's {tuple(audios[0].shape)}; a batch needs one audio window length")
             audios.append(a)
-        return torch.stack(audios).to(device=self.device, dtype=torch.float32)
+        stacked = torch.stack(audios)
+        if bool((stacked < 0).any()):  # on the host (the mapper's tensors): no device sync
+            bad = next(x for x, a in zip(batched_inputs, audios) if bool((a < 0).any()))
+            raise ValueError(f"input {_where(bad)}: {key!r} has negative values; the model takes linear magnitudes "
+                             "(it applies the log itself, MODEL.AUDIO.LOG_OFFSET), not log-magnitudes")
+        return stacked.to(device=self.device, dtype=torch.float32)
 
-    def prepare_targets(self, batched_inputs: List[dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
-        """Per image: "labels" (K,) int64, "masks" (K, Hp, Wp) bool zero-padded to the padded image
-        size, and "sem_seg" (Hp, Wp) int64 padded with the ignore value when the input has one."""
-        hp, wp = images.tensor.shape[-2:]
-        targets = []
+    def target_labels(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
+        """Per image the classes of its "instances" (T_b,) int64 on the host, checked to lie in
+        [0, MODEL.SEM_SEG_HEAD.NUM_CLASSES) once for the batch."""
+        labels = []
         for x in batched_inputs:
             inst = x.get("instances")
             if inst is None:
                 raise ValueError(f"cpm.py: training input {_where(x)} has no 'instances' (the mapper must add them)")
-            masks = inst.gt_masks
-            masks = getattr(masks, "tensor", masks).to(self.device, torch.bool)
-            labels = inst.gt_classes.to(self.device, torch.long)
-            if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+            labels.append(inst.gt_classes.cpu().long())
+        flat = torch.cat(labels)
+        if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_classes):
+            bad = next(x for x, lab in zip(batched_inputs, labels)
+                       if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes))
+            raise ValueError(f"cpm.py: input {_where(bad)}: gt_classes outside [0, {self.num_classes - 1}] "
+                             f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = {self.num_classes})")
+        return labels
+
+    def prepare_targets(self, batched_inputs: List[dict], images: ImageList,
+                        labels: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Per image: "labels" (K,) int64, "masks" (K, Hp, Wp) bool zero-padded to the padded image
+        size, and "sem_seg" (Hp, Wp) int64 padded with the ignore value when the input has one
+        (classes in [0, C) or the ignore value, checked on the host). ``labels``: ``target_labels``
+        of the inputs when already computed."""
+        hp, wp = images.tensor.shape[-2:]
+        labels = self.target_labels(batched_inputs) if labels is None else labels
+        targets, sems = [], {}
+        for i, (x, lab) in enumerate(zip(batched_inputs, labels)):
+            masks = x["instances"].gt_masks
+            masks = getattr(masks, "tensor", masks)
+            if masks.dim() != 3 or masks.shape[0] != lab.shape[0]:
                 raise ValueError(f"cpm.py: input {_where(x)}: gt_masks {tuple(masks.shape)} do not match gt_classes "
-                                 f"{tuple(labels.shape)}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"cpm.py: input {_where(x)}: gt_classes outside [0, {self.num_classes - 1}] "
-                                 f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = {self.num_classes})")
+                                 f"{tuple(lab.shape)}")
             h, w = masks.shape[-2:]
             padded = torch.zeros((masks.shape[0], hp, wp), dtype=torch.bool, device=self.device)
-            padded[:, :h, :w] = masks
-            t = {"labels": labels, "masks": padded}
+            padded[:, :h, :w] = masks.to(self.device, torch.bool)
+            targets.append({"labels": lab.to(self.device), "masks": padded})
             if "sem_seg" in x:
-                sem = x["sem_seg"].to(self.device, torch.long)
-                t["sem_seg"] = F.pad(sem, (0, wp - sem.shape[-1], 0, hp - sem.shape[-2]), value=self.ignore_value)
-            targets.append(t)
+                sem = x["sem_seg"].long()
+                sems[i] = F.pad(sem, (0, wp - sem.shape[-1], 0, hp - sem.shape[-2]), value=self.ignore_value)
+        if sems:
+            sem = torch.stack(list(sems.values()))
+            bad = (sem != self.ignore_value) & ((sem < 0) | (sem >= self.num_classes))
+            if bool(bad.any()):  # on the host (the mapper's tensors): no device sync
+                x = batched_inputs[list(sems)[int(bad.flatten(1).any(1).int().argmax())]]
+                raise ValueError(f"input {_where(x)}: 'sem_seg' holds values outside [0, {self.num_classes - 1}] "
+                                 f"other than the ignore value {self.ignore_value} "
+                                 "(MODEL.SEM_SEG_HEAD.NUM_CLASSES / IGNORE_VALUE)")
+            for i, s_ in zip(sems, sem.to(self.device).unbind(0)):
+                targets[i]["sem_seg"] = s_
         return targets
 
     def log_spectrogram(self, magnitude: torch.Tensor) -> torch.Tensor:
@@ -320,6 +363,16 @@ class CPM(nn.Module):
         return self.transformer_decoder(multi_scale, mask_features, audio, queries=queries, query_pos=query_pos,
                                         query_padding_mask=query_padding_mask, audio_masks=audio_masks)
 
+    @record_function("cpm.decode")
+    def decode_groups(self, visual: Tuple[torch.Tensor, List[torch.Tensor]], audios: List[Dict[str, torch.Tensor]],
+                      groups: List) -> List[Dict]:
+        """One decoder pass over query groups (transformer_decoder/query_groups.py: ``QueryGroup``),
+        each hearing ``audios[group.audio]``, none seeing another -> one outputs dict per group (as
+        ``decode``'s, without the intermediate predictions when deep supervision is off)."""
+        mask_features, multi_scale = visual
+        outs = self.transformer_decoder.forward_groups(multi_scale, mask_features, audios, groups)
+        return [self._without_aux(o) for o in outs]
+
     # ------------------------------------------------------------------------------ class-agnostic training
     def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Multiply by ``weight_dict``; losses without a weight are dropped."""
@@ -332,42 +385,48 @@ class CPM(nn.Module):
         losses, indices, num_masks = self.criterion(self._without_aux(outputs), targets, return_indices=True)
         return self.weight_losses(losses), indices, num_masks
 
-    def _assigned_labels(self, emb: torch.Tensor, targets: List[Dict], indices) -> torch.Tensor:
-        """(B, N) class matched to each query by ``indices`` (unmatched -> C = no object)."""
-        b, n = emb.shape[:2]
-        assigned = torch.full((b, n), self.num_classes, dtype=torch.long, device=emb.device)
-        for i, (t, (src, tgt)) in enumerate(zip(targets, indices)):
-            if len(src):
-                assigned[i, src.to(emb.device)] = t["labels"][tgt.to(t["labels"].device)].to(emb.device)
+    def _assigned_labels(self, shape, target_labels: List[torch.Tensor], indices) -> torch.Tensor:
+        """(B, N) class matched to each query by ``indices`` (unmatched -> C = no object), on the host
+        (``target_labels`` and the matcher's indices live there)."""
+        assigned = torch.full(shape, self.num_classes, dtype=torch.long)
+        for i, (labels, (src, tgt)) in enumerate(zip(target_labels, indices)):
+            assigned[i, src] = labels[tgt]
         return assigned
 
     @torch.no_grad()
     @record_function("cpm.observe_assignments")
-    def observe_assignments(self, outputs: Dict, targets: List[Dict], indices) -> torch.Tensor:
+    def observe_assignments(self, outputs: Dict, targets: List[Dict], indices,
+                            target_labels: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Give the class predictor the matched embeddings with their labels (unmatched -> C): the
         final prediction's, or with ``observe_all_layers`` every prediction's (``indices`` as from
         class_agnostic_losses: [aux_0, ..., final]), each with the index of its query in the batch
         (copies of one query from several layers share it); with ``observe_correct_only`` only the
         embeddings whose predicted class (argmax of that prediction's logits) is their label. Step
         the predictor, log its mixtures' state, set ``last_assignments`` (B, N, the final
-        matching) on CPU and advance ``_iter``."""
+        matching) on CPU and advance ``_iter``. ``target_labels``: the targets' classes on the
+        host (``target_labels``; read from ``targets`` when None). Labels and query indices stay
+        on the host: the class predictor reads nothing back from the device."""
+        if target_labels is None:
+            target_labels = [t["labels"].cpu() for t in targets]
         emb = outputs["query_embeddings"]
-        assigned = self._assigned_labels(emb, targets, indices[-1])
+        assigned = self._assigned_labels(emb.shape[:2], target_labels, indices[-1])
         preds = [outputs]
         labels = [assigned]
         if self.observe_all_layers:
             for aux, aux_indices in zip(outputs.get("aux_outputs", []), indices[:-1]):
                 preds.append(aux)
-                labels.append(self._assigned_labels(aux["query_embeddings"], targets, aux_indices))
-        sources = torch.arange(assigned.numel(), device=emb.device)
+                labels.append(self._assigned_labels(emb.shape[:2], target_labels, aux_indices))
+        sources = torch.arange(assigned.numel())
+        if self.observe_correct_only:  # the predictions' classes live on the device
+            sources = sources.to(emb.device)
         embs, labs, srcs = [], [], []
         for pred, lab in zip(preds, labels):
             e, l = pred["query_embeddings"].flatten(0, 1), lab.flatten()
+            src = sources
             if self.observe_correct_only:
+                l = l.to(emb.device)
                 keep = pred["pred_logits"].flatten(0, 1).argmax(-1) == l
                 e, l, src = e[keep], l[keep], sources[keep]
-            else:
-                src = sources
             embs.append(e)
             labs.append(l)
             srcs.append(src)
@@ -376,7 +435,7 @@ class CPM(nn.Module):
         self.class_predictor.step(iteration)
         self._log_mixtures(iteration)
         self._iter += 1
-        self.last_assignments = assigned.cpu()
+        self.last_assignments = assigned
         return assigned
 
     def _log_mixtures(self, iteration: int) -> None:
@@ -384,7 +443,7 @@ class CPM(nn.Module):
         gmm_bank_age (mean entry age), gmm_live_components_mean / _min (components of weight
         >= LIVE_WEIGHT, over the classes fitted so far) and gmm_fitted_classes."""
         mixtures = getattr(self.class_predictor, "mixtures", None)
-        if mixtures is None:
+        if mixtures is None or not _has_event_storage():
             return
         age = mixtures.bank_age(iteration)[: self.num_classes]
         _put_scalar("gmm_bank_age", age[torch.isfinite(age)].mean())
@@ -394,80 +453,6 @@ class CPM(nn.Module):
         if live.numel():
             _put_scalar("gmm_live_components_mean", live.mean())
             _put_scalar("gmm_live_components_min", live.min())
-
-    # ------------------------------------------------------------------------------ CPM training
-    def prompt_labels(self, targets: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
-        """Per image the sorted non-background classes of its targets that the class predictor can
-        prompt (a GMM not fitted yet cannot), (K_b,) int64; 0 is the background of every AVS dataset."""
-        out = []
-        for t in targets:
-            labels = torch.unique(t["labels"])  # sorted
-            labels = labels[labels != 0].long()
-            out.append(labels[self.class_predictor.can_prompt(labels).to(labels.device)])
-        return out
-
-    def sample_prompts(self, prompt_labels: List[torch.Tensor], dtype: torch.dtype):
-        """One ``class_predictor.sample`` call for the batch, padded: prompts (B, K_max, D) (zeros at
-        padding), valid (B, K_max) bool; K_max = max(1, max_b K_b). Learnable prompts keep their graph."""
-        b, dim = len(prompt_labels), self.transformer_decoder.hidden_dim
-        counts = [int(p.numel()) for p in prompt_labels]
-        k_max = max([1] + counts)
-        prompts = torch.zeros(b, k_max, dim, device=self.device, dtype=dtype)
-        valid = torch.zeros(b, k_max, dtype=torch.bool, device=self.device)
-        if sum(counts):
-            z = self.class_predictor.sample(torch.cat(prompt_labels).to(self.device)).to(self.device, dtype)
-            if z.shape != (sum(counts), dim):
-                raise ValueError(f"cpm.py: {type(self.class_predictor).__name__}.sample returned {tuple(z.shape)}, "
-                                 f"expected ({sum(counts)}, {dim})")
-            rows = torch.nonzero(torch.arange(k_max, device=self.device)[None] < torch.tensor(counts, device=self.device)[:, None])
-            prompts = prompts.index_put((rows[:, 0], rows[:, 1]), z)  # out of place: keeps z's graph
-            valid[rows[:, 0], rows[:, 1]] = True
-        return prompts, valid
-
-    def noise_magnitudes(self, batched_inputs: List[dict], clean: torch.Tensor) -> torch.Tensor:
-        """Off-screen noise a_j (B, Ca, T, F): the inputs' "noise_audio", else the next clip of the batch."""
-        has = ["noise_audio" in x for x in batched_inputs]
-        if all(has):
-            noise = self.preprocess_audio(batched_inputs, key="noise_audio")
-            if noise.shape != clean.shape:
-                raise ValueError(f"cpm.py: 'noise_audio' {tuple(noise.shape)} and 'audio' {tuple(clean.shape)} "
-                                 "must have the same shape")
-            return noise
-        if any(has):
-            missing = next(x for x, h in zip(batched_inputs, has) if not h)
-            raise ValueError(f"cpm.py: input {_where(missing)} has no 'noise_audio' while others in its batch have "
-                             "one; ACP needs all or none")
-        if len(batched_inputs) < 2:
-            raise ValueError(
-                f"cpm.py: ACP needs off-screen noise but input {_where(batched_inputs[0])} has no 'noise_audio' "
-                "(INPUT.AUDIO.NOISE_SOURCE 'batch') and the batch holds a single item, so no other clip's audio "
-                "can stand in; set INPUT.AUDIO.NOISE_SOURCE to 'dataset' or use >= 2 images per device"
-            )
-        return clean.roll(1, dims=0)
-
-    @record_function("cpm.prompt_pass")
-    def prompt_losses(self, batched_inputs: List[dict], magnitudes: torch.Tensor,
-                      visual: Tuple[torch.Tensor, List[torch.Tensor]], audio: Dict[str, torch.Tensor],
-                      targets: List[Dict], num_masks: float) -> Dict[str, torch.Tensor]:
-        """CPM's prompt pass (module docstring) -> the weighted CPM losses of ``cpm_loss``.
-
-        ``magnitudes`` (B, Ca, T, F) are the clean linear magnitudes a_i, ``audio`` their encoding
-        (reused when ACP is off: the prompts then probe the clean audio)."""
-        from ..cpm import frozen_norm_statistics
-
-        labels = self.prompt_labels(targets)
-        prompts, valid = self.sample_prompts(labels, visual[0].dtype)
-        noise, vcp_outputs = None, None
-        if self.cpm_loss.separate_vcp_decode:  # VCP.AUDIO "clean": the prompts also decode the clean audio
-            vcp_outputs = self._without_aux(self.decode(visual, audio, queries=prompts, query_padding_mask=~valid))
-        if self.cpm_loss.acp_enabled:
-            noise = self.noise_magnitudes(batched_inputs, magnitudes)
-            with frozen_norm_statistics(self.audio_backbone, self.audio_pixel_decoder), record_function("cpm.acp_mixture"):
-                audio = self.audio_features(magnitudes + noise, audio.get("stereo_frame"))
-        outputs = self._without_aux(self.decode(visual, audio, queries=prompts, query_padding_mask=~valid,
-                                                audio_masks=self.cpm_loss.needs_audio_masks))
-        return self.cpm_loss(outputs, labels, valid, targets, num_masks, visual[0], audio["feature_map"],
-                             clean_audio=magnitudes, noise_audio=noise, vcp_outputs=vcp_outputs)
 
     def _without_aux(self, outputs: Dict) -> Dict:
         """The decoder outputs without the intermediate predictions when deep supervision is off."""
@@ -479,20 +464,23 @@ class CPM(nn.Module):
         magnitudes = self.preprocess_audio(batched_inputs)
         visual = self.encode_visual(images.tensor)
         frame = self.stereo_frame(batched_inputs, images) if self.stereo_position else None
-        audio = self.audio_features(magnitudes, frame)
-        outputs = self.decode(visual, audio)
+        if not self.training:
+            return self.inference(self.decode(visual, self.audio_features(magnitudes, frame)), batched_inputs, images)
 
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            losses, indices, num_masks = self.class_agnostic_losses(outputs, targets)
-            if self.cpm_loss is not None:
-                # Before observe_assignments: prompts come from the class predictor of the last
-                # iteration (paper: "via the GMM model from the last iteration").
-                losses.update(self.prompt_losses(batched_inputs, magnitudes, visual, audio, targets, num_masks))
-            self.observe_assignments(outputs, targets, indices)
-            return losses
-
-        return self.inference(outputs, batched_inputs, images)
+        labels = self.target_labels(batched_inputs)
+        targets = self.prepare_targets(batched_inputs, images, labels)
+        prompts = None
+        if self.prompt_pass is None:
+            outputs = self.decode(visual, self.audio_features(magnitudes, frame))
+        else:
+            # prompts come from the class predictor of the last iteration (paper: "via the GMM model
+            # from the last iteration"): the pass runs before this step's observe_assignments
+            outputs, prompts = self.prompt_pass(self, batched_inputs, labels, magnitudes, frame, visual)
+        losses, indices, num_masks = self.class_agnostic_losses(outputs, targets)
+        if prompts is not None:
+            losses.update(self.cpm_loss(prompts, targets, num_masks, visual[0]))
+        self.observe_assignments(outputs, targets, indices, labels)
+        return losses
 
     # ------------------------------------------------------------------------------ inference
     def semantic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
@@ -550,6 +538,15 @@ def _check_bank_config(cfg) -> None:
             f"MEMORY_SIZE {g.MEMORY_SIZE} holds only {g.MEMORY_SIZE // copies} distinct queries when each is banked "
             f"{copies} times (OBSERVE_LAYERS 'all', {copies} predictions): raise MEMORY_SIZE to >= {needed * copies}, "
             "set OBSERVE_LAYERS 'last', or lower MIN_ENTRIES_PER_COMPONENT")
+
+
+def _has_event_storage() -> bool:
+    """Whether training runs under a detectron2 EventStorage (scalars have somewhere to go)."""
+    try:
+        get_event_storage()
+    except AssertionError:
+        return False
+    return True
 
 
 def _put_scalar(name: str, value: torch.Tensor) -> None:

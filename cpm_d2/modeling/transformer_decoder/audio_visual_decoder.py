@@ -4,7 +4,7 @@ Query path (every tensor batch-first):
     q (B, Q, D)  --[AUDIO_DEC_LAYERS x (cross-attn to audio tokens, self-attn, FFN)]-->
                  --[DEC_LAYERS x (masked cross-attn to visual scale i % 3, self-attn, FFN)]--> q̃
 After every layer the shared heads predict, from q̃ = LayerNorm(q):
-    class logits  = class_predictor(q̃)                  (B, Q, C+1)
+    class logits  = class_predictor(q̃)                  (B, Q, C+1)  one call for all predictions, after the pass
     mask logits   = <mask_embed(q̃), ũ_v>                 (B, Q, H/4, W/4)
     audio masks   = <audio_mask_embed(q̃), ũ_a>           (B, Q, T', F')  only when asked (CPM's prompts)
 The prediction after the last audio layer (or of the raw queries when AUDIO_DEC_LAYERS = 0)
@@ -20,11 +20,15 @@ to every visual prediction's mask logits as it is; every attention mask, derived
 logits, carries it too. Switched off, nothing of it is built or computed (the paper's model,
 parameter for parameter).
 
+Query groups (query_groups.py, ``forward_groups``): several query sets decoded in one pass, each
+hearing its own audio and seeing only its own group in self-attention (CPM's prompts beside the
+class-agnostic queries in training); ``forward`` is the one-group case.
+
 Layer count, as in Mask2Former: MODEL.MASK_FORMER.DEC_LAYERS counts the predictions of the
 visual decoder including the one made before its first layer, so DEC_LAYERS - 1 masked-attention
 layers are built (Mask2Former's 10 -> 9). Here that first prediction is the audio decoder's last.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,10 +40,12 @@ import fvcore.nn.weight_init as weight_init
 
 from ..class_predictor import build_class_predictor
 from .position_encoding import PositionEmbeddingSine
+from .query_groups import QueryGroup, audio_memory, cat, per_group, runs, self_attention_mask
 from .registry import TRANSFORMER_DECODER_REGISTRY
 from .stereo_position import StereoPositionPrior, check_stereo_config
 
-__all__ = ["AudioVisualTransformerDecoder", "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP"]
+__all__ = ["AudioVisualTransformerDecoder", "QueryGroup", "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer",
+           "MLP"]
 
 
 def _with_pos(x, pos):
@@ -47,7 +53,8 @@ def _with_pos(x, pos):
 
 
 class SelfAttentionLayer(nn.Module):
-    """(B, Q, D) -> (B, Q, D); ``key_padding_mask`` (B, Q) True = padded query (ignored as a key)."""
+    """(B, Q, D) -> (B, Q, D); ``key_padding_mask`` (B, Q) True = padded query (ignored as a key);
+    ``attn_mask`` (Q, Q) True = blocked (query groups that must not see each other)."""
 
     def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
         super().__init__()
@@ -56,16 +63,16 @@ class SelfAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def forward(self, tgt, key_padding_mask=None, query_pos=None):
+    def forward(self, tgt, key_padding_mask=None, query_pos=None, attn_mask=None):
         x = self.norm(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
-        out = self.attn(q, k, value=x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        out = self.attn(q, k, value=x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)[0]
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 
 
 class CrossAttentionLayer(nn.Module):
-    """Queries (B, Q, D) attend ``memory`` (B, S, D); ``memory_mask`` (B*nheads, Q, S) True = blocked."""
+    """Queries (B, Q, D) attend ``memory`` (B, S, D); ``memory_mask`` (B*nheads, Q, S) or (Q, S) True = blocked."""
 
     def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
         super().__init__()
@@ -217,35 +224,73 @@ class AudioVisualTransformerDecoder(nn.Module):
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(1, keepdim=True)
         return queries, query_pos, query_padding_mask
 
-    def _predict(self, output, mask_features, audio, audio_masks, attn_size, stereo=None, prior=None,
-                 classify=True):
-        """One prediction -> (pred dict, attention mask for the next layer, stereo prior or None).
-        ``stereo``: the stereo prior's per-forward constants; ``prior``: (bias, x̂) to reuse (visual
-        layers) instead of estimating it from this prediction's audio mask (audio layers);
-        ``classify=False`` skips the class head (intermediate predictions at inference)."""
+    def _predict(self, output, mask_features, audios, layout, attn_size, stereo=None, prior=None, final=False):
+        """One prediction of every group, without class logits (``_classify`` adds them) -> (per-group
+        pred dicts, attention mask for the next layer or None after the final prediction, stereo
+        prior or None). ``layout``: (groups, sizes, offsets); ``stereo``: the stereo prior's
+        per-forward constants per audio; ``prior``: (bias, x̂) over all queries to reuse (visual
+        layers) instead of estimating it from this prediction's audio masks (audio layers);
+        ``final``: the last prediction (mask logits only for the groups that keep them)."""
+        groups, sizes, offsets = layout
+        total = offsets[-1] + sizes[-1]
+        sources = [g.audio for g in groups]
         emb = self.decoder_norm(output)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(emb), mask_features)
+
+        def rows(start, end):
+            return emb if (start, end) == (0, total) else emb[:, start:end]
+
+        mask_end = total
+        if final:
+            mask_end = max([o + n for o, n, g in zip(offsets, sizes, groups) if g.masks] or [0])
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(rows(0, mask_end)), mask_features) if mask_end else None
         estimate = self.stereo_position is not None and prior is None
-        audio_logits = None
-        if audio_masks or estimate:
-            audio_logits = torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(emb), audio["dense"])
-        if estimate:
-            prior = self.stereo_position(emb, audio_logits, audio, masks.shape[-1], stereo)
-        if prior is not None:
-            masks = masks + prior[0]  # (B, Q, 1, W) over the columns: the stereo prior
-        with torch.no_grad():
-            attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
-            attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
-            attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-            attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
-        pred = {"pred_masks": masks, "query_embeddings": emb}
-        if classify:
-            pred["pred_logits"] = self.class_predictor(emb)
-        if audio_masks:
-            pred["pred_audio_masks"] = audio_logits
-        if prior is not None:
-            pred["pred_stereo_x"] = prior[1]
-        return pred, attn, prior
+        wanted = [estimate or g.audio_masks == "all" or (final and g.audio_masks == "final") for g in groups]
+        audio_runs = runs(sizes, wanted, key=sources)
+        audio_logits = [torch.einsum("bqc,bchw->bqhw", self.audio_mask_embed(rows(a, e)), audios[sources[gs[0]]]["dense"])
+                        for a, e, gs in audio_runs]
+        if estimate:  # every group is wanted: the runs cover the queries in order, one per audio
+            est = [self.stereo_position(rows(a, e), logits, audios[sources[gs[0]]], mask_features.shape[-1],
+                                        stereo[sources[gs[0]]]) for (a, e, gs), logits in zip(audio_runs, audio_logits)]
+            prior = (cat([b for b, _ in est]), cat([x for _, x in est]))
+        if prior is not None and masks is not None:
+            masks = masks + (prior[0] if mask_end == total else prior[0][:, :mask_end])  # the stereo column prior
+        attn = None
+        if not final:
+            with torch.no_grad():
+                attn = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
+                attn = attn.sigmoid().flatten(2) < 0.5  # True = blocked
+                attn = attn.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
+                attn = attn & ~attn.all(-1, keepdim=True)  # never block every key of a query
+        audio_logits = per_group(audio_logits, audio_runs, offsets, sizes)
+        everything = [(0, total, list(range(len(groups))))]
+        embs = per_group([emb], everything, offsets, sizes)
+        mask_of = {} if masks is None else per_group([masks], [(0, mask_end, [
+            g for g in range(len(groups)) if offsets[g] + sizes[g] <= mask_end])], offsets, sizes)
+        x_hat = {} if prior is None else per_group([prior[1]], everything, offsets, sizes)
+        preds = []
+        for g, group in enumerate(groups):
+            pred = {}
+            if g in mask_of:
+                pred["pred_masks"] = mask_of[g]
+            pred["query_embeddings"] = embs[g]
+            if group.audio_masks == "all" or (final and group.audio_masks == "final"):
+                pred["pred_audio_masks"] = audio_logits[g]
+            if g in x_hat:
+                pred["pred_stereo_x"] = x_hat[g]
+            preds.append(pred)
+        return preds, attn, prior, emb
+
+    def _classify(self, predictions, embeddings, layout, which) -> None:
+        """Class logits "pred_logits" of the classifying groups at the predictions ``which``, from one
+        class-head call per stretch of such groups over those predictions' embeddings together
+        (the head is per query, so this is the per-prediction computation in fewer calls)."""
+        groups, sizes, offsets = layout
+        for start, end, members in runs(sizes, [g.classify for g in groups]):
+            n = end - start
+            x = cat([embeddings[i][:, start:end] for i in which])
+            for i, logits in zip(which, self.class_predictor(x).split(n, dim=1)):
+                for g, value in per_group([logits], [(start, end, members)], offsets, sizes).items():
+                    predictions[i][g]["pred_logits"] = value
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, audio: Dict[str, torch.Tensor],
                 queries: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
@@ -267,52 +312,87 @@ class AudioVisualTransformerDecoder(nn.Module):
             without "pred_logits": the class head runs only where inference reads it), and
             query_padding_mask when given.
         """
+        group = QueryGroup(queries, query_pos, query_padding_mask, audio_masks="all" if audio_masks else "none")
+        return self.forward_groups(x, mask_features, [audio], [group])[0]
+
+    def forward_groups(self, x: List[torch.Tensor], mask_features: torch.Tensor,
+                       audios: Sequence[Dict[str, torch.Tensor]], groups: Sequence[QueryGroup]) -> List[Dict]:
+        """One decoder pass over several query groups (query_groups.py): no group sees another,
+        each hears ``audios[group.audio]``. ``x``, ``mask_features`` and every audio dict as in
+        ``forward``. Returns one outputs dict per group, with ``forward``'s keys where the group
+        asks for them (no "pred_logits" without ``classify``, no final "pred_masks" without
+        ``masks``, "pred_audio_masks" as ``audio_masks`` says)."""
         if len(x) != self.num_feature_levels:
             raise ValueError(f"audio_visual_decoder.py: expected {self.num_feature_levels} feature maps, got {len(x)}")
+        if not groups or any(not 0 <= g.audio < len(audios) for g in groups):
+            raise ValueError(f"every query group must hear one of the {len(audios)} audio dicts passed to "
+                             f"forward_groups, got audio indices {[g.audio for g in groups]}")
         b = mask_features.shape[0]
         srcs, poss, sizes = [], [], []
         for i in range(self.num_feature_levels):
             sizes.append(tuple(x[i].shape[-2:]))
             poss.append(self.pe_layer(x[i]).flatten(2).transpose(1, 2))
             srcs.append(self.input_proj[i](x[i]).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
-        output, qpos, pad = self._initial_queries(b, queries, query_pos, query_padding_mask)
-        tokens, tokens_pos = audio["tokens"], audio.get("tokens_pos")
-        if self.stereo_position is not None and ("stereo_x" not in audio or "stereo_log_energy" not in audio):
-            raise ValueError("audio_visual_decoder.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has no "
-                             "'stereo_x' / 'stereo_log_energy' (add stereo_position.stereo_cues(magnitudes, grid); "
-                             "CPM.audio_features does)")
-        # per-forward constants of the stereo prior (cues flattened, column grid)
-        stereo = self.stereo_position.prepare(audio, mask_features.shape[-1]) if self.stereo_position is not None else None
+        starts = [self._initial_queries(b, g.queries, g.query_pos, g.padding_mask) for g in groups]
+        counts = [q.shape[1] for q, _, _ in starts]
+        offsets = [sum(counts[:g]) for g in range(len(groups))]
+        layout = (list(groups), counts, offsets)
+        output, qpos = cat([q for q, _, _ in starts]), cat([p for _, p, _ in starts])
+        pad = None
+        if any(p is not None for _, _, p in starts):
+            pad = cat([p if p is not None else torch.zeros(b, n, dtype=torch.bool, device=output.device)
+                       for (_, _, p), n in zip(starts, counts)])
+        self_mask = self_attention_mask(counts, output.device)
+        heard = sorted({g.audio for g in groups})
+        tokens, tokens_pos, audio_mask = audio_memory(audios, counts, [g.audio for g in groups])
+        stereo = None
+        if self.stereo_position is not None:
+            if any("stereo_x" not in audios[s] or "stereo_log_energy" not in audios[s] for s in heard):
+                raise ValueError("audio_visual_decoder.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has "
+                                 "no 'stereo_x' / 'stereo_log_energy' (add stereo_position.stereo_cues(magnitudes, "
+                                 "grid); CPM.audio_features does)")
+            # per-forward constants of the stereo prior (cues flattened, column grid), per audio
+            stereo = {s: self.stereo_position.prepare(audios[s], mask_features.shape[-1]) for s in heard}
 
-        predictions = []
-        # at inference only the last audio prediction (coverage) and the final one need classes
-        every = self.training
+        predictions, embeddings = [], []  # per prediction: one dict per group; the embeddings of all queries
         if self.num_audio_layers == 0:
-            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo)
+            pred, attn_mask, prior, emb = self._predict(output, mask_features, audios, layout, sizes[0], stereo)
             predictions.append(pred)
+            embeddings.append(emb)
         for j in range(self.num_audio_layers):
-            output = self.audio_cross_attention[j](output, tokens, pos=tokens_pos, query_pos=qpos)
-            output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos)
+            output = self.audio_cross_attention[j](output, tokens, memory_mask=audio_mask, pos=tokens_pos,
+                                                   query_pos=qpos)
+            output = self.audio_self_attention[j](output, key_padding_mask=pad, query_pos=qpos, attn_mask=self_mask)
             output = self.audio_ffn[j](output)
-            pred, attn_mask, prior = self._predict(output, mask_features, audio, audio_masks, sizes[0], stereo,
-                                                   classify=every or j == self.num_audio_layers - 1)
+            pred, attn_mask, prior, emb = self._predict(output, mask_features, audios, layout, sizes[0], stereo)
             predictions.append(pred)
-        audio_pred_logits = predictions[-1]["pred_logits"]
+            embeddings.append(emb)
+        audio_index = len(predictions) - 1
 
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             output = self.cross_attention[i](output, srcs[lvl], memory_mask=attn_mask, pos=poss[lvl], query_pos=qpos)
-            output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos)
+            output = self.self_attention[i](output, key_padding_mask=pad, query_pos=qpos, attn_mask=self_mask)
             output = self.ffn[i](output)
             # the visual layers reuse the last audio prediction's stereo prior (they do not hear the audio)
-            pred, attn_mask, _ = self._predict(output, mask_features, audio, audio_masks,
-                                               sizes[(i + 1) % self.num_feature_levels], stereo, prior,
-                                               classify=every or i == self.num_layers - 1)
+            pred, attn_mask, _, emb = self._predict(output, mask_features, audios, layout,
+                                                    sizes[(i + 1) % self.num_feature_levels], stereo, prior,
+                                                    final=i == self.num_layers - 1)
             predictions.append(pred)
+            embeddings.append(emb)
+        # classes at every prediction in training; at inference only the last audio prediction
+        # (coverage) and the final one need them
+        which = list(range(len(predictions))) if self.training else [audio_index, len(predictions) - 1]
+        self._classify(predictions, embeddings, layout, which)
+        audio_preds = predictions[audio_index]
 
-        out = dict(predictions[-1])
-        out["audio_pred_logits"] = audio_pred_logits
-        out["aux_outputs"] = predictions[:-1]
-        if query_padding_mask is not None:
-            out["query_padding_mask"] = query_padding_mask.to(torch.bool)
-        return out
+        outs = []
+        for g, group in enumerate(groups):
+            out = dict(predictions[-1][g])
+            if "pred_logits" in audio_preds[g]:
+                out["audio_pred_logits"] = audio_preds[g]["pred_logits"]
+            out["aux_outputs"] = [p[g] for p in predictions[:-1]]
+            if group.padding_mask is not None:
+                out["query_padding_mask"] = group.padding_mask.to(torch.bool)
+            outs.append(out)
+        return outs
