@@ -60,6 +60,12 @@ _POWER_ITERS = 10  # power iterations for the principal axis of a component spli
 _SINKHORN_ITERS = 20  # alternating column / row normalisations of the balanced E-step
 
 
+def _class_sums(labels: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) sums of ``values`` (N,) per label (N,) in [0, num_classes): ``bincount``
+    without its host read of the largest label."""
+    return torch.zeros(num_classes, dtype=values.dtype, device=values.device).scatter_add_(0, labels, values)
+
+
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.where with ``mask`` (K,) or (K, M) broadcast over the trailing dims of ``a``/``b``."""
     return torch.where(mask.view(*mask.shape, *([1] * (a.dim() - mask.dim()))), a, b)
@@ -306,14 +312,16 @@ class ClassMixtures(nn.Module):
         K, S = self.num_mixtures, self.memory_size
         order = torch.argsort(labels, stable=True)  # group by class, keep arrival order inside
         lab, emb, sources = labels[order], emb[order], sources[order]
-        counts = torch.bincount(lab, minlength=K)
+        counts = _class_sums(lab, torch.ones_like(lab), K)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(N, device=lab.device) - starts[lab]  # arrival index within its class
-        keep = rank >= counts[lab] - S  # only the newest S of a class survive this batch
+        # entries r and r + S of a class land in one slot and only the newest may stay: every entry
+        # writes the newest entry of its slot, so repeated indices write one value (no host sync)
+        owner = starts[lab] + rank + S * torch.div(counts[lab] - 1 - rank, S, rounding_mode="floor")
         slot = (self.bank_ptr[lab] + rank) % S
-        self.bank[lab[keep], slot[keep]] = emb[keep]
-        self.bank_iter[lab[keep], slot[keep]] = int(iteration)
-        self.bank_source[lab[keep], slot[keep]] = sources[keep]
+        self.bank.index_put_((lab, slot), emb[owner])
+        self.bank_iter.index_put_((lab, slot), torch.full_like(lab, int(iteration)).to(self.bank_iter.dtype))
+        self.bank_source.index_put_((lab, slot), sources[owner].to(self.bank_source.dtype))
         self.bank_ptr.copy_((self.bank_ptr + counts) % S)
         self.bank_count.copy_((self.bank_count + counts).clamp_max(S))
 
@@ -344,8 +352,8 @@ class ClassMixtures(nn.Module):
         emb, lab, src, norms = self._all_gather_rows(emb, lab, src, norms)
         if self.normalize and lab.numel():
             # running mean of the raw norms per class (same momentum as the parameters)
-            count = torch.bincount(lab, minlength=self.num_mixtures)
-            mean = torch.bincount(lab, weights=norms.double(), minlength=self.num_mixtures) / count.clamp_min(1)
+            count = _class_sums(lab, torch.ones_like(lab), self.num_mixtures)
+            mean = _class_sums(lab, norms.double(), self.num_mixtures) / count.clamp_min(1)
             first = self.bank_count == 0
             blend = torch.where(first, mean.to(self.bank_norm.dtype),
                                 self.momentum * self.bank_norm + (1 - self.momentum) * mean.to(self.bank_norm.dtype))
@@ -418,28 +426,36 @@ class ClassMixtures(nn.Module):
         return 0.5 * (cov + cov.transpose(1, 2)) + self.eps * eye
 
     def _kmeans_pp(self, X, valid, n, iteration):
-        """k-means++ seeding of M means per class from its bank (all classes at once); draws from a
-        CPU generator seeded from (seed, iteration): identical on every rank. Returns weights (K, M),
-        means (K, M, D) and the class-wide covariance for every component."""
+        """Greedy k-means++ seeding of M means per class from its bank (all classes at once): each
+        new centre is the best of 2 + ln(M) d^2-weighted candidates, the one that lowers the sum of
+        squared distances to the nearest centre most (as scikit-learn's k-means), which rarely puts
+        two seeds in one mode. Draws come from a CPU generator seeded from (seed, iteration):
+        identical on every rank. Returns weights (K, M), means (K, M, D) and the class-wide
+        covariance for every component."""
         K, S, D = X.shape
         M = self.num_components
+        trials = 2 + int(math.log(M))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(iteration))
         rows = torch.arange(K, device=X.device)
+        vmask = valid.to(X.dtype)
         base = valid.cpu().double()
         base[base.sum(1) == 0] = 1.0  # classes without entries: dummy draw, result unused
         chosen = torch.multinomial(base, 1, generator=gen)
         centre = X[rows, chosen[:, 0].to(X.device)]
         d2 = (X - centre[:, None]).pow(2).sum(-1)
         for _ in range(1, M):
-            wts = (d2 * valid).cpu()
+            wts = (d2 * vmask).cpu()
             fallback = base.clone()
             fallback.scatter_(1, chosen, 0.0)  # uniform over not-yet-chosen entries
             fallback[fallback.sum(1) == 0] = 1.0
             wts = torch.where(wts.sum(1, keepdim=True) > 0, wts, fallback)
-            nxt = torch.multinomial(wts, 1, generator=gen)
-            chosen = torch.cat([chosen, nxt], dim=1)
-            centre = X[rows, nxt[:, 0].to(X.device)]
-            d2 = torch.minimum(d2, (X - centre[:, None]).pow(2).sum(-1))
+            cand = torch.multinomial(wts, trials, replacement=True, generator=gen).to(X.device)  # (K, L)
+            cand_d2 = (X[:, None] - X[rows[:, None], cand][:, :, None]).pow(2).sum(-1)  # (K, L, S)
+            cand_d2 = torch.minimum(d2[:, None], cand_d2)
+            best = (cand_d2 * vmask[:, None]).sum(-1).argmin(1)  # (K,)
+            nxt = cand.gather(1, best[:, None])
+            chosen = torch.cat([chosen, nxt.cpu()], dim=1)
+            d2 = cand_d2[rows, best]
         means = self._project(X[rows[:, None], chosen.to(X.device)])
         cov = self._class_covariance(X, valid, n)
         cov = cov[:, None].expand(K, M, *cov.shape[1:]).clone()
