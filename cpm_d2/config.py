@@ -144,8 +144,8 @@ def _add_gmm_head_keys(mf):
     g.EM_ITERS = 3  # EM iterations per update
     g.MOMENTUM = 0.5  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
     # Variance floor, on the scale of the modelled embeddings (with NORMALIZE: unit vectors, whose
-    # coordinates have variance about 1 / HIDDEN_DIM).
-    g.EPS = 1e-4
+    # coordinates have variance about 1 / HIDDEN_DIM; without it raw embeddings, where 1e-4 suits).
+    g.EPS = 1e-3
     # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
     # component (copies of one query from several layers count once); until then it keeps its prior.
     g.MIN_ENTRIES_PER_COMPONENT = 4
@@ -163,7 +163,7 @@ def _add_gmm_head_keys(mf):
     # --- scoring (GMMClassPredictor)
     # True: L2-normalise the embeddings and keep the means on the unit sphere (GMMSeg); prompts are
     # rescaled to the class's mean embedding norm. False: model the embeddings as they are.
-    g.NORMALIZE = False
+    g.NORMALIZE = True
     # A class's score from its components: "logsumexp" (log p(q|c), eq. 2) or "max" (the best
     # component, GMMSeg).
     g.COMPONENT_SCORE = "logsumexp"

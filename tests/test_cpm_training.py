@@ -161,11 +161,10 @@ ROWS = {
     "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
     "x_vcp_mixture_audio": ("GMMClassPredictor", True, True, True, 3),
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
-        "x_gmm_observe_last", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_normalize",
+        "x_gmm_observe_last", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
-        "x_gmm_normalize_tied", "x_gmm_normalize_no_object_mixture", "x_gmm_normalize_per_dim",
-        "x_vcp_class_weight_0.1", "x_gmm_normalize_vcp_class_weight_0.1")},
+        "x_vcp_class_weight_0.1")},
 }
 
 
@@ -728,9 +727,9 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_pcl_batch_negatives", {"MODEL.CPM.PCL.NEGATIVES": ("image", "batch")}),
     ("x_lambda_0.25", {"MODEL.CPM.LAMBDA": (1.0, 0.25)}),
     ("x_vcp_mixture_audio", {"MODEL.CPM.VCP.AUDIO": ("clean", "mixture")}),
-    ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.NORMALIZE": (False, True),
-                              "MODEL.MASK_FORMER.GMM.EPS": (1e-4, 1e-3),
-                              "MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
+    ("x_gmm_raw_embeddings", {"MODEL.MASK_FORMER.GMM.NORMALIZE": (True, False),
+                              "MODEL.MASK_FORMER.GMM.EPS": (1e-3, 1e-4)}),
+    ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
                               "MODEL.MASK_FORMER.GMM.LOGIT_NORM": ("sqrt_dim", "class_layer_norm")}),
 ])
 def test_beyond_the_paper_rows_differ_from_full_cpm_only_in_their_keys(row, changes):
