@@ -52,3 +52,19 @@ def test_vcp_hears_the_clean_audio_except_in_the_row_about_it(path):
     ablation row that measures the mixture."""
     expected = "mixture" if Path(path).name == "x_vcp_mixture_audio.yaml" else "clean"
     assert _load(path).MODEL.CPM.VCP.AUDIO == expected
+
+
+@pytest.mark.parametrize("variant, method", [("avss_r50_point_prompts.yaml", "avss_r50.yaml"),
+                                             ("synthetic/cpm_r18_hard_point_prompts.yaml", "synthetic/cpm_r18_hard.yaml")])
+def test_point_prompt_configs_change_only_the_class_head(variant, method):
+    """The shipped "Point Rep." variants are the paper's configs with a softmax head whose prompts are
+    its learnable table; everything else (CPM's objectives, data, schedule) is the method's."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    v, m = _load(str(root / variant)), _load(str(root / method))
+    assert m.MODEL.MASK_FORMER.CLASS_PREDICTOR == "GMMClassPredictor" and m.MODEL.CPM.ENABLED
+    assert v.MODEL.MASK_FORMER.CLASS_PREDICTOR == "LinearClassPredictor"
+    assert v.MODEL.CPM.LINEAR_HEAD_PROMPTS == "embedding"
+    v.defrost()
+    v.MODEL.MASK_FORMER.CLASS_PREDICTOR = m.MODEL.MASK_FORMER.CLASS_PREDICTOR
+    v.OUTPUT_DIR = m.OUTPUT_DIR
+    assert v == m
