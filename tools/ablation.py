@@ -83,7 +83,7 @@ ROW_TITLES = {
     "x_gmm_learned_temperature": "CPM, GMM logits divided by a learned temperature",
     "x_vcp_no_class_term": "CPM, VCP without its class term",
     "x_vcp_class_weight_0.1": "CPM, VCP class term x 0.1",
-    # configs/stereo_rows/ (issue #12, docs/stereo.md)
+    # configs/stereo_rows/ (the stereo comparison, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
     "stereo_position_stem": "stereo position + 2-channel stem",

@@ -20,14 +20,14 @@ Decisions where the paper is silent:
   as contrastive methods do: contrasting u~_v itself would pull the very map every class-agnostic
   mask is a dot product with. Negatives (PCL.NEGATIVES): "image" (default) takes an anchor's
   positives and negatives from its own image; "batch" from every image (a silent object of the
-  anchor's class in another image is then a negative). Chosen by ablation (docs/results.md).
+  anchor's class in another image is then a negative); docs/results.md compares the two.
   Pixels are L2-normalised (cosine similarity) and drawn class-balanced
   (:func:`~.losses.sample_pixels`).
 * VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
   the queries, but over the C classes only: the "no object" logit is left out. A prompt is an
   object by construction; training it to say so pushes the shared no-object decision towards
-  "object" for every query (measured with the GMM head on the hard synthetic preset: every
-  unmatched query was then called an object at test time). Its mask and dice sums are divided
+  "object" for every query (unmatched queries are then called objects at test time; see
+  docs/results.md). Its mask and dice sums are divided
   by l_agn's number of masks, so one prompted mask weighs what one matched class-agnostic mask
   weighs.
 * Images without sounding classes have no prompts and contribute nothing; every loss still

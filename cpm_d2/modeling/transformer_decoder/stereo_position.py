@@ -1,4 +1,4 @@
-"""Stereo source position for the audio-visual decoder (``MODEL.AUDIO.STEREO_POSITION``, issue #12).
+"""Stereo source position for the audio-visual decoder (``MODEL.AUDIO.STEREO_POSITION``).
 
 Why. In the paper (§4.4, "Limitations") stereo audio enters only through the audio backbone's
 2-channel first convolution, so *where* a sound comes from and *what* it is are encoded jointly,
@@ -61,8 +61,8 @@ per visual-decoder layer (tools/benchmark.py --stereo-position measures it).
 Separate encoding (``STEREO_POSITION.BACKBONE_INPUT``, default "mid"): the audio backbone sees the
 channel mean in both of its input channels, so the semantic features cannot see position and
 the cue above is the only way position enters: the separation the paper's "Limitations" asks
-for. "stereo" keeps the paper's 2-channel stem as well (position also enters jointly). In a
-300-step sanity run on the stereo_msmi preset "mid" learned faster (docs/stereo.md).
+for. "stereo" keeps the paper's 2-channel stem as well (position also enters jointly);
+docs/stereo.md compares the two.
 
 Flip / swap symmetry: X is exactly mirrored by a channel swap; x̂ is too when the query's audio
 mask m^a does not change under the swap, which holds exactly with "mid" and approximately with
