@@ -202,7 +202,7 @@ def main(argv=None):
     try:
         path, drawn = write_training_curves(args.output_dirs, args.output, args.labels, args.title)
     except (OSError, ValueError) as e:
-        parser.exit(2, f"plot_training.py: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"wrote {path}: panels {', '.join(drawn)}")
     return path
 

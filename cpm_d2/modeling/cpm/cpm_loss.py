@@ -49,8 +49,6 @@ from .prompt_pass import PromptBatch
 
 __all__ = ["CPMLoss"]
 
-_WHERE = "cpm_d2/modeling/cpm/cpm_loss.py"
-
 
 def _without_no_object(logits: torch.Tensor) -> torch.Tensor:
     """(..., C+1) logits with the no-object one pushed out of the softmax (VCP's CE is over the C classes)."""
@@ -106,16 +104,16 @@ class CPMLoss(nn.Module):
         super().__init__()
         if not (acp_enabled or vcp_enabled or pcl_enabled):
             raise ValueError(
-                f"{_WHERE}: MODEL.CPM.ENABLED is True but MODEL.CPM.ACP/VCP/PCL.ENABLED are all False; "
+                f"MODEL.CPM.ENABLED is True but MODEL.CPM.ACP/VCP/PCL.ENABLED are all False; "
                 "set MODEL.CPM.ENABLED False for the class-agnostic model"
             )
         if pcl_enabled and (pcl_temperature <= 0 or pcl_num_pixels < 1):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
+            raise ValueError(f"MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
                              f"{pcl_temperature} and {pcl_num_pixels}")
         if vcp_audio not in ("mixture", "clean"):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.VCP.AUDIO must be 'mixture' or 'clean', got {vcp_audio!r}")
+            raise ValueError(f"MODEL.CPM.VCP.AUDIO must be 'mixture' or 'clean', got {vcp_audio!r}")
         if pcl_negatives not in ("image", "batch"):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
+            raise ValueError(f"MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
         self.criterion = criterion
         self.weight_dict = dict(weight_dict)
         self.num_classes = int(num_classes)
@@ -223,7 +221,7 @@ class CPMLoss(nn.Module):
         losses = {}
         if self.acp_enabled:
             if prompts.clean_audio is None or prompts.noise_audio is None:
-                raise ValueError(f"{_WHERE}: ACP needs the clean and noise magnitudes")
+                raise ValueError(f"ACP needs the clean and noise magnitudes")
             losses["loss_acp"] = self.acp(prompts)
         if self.vcp_enabled:
             losses.update(self.vcp(prompts, targets, num_masks))
