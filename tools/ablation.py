@@ -47,7 +47,6 @@ import time
 import yaml
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
 ABLATIONS = os.path.join(REPO, "configs", "ablations")
 TABLE4 = ["t4_1_baseline", "t4_2_ccdm", "t4_3_ccdm_vcp", "t4_4_ccdm_acp", "t4_5_ccdm_acp_vcp", "t4_6_cpm_full"]
 TABLE5 = ["t5_point_rep", "t5_dist_rep", "t5_gmm_m1", "t5_gmm_m3", "t5_gmm_m5"]
