@@ -21,7 +21,8 @@ from cpm_d2.data import (
 )
 from cpm_d2.data.datasets.account import loading_policy
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_ms3, load_avsbench_s4, prepare_avsbench_object_masks
-from cpm_d2.data.datasets.avss import avss_palette, load_avs_layout, load_avss, read_label2idx
+from cpm_d2.data.datasets.avss import load_avs_layout, load_avss
+from cpm_d2.data.file_io import avss_palette, read_label2idx
 from cpm_d2.data.datasets.catalog import load_synthetic_avs
 from cpm_d2.data.datasets.vpo import load_vpo, prepare_vpo
 from cpm_d2.config import get_cfg

@@ -136,7 +136,7 @@ def _check_prediction_pngs(out, tiny_root, dataset="tiny_val", split="val"):
     PNGs in the AVSS palette, the size of the frame's label map, values among the dataset's classes."""
     from PIL import Image
 
-    from cpm_d2.data.datasets.avss import avss_palette, read_label_map
+    from cpm_d2.data.file_io import avss_palette, read_label_map
 
     predictions = out / "inference" / dataset / "predictions"
     expected = sorted(p.relative_to(tiny_root).parts for p in Path(tiny_root).glob("*/*/labels_semantic/*.png")
