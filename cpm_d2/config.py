@@ -6,6 +6,10 @@
   dataset registration, AVS evaluation, input geometry;
 * :func:`add_cpm_config`: ``MODEL.CPM.*`` only (the CPM training method).
 
+Every key detectron2 defines keeps detectron2's default (``INPUT.FORMAT``,
+``SOLVER.LR_SCHEDULER_NAME``, ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``, ...). The AVS recipe's values of
+those keys are set in ``configs/Base-AVS.yaml``, which every shipped config inherits.
+
 Usage (detectron2 convention)::
 
     from detectron2.config import get_cfg
@@ -55,18 +59,12 @@ def add_maskformer_config(cfg):
     _C.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     _C.SOLVER.POLY_LR_POWER = 0.9
     _C.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
-    _C.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
-    _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # clip the gradient norm of the whole model
-    _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
     _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     _C.SOLVER.AMP.ENABLED = False  # honoured only when CUDA is present
 
     head = _C.MODEL.SEM_SEG_HEAD
     head.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
-    head.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    head.NUM_CLASSES = 71  # C, background included (AVSS: 71)
     head.IGNORE_VALUE = 255
-    head.CONVS_DIM = 256
     head.MASK_DIM = 256
     head.NORM = "GN"
     # Stride of the mask features: input features finer than this are not used.
@@ -181,7 +179,6 @@ def _add_gmm_head_keys(mf):
 def add_avs_config(cfg):
     """Audio-visual segmentation: input geometry, audio front end, audio model, datasets, evaluation."""
     _C = cfg
-    _C.INPUT.FORMAT = "RGB"
     # Train geometry: "resize_crop" = resize short edge (MIN_SIZE_TRAIN) + random crop (CROP.*),
     # "random_resized_crop" = crop a random area/aspect then resize to CROP.SIZE,
     # "fixed" = resize to FIXED_SIZE ignoring aspect (AVSBench's 224x224 protocol).

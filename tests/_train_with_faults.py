@@ -25,11 +25,9 @@ import signal
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-sys.path.insert(0, REPO)
+from _scripts import load_script  # found in tests/, the folder of this script
 
-import train_net  # noqa: E402  (imports cpm_d2 first: compat fixes)
+train_net = load_script("tools/train_net.py")  # imports cpm_d2 first: compat fixes
 import torch  # noqa: E402
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils import comm  # noqa: E402

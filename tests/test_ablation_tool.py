@@ -3,7 +3,6 @@ cache (another config is refused, keys added later at their default are not), me
 tiny end-to-end run that trains, scores val / test / muted test and caches the result."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,10 @@ import yaml
 
 import cpm_d2  # noqa: F401
 
+from _scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ablation  # noqa: E402
+ablation = load_script("tools/ablation.py")
 
 HARD = str(ROOT / "configs" / "synthetic" / "cpm_r18_hard.yaml")
 

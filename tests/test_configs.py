@@ -31,6 +31,27 @@ def test_config_merges_and_is_consistent(path):
         assert name in DatasetCatalog.list(), f"{path}: dataset {name!r} is not registered"
 
 
+def _leaves(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_get_cfg_keeps_detectron2_defaults():
+    """cpm_d2's get_cfg() only adds keys: every key detectron2 defines keeps detectron2's default
+    (the AVS recipe's values live in configs/Base-AVS.yaml)."""
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    theirs, ours = _leaves(d2_get_cfg()), _leaves(get_cfg())
+    assert not [k for k in theirs if k not in ours]
+    changed = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
+    assert not changed, f"detectron2 default -> cpm_d2 default: {changed}"
+
+
 @pytest.mark.slow
 def test_paper_config_builds_r50_model():
     from detectron2.modeling import build_model

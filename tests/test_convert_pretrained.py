@@ -1,7 +1,6 @@
 """tools/convert_pretrained.py: torchvision ResNet .pth -> the visual (.pkl) and audio backbone forms."""
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ from cpm_d2.config import setup_cfg
 from cpm_d2.modeling.backbone import build_audio_backbone, load_audio_backbone_weights
 from detectron2.modeling import build_model
 
+from _scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import convert_pretrained  # noqa: E402
+convert_pretrained = load_script("tools/convert_pretrained.py")
 
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 

@@ -41,9 +41,9 @@ def test_acp_ratio_target_by_hand():
     up = acp_ratio_target(torch.ones(1, 1, 3, 2), torch.full((1, 1, 3, 2), 3.0), (5, 4))
     assert up.shape == (1, 5, 4)
     torch.testing.assert_close(up, torch.full((1, 5, 4), 0.25))
-    with pytest.raises(ValueError, match="cpm/losses.py.*negative"):
+    with pytest.raises(ValueError, match="acp_ratio_target got negative magnitudes"):
         acp_ratio_target(-clean, noise, (2, 2))
-    with pytest.raises(ValueError, match="cpm/losses.py"):
+    with pytest.raises(ValueError, match="acp_ratio_target expects clean_mag and noise_mag of the same"):
         acp_ratio_target(clean, noise[:1], (2, 2))
 
 
@@ -70,7 +70,7 @@ def test_acp_loss_by_hand():
     assert loss2.item() == 0.0
     loss2.backward()
     assert (logits2.grad == 0).all()
-    with pytest.raises(ValueError, match="cpm/losses.py.*prompt_valid"):
+    with pytest.raises(ValueError, match=r"prompt_valid must be \(B, K\)"):
         acp_loss(logits2, torch.zeros(2, 2, dtype=torch.bool), torch.rand(2, 2, 2))
 
 
@@ -90,7 +90,7 @@ def test_masked_average_pool_by_hand():
     out.sum().backward()
     # d/dfeat of the three means summed: positions 0, 1 get 1/2 + 1/4, position 2 gets 1/4, 3 gets 1/4 + 1
     torch.testing.assert_close(feats.grad[0, 0, 0], torch.tensor([0.75, 0.75, 0.25, 1.25]))
-    with pytest.raises(ValueError, match="cpm/losses.py"):
+    with pytest.raises(ValueError, match="masked_average_pool needs the same batch and T'xF' grid"):
         masked_average_pool(logits, feats[..., :3])
 
 
@@ -238,5 +238,5 @@ def test_vcp_indices_maps_prompts_to_targets():
     inst.gt_classes = torch.tensor([5, 3, 0])
     (q, t), = vcp_indices([prompts[0]], [inst])
     assert t.tolist() == [1, 2, 0]
-    with pytest.raises(ValueError, match="cpm/losses.py"):
+    with pytest.raises(ValueError, match="vcp_indices got 2 prompt label sets but 1 targets"):
         vcp_indices(prompts, targets[:1])

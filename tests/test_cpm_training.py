@@ -594,7 +594,7 @@ def test_softmax_head_with_gmm_prompts():
     assert torch.equal(z, gmm.sample(torch.tensor([1, 2])))
     assert set(model.state_dict()) >= {"transformer_decoder.class_predictor.prompt_gmm.means",
                                        "transformer_decoder.class_predictor.linear.weight"}
-    with pytest.raises(ValueError, match="prompts must be"):
+    with pytest.raises(ValueError, match=r"prompts \(MODEL.CPM.LINEAR_HEAD_PROMPTS\) must be none \| embedding \| gmm, got .points."):
         _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor",
                            "MODEL.CPM.LINEAR_HEAD_PROMPTS": "points"}))
 

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,14 @@ from cpm_d2.data import (
 )
 from cpm_d2.data.datasets.account import loading_policy
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_ms3, load_avsbench_s4, prepare_avsbench_object_masks
-from cpm_d2.data.datasets.avss import avss_palette, load_avs_layout, load_avss, read_label2idx
+from cpm_d2.data.datasets.avss import load_avs_layout, load_avss
+from cpm_d2.data.file_io import avss_palette, read_label2idx
 from cpm_d2.data.datasets.catalog import load_synthetic_avs
 from cpm_d2.data.datasets.vpo import load_vpo, prepare_vpo
 from cpm_d2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from _scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -82,11 +84,7 @@ def _make_avss(root):
 
 
 def _prepare_avss_cli(root):
-    sys.path.insert(0, str(REPO / "datasets"))
-    try:
-        import prepare_avss
-    finally:
-        sys.path.pop(0)
+    prepare_avss = load_script("datasets/prepare_avss.py")
     prepare_avss.main(["avss", "--root", str(root)])
 
 

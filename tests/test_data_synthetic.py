@@ -8,7 +8,8 @@ import soundfile as sf
 from PIL import Image
 
 import cpm_d2  # noqa: F401
-from cpm_d2.data.datasets.avss import load_avs_layout, read_label2idx, read_metadata_csv
+from cpm_d2.data.datasets.avss import load_avs_layout
+from cpm_d2.data.file_io import read_label2idx, read_metadata_csv
 from cpm_d2.data.datasets.synthetic import INFO_FILE, ensure_synthetic_avs, generate_synthetic_avs
 
 SMALL = dict(clips_per_split={"train": 6, "val": 2, "test": 4}, frames_per_clip=5)

@@ -4,7 +4,6 @@ A randomly initialised tiny model stands in for a trained one (what is checked i
 inputs, streaming, the written video and its sound track, the errors).
 """
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,11 @@ from cpm_d2.config import setup_cfg
 from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
 from detectron2.modeling import build_model
 
+from _scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
-sys.path.insert(0, str(REPO / "tools"))
-import demo  # noqa: E402
+demo = load_script("tools/demo.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 """tools/eval_class_claims.py: splitting a frame's claimed classes, and the summary."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import eval_class_claims as claims  # noqa: E402
+from _scripts import load_script
+
+claims = load_script("tools/eval_class_claims.py")
 
 
 def test_claims_split_into_sounding_silent_and_absent():

@@ -34,7 +34,8 @@ import cpm_d2  # noqa: F401  (compat fixes before detectron2)
 from cpm_d2.data import AudioFrontEnd, AudioReadError, AVSDatasetMapper, generate_synthetic_avs
 from cpm_d2.data.datasets.account import loading_policy
 from cpm_d2.data.datasets.avsbench_objects import load_avsbench_s4
-from cpm_d2.data.datasets.avss import load_avs_layout, read_label2idx
+from cpm_d2.data.datasets.avss import load_avs_layout
+from cpm_d2.data.file_io import read_label2idx
 from cpm_d2.data.datasets.vpo import load_vpo
 
 SEED = 20261125

@@ -1,13 +1,12 @@
 """tools/loss_balance.py: loss terms grouped over their per-layer copies, values and gradient norms."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import loss_balance  # noqa: E402
+from _scripts import load_script
+
+loss_balance = load_script("tools/loss_balance.py")
 
 
 class _Toy(nn.Module):

@@ -231,7 +231,7 @@ def test_audio_backbone_and_decoder_shapes():
     # stem /4: (26, 65); res5 /32: (4, 9) -> 36 tokens
     assert out["dense"].shape == (2, 32, 26, 65) and out["feature_map"].shape == (2, 32, 26, 65)
     assert out["tokens"].shape == (2, 36, 64) and out["tokens_pos"].shape == (2, 36, 64)
-    with pytest.raises(ValueError, match="audio_resnet.py"):
+    with pytest.raises(ValueError, match=r"expected audio \(B, 2, T, F\)"):
         bb(torch.randn(2, 1, 101, 257))
     with pytest.raises(ValueError, match="DEPTH"):
         AudioResNet(depth=50)
@@ -281,5 +281,5 @@ def test_linear_class_predictor_point_prompts_are_learnable():
     (z * torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).sum().backward()
     # d/dW[1] = (1, 2) + (5, 6); d/dW[3] = (3, 4); untouched rows get 0
     assert pred.prompts.weight.grad.tolist() == [[0.0, 0.0], [6.0, 8.0], [0.0, 0.0], [3.0, 4.0]]
-    with pytest.raises(ValueError, match="linear.py"):
+    with pytest.raises(ValueError, match=r"sample labels must lie in \[0, 3\]"):
         pred.sample(torch.tensor([4]))

@@ -161,7 +161,7 @@ def test_custom_queries_with_padding():
     keep = ~pad
     for k in ("pred_logits", "pred_masks", "pred_audio_masks", "audio_pred_logits"):
         assert torch.allclose(o1[k][keep], o2[k][keep], atol=1e-4), k
-    with pytest.raises(ValueError, match="audio_visual_decoder.py"):
+    with pytest.raises(ValueError, match=r"queries must be \(B=2, Q, "):
         model.decode(vis, aud, queries=torch.randn(2, 4, d + 1))
 
 

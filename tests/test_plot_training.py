@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import plot_training  # noqa: E402
+from cpm_d2.utils import training_curves
+
+from _scripts import load_script
+
+plot_training = load_script("tools/plot_training.py")
 
 
 def _write(folder, rows, tail=""):
@@ -41,7 +44,7 @@ def test_hand_written_runs_overlaid(tmp_path):
     cpm = _write(tmp_path / "cpm", CPM, tail='{"iteration": 79, "total_lo')  # killed mid-write
     out = tmp_path / "both.png"
     with pytest.warns(UserWarning, match="truncated last line 5"):
-        path, drawn = plot_training.write_training_curves([base, cpm], out, labels=["baseline", "CPM"])
+        path, drawn = training_curves.write_training_curves([base, cpm], out, labels=["baseline", "CPM"])
     assert Path(path).is_file() and Path(path).stat().st_size > 10_000
 
     assert list(drawn) == ["total_loss", "loss_ce", "loss_mask", "loss_dice", "loss_acp", "loss_vcp_ce", "loss_pcl",
@@ -60,22 +63,22 @@ def test_final_point_and_several_test_datasets(tmp_path):
     rows = [{"iteration": 9, "total_loss": 3.0},
             {"iteration": 9, "a_test/sem_seg/mIoU": 20.0, "b_test/sem_seg/mIoU": 30.0}]
     run = _write(tmp_path / "run", rows)
-    curves = plot_training.extract_curves(plot_training.read_metrics(run))
+    curves = training_curves.extract_curves(training_curves.read_metrics(run))
     assert list(curves) == ["total_loss", "mIoU (a_test)", "mIoU (b_test)"]
-    path, drawn = plot_training.write_training_curves([run], final_points=[{"mIoU": 55.5}])
+    path, drawn = training_curves.write_training_curves([run], final_points=[{"mIoU": 55.5}])
     assert path == os.path.join(run, "training_curves.png")
     assert drawn["mIoU"] == {"run": ([10], [55.5])}
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="run folder not found"):
-        plot_training.read_metrics(tmp_path / "nope")
+        training_curves.read_metrics(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/metrics.json not found"):
-        plot_training.read_metrics(tmp_path / "empty")
+        training_curves.read_metrics(tmp_path / "empty")
     bad = _write(tmp_path / "bad", [{"iteration": 1, "total_loss": 1.0}], tail="garbage\n" + json.dumps({"iteration": 2}))
     with pytest.raises(ValueError, match=r"bad/metrics.json, line 2: not JSON"):
-        plot_training.read_metrics(bad)
+        training_curves.read_metrics(bad)
     nothing = _write(tmp_path / "nothing", [{"iteration": 1, "lr": 0.1}])
     with pytest.raises(SystemExit):
         plot_training.main([str(nothing)])
@@ -109,7 +112,7 @@ def test_curves_of_a_tiny_real_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "training_curves.png").is_file()
 
-    _, drawn = plot_training.write_training_curves([out], tmp_path / "again.png", labels=["cpm"])
+    _, drawn = training_curves.write_training_curves([out], tmp_path / "again.png", labels=["cpm"])
     train = [r for r in rows if "total_loss" in r]
     evals = [r for r in rows if "sem_seg/mIoU" in r]
     assert train and len(evals) == 2

@@ -5,7 +5,6 @@ sounding one of two identical instances."""
 import hashlib
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 from cpm_d2.modeling.transformer_decoder.stereo_position import StereoPositionPrior, frame_on_canvas, stereo_cues
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -327,8 +328,7 @@ def _check_training_picks():
 
 # ------------------------------------------------------------------------------ tools
 def test_eval_tool_scores_frames_and_rebuilds_instance_masks():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import eval_stereo_instances as ev
+    ev = load_script("tools/eval_stereo_instances.py")
 
     classes = [{"shape": "square"}, {"shape": "circle"}]
     objs = [{"class_id": 2, "cy": 10.0, "cx": 10.0, "size": 8, "sounding": True},
@@ -352,8 +352,7 @@ def test_eval_tool_scores_frames_and_rebuilds_instance_masks():
 
 
 def test_ablation_rows_dir_and_extra_eval_command():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import ablation
+    ablation = load_script("tools/ablation.py")
 
     rows_dir = str(ROOT / "configs" / "stereo_rows")
     assert ablation.all_rows(rows_dir) == ["stem_only", "stereo_position", "stereo_position_sharp", "stereo_position_stem"]

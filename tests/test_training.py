@@ -17,6 +17,8 @@ import torch
 import cpm_d2  # noqa: F401
 from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
 
+from _scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
@@ -134,7 +136,7 @@ def _check_prediction_pngs(out, tiny_root, dataset="tiny_val", split="val"):
     PNGs in the AVSS palette, the size of the frame's label map, values among the dataset's classes."""
     from PIL import Image
 
-    from cpm_d2.data.datasets.avss import avss_palette, read_label_map
+    from cpm_d2.data.file_io import avss_palette, read_label_map
 
     predictions = out / "inference" / dataset / "predictions"
     expected = sorted(p.relative_to(tiny_root).parts for p in Path(tiny_root).glob("*/*/labels_semantic/*.png")
@@ -158,11 +160,7 @@ def _split_uids(root, split):
 
 def test_flag_after_the_config_overrides_says_where_flags_go(tmp_path):
     """It used to fail as 'Non-existent key: --register-dataset'."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import train_net
-    finally:
-        sys.path.pop(0)
+    train_net = load_script("tools/train_net.py")
     argv = ["--config-file", TINY, "SOLVER.MAX_ITER", "2", "--register-dataset", "t", str(tmp_path), "train"]
     with pytest.raises(ValueError, match=r"^--register-dataset comes after the config overrides \(SOLVER.MAX_ITER 2 "
                        r"\.\.\.\): flags such as --register-dataset, --resume and --num-gpus go before the KEY VALUE"):

@@ -47,7 +47,6 @@ import time
 import yaml
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
 ABLATIONS = os.path.join(REPO, "configs", "ablations")
 TABLE4 = ["t4_1_baseline", "t4_2_ccdm", "t4_3_ccdm_vcp", "t4_4_ccdm_acp", "t4_5_ccdm_acp_vcp", "t4_6_cpm_full"]
 TABLE5 = ["t5_point_rep", "t5_dist_rep", "t5_gmm_m1", "t5_gmm_m3", "t5_gmm_m5"]
@@ -83,7 +82,7 @@ ROW_TITLES = {
     "x_gmm_learned_temperature": "CPM, GMM logits divided by a learned temperature",
     "x_vcp_no_class_term": "CPM, VCP without its class term",
     "x_vcp_class_weight_0.1": "CPM, VCP class term x 0.1",
-    # configs/stereo_rows/ (issue #12, docs/stereo.md)
+    # configs/stereo_rows/ (the stereo comparison, docs/stereo.md)
     "stem_only": "2-channel stem only (the paper)",
     "stereo_position": "stereo-aware: stereo position, backbone on the channel mean",
     "stereo_position_stem": "stereo position + 2-channel stem",

@@ -22,7 +22,6 @@ import os
 import sys
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
 
 import cpm_d2  # noqa: E402,F401  (compat fixes + registries, before detectron2 submodules)

@@ -22,16 +22,13 @@ The checkpoint must match the config exactly (``--allow-partial-weights`` to use
 """
 import argparse
 import os
-import sys
 from fractions import Fraction
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import cpm_d2  # noqa: E402,F401
-from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.engine.predictor import decode_audio, decode_video, video_frame_rate  # noqa: E402,F401  (re-exported)
+import cpm_d2  # noqa: F401
+from cpm_d2.config import setup_cfg
+from cpm_d2.engine.predictor import decode_audio, decode_video, video_frame_rate  # noqa: F401  (re-exported)
 
 # Sample rates the AAC encoder takes; a track at another rate is resampled to 48 kHz for the video.
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)

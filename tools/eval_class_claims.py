@@ -20,11 +20,12 @@ object": queries the model keeps without a target), and the counts. Default spli
 (``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
 """
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_eval import load_model_and_info, setup_from_cli, write_json  # noqa: E402
+from cpm_d2.evaluation.synthetic_eval import load_model_and_info, setup_from_cli, write_json
+
+# DETECTRON2_DATASETS when unset: the checkout's datasets/
+DATASETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "datasets"))
 
 
 def classify_claims(claimed, sounding, visible):
@@ -118,7 +119,7 @@ def evaluate(cfg, weights, dataset, output_json):
 
 
 def main(argv=None):
-    cfg, weights, dataset, output = setup_from_cli(__doc__, "class_claims.json", argv)
+    cfg, weights, dataset, output = setup_from_cli(__doc__, "class_claims.json", argv, datasets_root=DATASETS)
     s = evaluate(cfg, weights, dataset, output)["summary"]
     print(f"[eval_class_claims] {dataset}: {s['frames']} frames; sounding classes claimed {s['recall']:.1f}%; "
           f"false claims per frame: {s['silent_per_frame']:.2f} silent objects in view, "

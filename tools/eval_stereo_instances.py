@@ -27,11 +27,12 @@ the settings and one record per scored frame, so a run's result can be cached (t
 ``--extra-eval`` runs this script for every (row, seed)). Chance for (b) is 50%.
 """
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_eval import load_model_and_info, setup_from_cli, write_json  # noqa: E402
+from cpm_d2.evaluation.synthetic_eval import load_model_and_info, setup_from_cli, write_json
+
+# DETECTRON2_DATASETS when unset: the checkout's datasets/
+DATASETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "datasets"))
 
 
 def _instances(frame_objects, classes, height, width):
@@ -137,7 +138,7 @@ def evaluate(cfg, weights, dataset, output_json):
 
 
 def main(argv=None):
-    cfg, weights, dataset, output = setup_from_cli(__doc__, "stereo_instances.json", argv)
+    cfg, weights, dataset, output = setup_from_cli(__doc__, "stereo_instances.json", argv, datasets_root=DATASETS)
     result = evaluate(cfg, weights, dataset, output)
     s = result["summary"]
 

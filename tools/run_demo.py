@@ -14,11 +14,9 @@ nothing already there is deleted.
 import argparse
 import json
 import os
-import sys
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, REPO)
 # Builtin datasets resolve their root from this variable when loaded; default to the repo's
 # datasets/ so the demo works from any working directory.
 os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
@@ -48,8 +46,7 @@ def _summary_table(results):
 
 def _plot_training_curves(cfg, config_file, test_results):
     """OUTPUT_DIR/training_curves.png (tools/plot_training.py), the held-out mIoU as the last point."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from plot_training import write_training_curves
+    from cpm_d2.utils.training_curves import write_training_curves
 
     miou = test_results.get("sem_seg", test_results).get("mIoU")
     label = os.path.splitext(os.path.basename(config_file))[0]

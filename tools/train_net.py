@@ -25,19 +25,17 @@ import contextlib
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import cpm_d2  # noqa: E402  (applies compat fixes, registers everything)
-from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.compat import DistributedWorkerError  # noqa: E402
-from cpm_d2.data import register_avs_datasets_from_cfg  # noqa: E402
-from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock, setup_cpm_logger  # noqa: E402
-from cpm_d2.engine.launcher import check_flags, detect_launch, launch_job  # noqa: E402
-from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
+import cpm_d2  # noqa: F401  (applies compat fixes, registers everything)
+from cpm_d2.config import setup_cfg
+from cpm_d2.compat import DistributedWorkerError
+from cpm_d2.data import register_avs_datasets_from_cfg
+from cpm_d2.engine import Trainer, check_output_dir, output_dir_lock, setup_cpm_logger
+from cpm_d2.engine.launcher import check_flags, detect_launch, launch_job
+from cpm_d2.checkpoint import AVSCheckpointer, CheckpointWriteError
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 
 def get_parser():

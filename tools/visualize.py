@@ -7,17 +7,14 @@ AVS dataset and checkpoint.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import cpm_d2  # noqa: E402,F401
-from cpm_d2.config import setup_cfg  # noqa: E402
-from cpm_d2.data import AVSDatasetMapper, register_avs_datasets_from_cfg  # noqa: E402
-from cpm_d2.utils.visualization import write_dataset_overlays  # noqa: E402
-from cpm_d2.checkpoint import AVSCheckpointer  # noqa: E402
-from detectron2.data import MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+import cpm_d2  # noqa: F401
+from cpm_d2.config import setup_cfg
+from cpm_d2.data import AVSDatasetMapper, register_avs_datasets_from_cfg
+from cpm_d2.utils.visualization import write_dataset_overlays
+from cpm_d2.checkpoint import AVSCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.modeling import build_model
 
 
 def main(argv=None):

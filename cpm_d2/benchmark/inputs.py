@@ -19,8 +19,6 @@ __all__ = [
     "synthetic_batches",
 ]
 
-_WHERE = "cpm_d2/benchmark/inputs.py"
-
 
 def input_size(cfg):
     """(H, W) of synthesised inputs: FIXED_SIZE for "fixed" training geometry, else CROP.SIZE when
@@ -63,11 +61,11 @@ def dataset_batches(cfg, num_batches, batch_size, is_train, seed=0):
     key = "TRAIN" if is_train else "TEST"
     names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
     if not names:
-        raise ValueError(f"{_WHERE}: the config has no DATASETS.{key}; use synthesised batches (--synthetic)")
+        raise ValueError(f"the config has no DATASETS.{key}; use synthesised batches (--synthetic)")
     ensure_dataset(names[0])
     dicts = DatasetCatalog.get(names[0])
     if not dicts:
-        raise ValueError(f"{_WHERE}: dataset {names[0]!r} (DATASETS.{key}) is empty")
+        raise ValueError(f"dataset {names[0]!r} (DATASETS.{key}) is empty")
     np.random.seed(seed)  # detectron2 augmentations draw from np.random
     torch.manual_seed(seed)
     mapper = AVSDatasetMapper(cfg, is_train=is_train)
@@ -92,7 +90,7 @@ def synthetic_inputs(cfg, num, size, num_classes, seed=0, is_train=True):
     from detectron2.structures import Instances
 
     if num_classes < 2:
-        raise ValueError(f"{_WHERE}: synthesised inputs need at least 2 classes (background + 1), got {num_classes}")
+        raise ValueError(f"synthesised inputs need at least 2 classes (background + 1), got {num_classes}")
     rng = np.random.default_rng(seed)
     h, w = int(size[0]), int(size[1])
     shape = _audio_shape(cfg)

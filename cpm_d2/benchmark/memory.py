@@ -19,7 +19,6 @@ import tempfile
 
 __all__ = ["current_rss_mib", "measure_peak_memory", "memory_probes", "probe"]
 
-_WHERE = "cpm_d2/benchmark/memory.py"
 _MARK = "MEMORY_PROBE "
 
 
@@ -162,7 +161,7 @@ def memory_probes(cfg, device="cpu", size=None, steps=3, seed=0, threads=1):
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith(_MARK)), None)
             if proc.returncode != 0 or line is None:
-                raise RuntimeError(f"{_WHERE}: the memory probe of the {name} model failed (exit {proc.returncode}):\n"
+                raise RuntimeError(f"the memory probe of the {name} model failed (exit {proc.returncode}):\n"
                                    f"{proc.stderr[-3000:]}")
             out[name] = json.loads(line[len(_MARK):])
     return out

@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 LABEL_PREFIXES = ("cpm.", "gmm.", "bench.")
-_WHERE = "cpm_d2/benchmark/profiling.py"
 
 
 class MissingLabelError(RuntimeError):
@@ -48,7 +47,7 @@ class MissingLabelError(RuntimeError):
     def __init__(self, missing, what, found):
         self.missing = list(missing)
         super().__init__(
-            f"{_WHERE}: profiler label(s) {', '.join(repr(m) for m in self.missing)} recorded no call in {what}; "
+            f"profiler label(s) {', '.join(repr(m) for m in self.missing)} recorded no call in {what}; "
             f"was the piece renamed or moved? Labels found: {', '.join(sorted(found)) or 'none'} "
             "(grep -rn record_function cpm_d2/ lists the model's labels)"
         )
@@ -210,7 +209,7 @@ def breakdown(model, optimizer, cfg, batches, steps, device="cpu"):
     from .models import sync_fn, train_step
 
     if steps < 1:
-        raise ValueError(f"{_WHERE}: the breakdown needs at least 1 step, got {steps}")
+        raise ValueError(f"the breakdown needs at least 1 step, got {steps}")
     sync = sync_fn(device)
     interval = int(cfg.MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL)
     start = int(model._iter) if hasattr(model, "_iter") else 0
@@ -218,7 +217,7 @@ def breakdown(model, optimizer, cfg, batches, steps, device="cpu"):
     prof = profile_calls(lambda i: train_step(model, optimizer, batches[i % len(batches)], sync), steps, device)
     require_labels(prof, expected_train_labels(cfg, em), f"{steps} profiled training step(s)")
     if prof.roots() != [STEP]:
-        raise RuntimeError(f"{_WHERE}: every label of a training step should nest under {STEP!r}; "
+        raise RuntimeError(f"every label of a training step should nest under {STEP!r}; "
                            f"found top-level labels {prof.roots()}")
     return summarise(prof, steps, em_calls=em)
 

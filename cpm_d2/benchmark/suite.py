@@ -206,9 +206,9 @@ def run(args, command=""):
     """Everything the CLI's flags ask for; -> the JSON-ready result dict (also printed)."""
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("tools/benchmark.py: --device cuda but torch.cuda.is_available() is False")
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     if args.iters < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("tools/benchmark.py: --iters and --repeats must be >= 1, --warmup >= 0")
+        raise SystemExit("--iters and --repeats must be >= 1, --warmup >= 0")
     threads = args.threads or (1 if device == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
     t_start = time.perf_counter()

@@ -15,7 +15,7 @@ __all__ = ["interleaved", "median_ratio"]
 def median_ratio(numerators, denominators):
     """Median of the element-wise ratios of two equally long lists -> (median, ratios)."""
     if len(numerators) != len(denominators) or not numerators:
-        raise ValueError(f"cpm_d2/benchmark/timing.py: need two non-empty lists of one length, got "
+        raise ValueError(f"need two non-empty lists of one length, got "
                          f"{len(numerators)} and {len(denominators)}")
     ratios = [a / b for a, b in zip(numerators, denominators)]
     return statistics.median(ratios), ratios
@@ -31,7 +31,7 @@ def interleaved(runners, num_inputs, iters, warmup, repeats, clock=time.perf_cou
     ratios[name] = {"median", "per_repeat"} for every runner but the first (relative to it).
     ``order`` lists, per repeat, the runner names of its first round in call order."""
     if iters < 1 or repeats < 1 or warmup < 0 or num_inputs < 1:
-        raise ValueError(f"cpm_d2/benchmark/timing.py: need iters >= 1, repeats >= 1, warmup >= 0 and inputs >= 1, "
+        raise ValueError(f"need iters >= 1, repeats >= 1, warmup >= 0 and inputs >= 1, "
                          f"got {iters}, {repeats}, {warmup}, {num_inputs}")
     names = list(runners)
     order = list(names)

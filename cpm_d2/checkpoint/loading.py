@@ -1,4 +1,4 @@
-"""Strict, explained checkpoint loading (issue #15 item 3, issue #13 item 4).
+"""Strict, explained checkpoint loading.
 
 :class:`StrictCheckpointLoading` overrides the loading side of detectron2's
 ``DetectionCheckpointer`` (``load``, ``_load_file``, ``_load_model``, ``_log_incompatible_keys``):

@@ -2,7 +2,9 @@
 
 ``register_all_avs_datasets()`` registers the builtin datasets (lazy; see
 ``cpm_d2/data/datasets/catalog.py``); ``register_avs_dataset`` registers a new one in the AVSS
-layout; ``AVSDatasetMapper`` turns a dataset dict into the model's input.
+layout; ``AVSDatasetMapper`` turns a dataset dict into the model's input. The checked readers and
+writers of the files themselves (metadata CSVs, class lists, frames, label maps, wav files) are in
+:mod:`cpm_d2.data.file_io`.
 """
 from .audio import AudioConfig, AudioFrontEnd, AudioReadError  # noqa: F401
 from .datasets import (  # noqa: F401

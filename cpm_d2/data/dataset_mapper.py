@@ -61,7 +61,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .audio import AudioFrontEnd
-from .datasets.avss import IGNORE_LABEL, check_image_file, image_size, read_label_map
+from .file_io import IGNORE_LABEL, check_image_file, image_size, read_label_map
 from .datasets.record import MAPPER_KEYS
 from .offscreen_noise import build_offscreen_noise_sampler
 

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from .datasets.avss import label_classes
+from .file_io import label_classes
 
 __all__ = ["DatasetNoise", "FolderNoise", "build_offscreen_noise_sampler"]
 

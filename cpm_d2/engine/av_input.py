@@ -76,7 +76,7 @@ def _frames_input(kind, frame_dir, audio_path, fps, max_frames):
     from detectron2.data import detection_utils as utils
 
     from ..data.audio import read_wav
-    from ..data.datasets.avss import check_image_file, frame_files
+    from ..data.file_io import check_image_file, frame_files
 
     files = frame_files(frame_dir)
     if not files:

@@ -46,7 +46,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..data.datasets.avss import read_label_map, write_label_map
+from ..data.file_io import read_label_map, write_label_map
 from . import metrics as M
 from .coverage import frame_coverage, gt_class_set, predicted_class_set
 

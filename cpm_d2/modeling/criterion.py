@@ -104,7 +104,7 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0):
         super().__init__()
         if mask_loss not in ("focal", "bce"):
-            raise ValueError(f"criterion.py: MODEL.MASK_FORMER.MASK_LOSS must be 'focal' or 'bce', got {mask_loss!r}")
+            raise ValueError(f"MODEL.MASK_FORMER.MASK_LOSS must be 'focal' or 'bce', got {mask_loss!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.eos_coef = eos_coef
@@ -227,7 +227,7 @@ class SetCriterion(nn.Module):
                 indices: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
                 return_indices: bool = False, num_masks=None):
         if len(targets) != outputs["pred_logits"].shape[0]:
-            raise ValueError(f"criterion.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+            raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         device = outputs["pred_logits"].device
         pad = outputs.get("query_padding_mask")
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}

@@ -82,9 +82,10 @@ class HungarianMatcher(nn.Module):
                  focal_gamma: float = 2.0):
         super().__init__()
         if mask_cost not in ("bce", "focal"):
-            raise ValueError(f"matcher.py: mask cost must be 'bce' or 'focal', got {mask_cost!r}")
+            raise ValueError(f"mask cost (MODEL.MASK_FORMER.MASK_LOSS) must be 'bce' or 'focal', got {mask_cost!r}")
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
-            raise ValueError("matcher.py: all matching costs are 0")
+            raise ValueError("all matching costs are 0: set at least one of MODEL.MASK_FORMER.CLASS_WEIGHT, "
+                             "MASK_WEIGHT, DICE_WEIGHT above 0")
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
         self.num_points = num_points
         self.mask_cost = mask_cost
@@ -140,7 +141,7 @@ class HungarianMatcher(nn.Module):
         are copied to the host in one go (one device->host sync for all of them)."""
         for outputs in predictions:
             if len(targets) != outputs["pred_logits"].shape[0]:
-                raise ValueError(f"matcher.py: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+                raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         costs = torch.stack([self.cost_matrices(o, targets) for o in predictions]).cpu().numpy()  # (L, B, Q, K_max)
         pads = [o.get("query_padding_mask") for o in predictions]
         if any(p is not None for p in pads):

@@ -91,7 +91,7 @@ def write_dataset_overlays(model, data_loader, metadata, out_dir, max_frames=16,
     import torch
     from PIL import Image
 
-    from cpm_d2.data.datasets.avss import read_label_map
+    from cpm_d2.data.file_io import read_label_map
 
     os.makedirs(out_dir, exist_ok=True)
     is_binary = bool(metadata.get("is_binary", False))

@@ -27,8 +27,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ..file_io import image_size, read_csv_text
 from .account import LoadAccount
-from .avss import image_size, read_csv_text
 from .record import frame_record
 
 __all__ = [

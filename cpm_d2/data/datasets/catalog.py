@@ -27,13 +27,13 @@ import logging
 import os
 from functools import partial
 
+from ..file_io import read_label2idx
 from .avsbench_objects import OBJECT_CLASSES, load_avsbench_ms3, load_avsbench_s4
 from .avss import (
     AVSS_SUBSETS,
     avss_class_names,
     load_avs_layout,
     load_avss,
-    read_label2idx,
     register_avs_dataset,
     register_lazy,
 )

@@ -28,8 +28,8 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from ..file_io import image_size, parse_csv_rows, read_csv_text
 from .account import LoadAccount
-from .avss import image_size, parse_csv_rows, read_csv_text
 from .record import frame_record
 
 __all__ = ["VPO_CLASSES", "VPO_COCO_IDS", "VPO_SETUPS", "load_vpo", "prepare_vpo", "remap_vpo_mask"]

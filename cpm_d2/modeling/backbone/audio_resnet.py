@@ -42,9 +42,9 @@ class AudioResNet(nn.Module):
     def __init__(self, *, depth: int = 18, in_channels: int = 1, base_channels: int = 64, norm: str = "BN"):
         super().__init__()
         if depth not in _BLOCKS:
-            raise ValueError(f"audio_resnet.py: MODEL.AUDIO.DEPTH must be 18 or 34, got {depth}")
+            raise ValueError(f"MODEL.AUDIO.DEPTH must be 18 or 34, got {depth}")
         if in_channels not in (1, 2):
-            raise ValueError(f"audio_resnet.py: MODEL.AUDIO.IN_CHANNELS must be 1 or 2, got {in_channels}")
+            raise ValueError(f"MODEL.AUDIO.IN_CHANNELS must be 1 or 2, got {in_channels}")
         self.in_channels = in_channels
 
         def norm_layer(c):
@@ -75,7 +75,7 @@ class AudioResNet(nn.Module):
     def from_config(cls, cfg):
         if cfg.MODEL.AUDIO.IN_CHANNELS != cfg.INPUT.AUDIO.CHANNELS:
             raise ValueError(
-                f"audio_resnet.py: MODEL.AUDIO.IN_CHANNELS ({cfg.MODEL.AUDIO.IN_CHANNELS}) must equal "
+                f"MODEL.AUDIO.IN_CHANNELS ({cfg.MODEL.AUDIO.IN_CHANNELS}) must equal "
                 f"INPUT.AUDIO.CHANNELS ({cfg.INPUT.AUDIO.CHANNELS})"
             )
         return {
@@ -90,7 +90,8 @@ class AudioResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"audio_resnet.py: expected audio (B, {self.in_channels}, T, F), got {tuple(x.shape)}")
+            raise ValueError(f"expected audio (B, {self.in_channels}, T, F) (MODEL.AUDIO.IN_CHANNELS = {self.in_channels}), "
+                             f"got {tuple(x.shape)}")
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         out = {}
         for i in range(4):
@@ -118,7 +119,8 @@ def _read_state_dict(path):
     elif isinstance(data, dict) and "state_dict" in data:
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise ValueError(f"audio_resnet.py: {path} does not hold a state dict")
+        raise ValueError(f"MODEL.AUDIO.WEIGHTS {path} does not hold a state dict (a dict name -> tensor, "
+                         f"or one under 'model' or 'state_dict'); got a {type(data).__name__}")
     return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
 
 
@@ -131,7 +133,7 @@ def load_audio_backbone_weights(model: AudioResNet, path: str):
     try:
         state = _read_state_dict(path)
     except (OSError, pickle.UnpicklingError, RuntimeError) as e:
-        raise ValueError(f"audio_resnet.py: cannot read MODEL.AUDIO.WEIGHTS {path}: {e}") from e
+        raise ValueError(f"cannot read MODEL.AUDIO.WEIGHTS {path}: {e}") from e
     clean = {}
     for k, v in state.items():
         for prefix in ("module.", "audio_backbone."):
@@ -146,7 +148,7 @@ def load_audio_backbone_weights(model: AudioResNet, path: str):
     own = model.state_dict()
     bad = [k for k, v in clean.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise ValueError(f"audio_resnet.py: {path}: shape mismatch for {bad[:5]} (check MODEL.AUDIO.DEPTH / BASE_CHANNELS)")
+        raise ValueError(f"MODEL.AUDIO.WEIGHTS {path}: shape mismatch for {bad[:5]} (check MODEL.AUDIO.DEPTH / BASE_CHANNELS)")
     missing, unexpected = model.load_state_dict({k: v for k, v in clean.items() if k in own}, strict=False)
     logger.info(f"Loaded audio backbone weights from {path}; missing: {list(missing)}; "
                 f"ignored: {[k for k in clean if k not in own]}")

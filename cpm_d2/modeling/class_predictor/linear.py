@@ -28,9 +28,9 @@ class LinearClassPredictor(ClassPredictor):
     def __init__(self, *, num_classes: int, embed_dim: int, prompts: str = "none", prompt_gmm: nn.Module = None):
         super().__init__()
         if prompts not in ("none", "embedding", "gmm"):
-            raise ValueError(f"linear.py: prompts must be none | embedding | gmm, got {prompts!r}")
+            raise ValueError(f"prompts (MODEL.CPM.LINEAR_HEAD_PROMPTS) must be none | embedding | gmm, got {prompts!r}")
         if (prompts == "gmm") != (prompt_gmm is not None):
-            raise ValueError("linear.py: prompts 'gmm' needs a prompt_gmm (and only it)")
+            raise ValueError("prompts 'gmm' needs a prompt_gmm (and only it)")
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.linear = nn.Linear(embed_dim, num_classes + 1)
@@ -86,7 +86,7 @@ class LinearClassPredictor(ClassPredictor):
         if not self.can_sample:
             return super().sample(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"linear.py: sample labels must lie in [0, {self.num_classes}]")
+            raise ValueError(f"sample labels must lie in [0, {self.num_classes}]")
         if self.prompt_gmm is not None:
             return self.prompt_gmm.sample(labels, generator)
         return self.prompts(labels.to(self.prompts.weight.device).long())

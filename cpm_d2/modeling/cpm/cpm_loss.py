@@ -20,14 +20,14 @@ Decisions where the paper is silent:
   as contrastive methods do: contrasting u~_v itself would pull the very map every class-agnostic
   mask is a dot product with. Negatives (PCL.NEGATIVES): "image" (default) takes an anchor's
   positives and negatives from its own image; "batch" from every image (a silent object of the
-  anchor's class in another image is then a negative). Chosen by ablation (docs/results.md).
+  anchor's class in another image is then a negative); docs/results.md compares the two.
   Pixels are L2-normalised (cosine similarity) and drawn class-balanced
   (:func:`~.losses.sample_pixels`).
 * VCP's CE is the criterion's weighted mean over the (non-padded) prompts, like l_agn's CE over
   the queries, but over the C classes only: the "no object" logit is left out. A prompt is an
   object by construction; training it to say so pushes the shared no-object decision towards
-  "object" for every query (measured with the GMM head on the hard synthetic preset: every
-  unmatched query was then called an object at test time). Its mask and dice sums are divided
+  "object" for every query (unmatched queries are then called objects at test time; see
+  docs/results.md). Its mask and dice sums are divided
   by l_agn's number of masks, so one prompted mask weighs what one matched class-agnostic mask
   weighs.
 * Images without sounding classes have no prompts and contribute nothing; every loss still
@@ -48,8 +48,6 @@ from .losses import acp_loss, acp_ratio_target, masked_average_pool, pcl_loss, s
 from .prompt_pass import PromptBatch
 
 __all__ = ["CPMLoss"]
-
-_WHERE = "cpm_d2/modeling/cpm/cpm_loss.py"
 
 
 def _without_no_object(logits: torch.Tensor) -> torch.Tensor:
@@ -106,16 +104,16 @@ class CPMLoss(nn.Module):
         super().__init__()
         if not (acp_enabled or vcp_enabled or pcl_enabled):
             raise ValueError(
-                f"{_WHERE}: MODEL.CPM.ENABLED is True but MODEL.CPM.ACP/VCP/PCL.ENABLED are all False; "
+                f"MODEL.CPM.ENABLED is True but MODEL.CPM.ACP/VCP/PCL.ENABLED are all False; "
                 "set MODEL.CPM.ENABLED False for the class-agnostic model"
             )
         if pcl_enabled and (pcl_temperature <= 0 or pcl_num_pixels < 1):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
+            raise ValueError(f"MODEL.CPM.PCL.TEMPERATURE must be > 0 and NUM_PIXELS >= 1, got "
                              f"{pcl_temperature} and {pcl_num_pixels}")
         if vcp_audio not in ("mixture", "clean"):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.VCP.AUDIO must be 'mixture' or 'clean', got {vcp_audio!r}")
+            raise ValueError(f"MODEL.CPM.VCP.AUDIO must be 'mixture' or 'clean', got {vcp_audio!r}")
         if pcl_negatives not in ("image", "batch"):
-            raise ValueError(f"{_WHERE}: MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
+            raise ValueError(f"MODEL.CPM.PCL.NEGATIVES must be 'image' or 'batch', got {pcl_negatives!r}")
         self.criterion = criterion
         self.weight_dict = dict(weight_dict)
         self.num_classes = int(num_classes)
@@ -223,7 +221,7 @@ class CPMLoss(nn.Module):
         losses = {}
         if self.acp_enabled:
             if prompts.clean_audio is None or prompts.noise_audio is None:
-                raise ValueError(f"{_WHERE}: ACP needs the clean and noise magnitudes")
+                raise ValueError(f"ACP needs the clean and noise magnitudes")
             losses["loss_acp"] = self.acp(prompts)
         if self.vcp_enabled:
             losses.update(self.vcp(prompts, targets, num_masks))

@@ -20,8 +20,6 @@ __all__ = [
     "vcp_indices",
 ]
 
-_WHERE = "cpm_d2/modeling/cpm/losses.py"
-
 
 def _resize_2d(x: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
     """(B, 1, T, F) -> (B, 1, T', F'): area averaging when shrinking both axes, else bilinear."""
@@ -56,13 +54,13 @@ def acp_ratio_target(clean_mag: torch.Tensor, noise_mag: torch.Tensor, out_size:
     """
     if clean_mag.shape != noise_mag.shape or clean_mag.dim() not in (3, 4):
         raise ValueError(
-            f"{_WHERE}: acp_ratio_target expects clean_mag and noise_mag of the same (B, Ca, T, F) or "
+            f"acp_ratio_target expects clean_mag and noise_mag of the same (B, Ca, T, F) or "
             f"(Ca, T, F) shape, got {tuple(clean_mag.shape)} and {tuple(noise_mag.shape)}"
         )
     if len(out_size) != 2:
-        raise ValueError(f"{_WHERE}: out_size must be (T', F'), got {out_size!r}")
+        raise ValueError(f"out_size must be (T', F'), got {out_size!r}")
     if check_sign and (bool((clean_mag < 0).any()) or bool((noise_mag < 0).any())):
-        raise ValueError(f"{_WHERE}: acp_ratio_target got negative magnitudes (pass linear magnitudes, not logs)")
+        raise ValueError(f"acp_ratio_target got negative magnitudes (pass linear magnitudes, not logs)")
     squeeze = clean_mag.dim() == 3
     if squeeze:
         clean_mag, noise_mag = clean_mag[None], noise_mag[None]
@@ -89,12 +87,12 @@ def acp_loss(audio_mask_logits: torch.Tensor, prompt_valid: torch.Tensor, target
         The paper writes ||.||_2 but names it MSE; we use the mean squared error.
     """
     if audio_mask_logits.dim() != 4:
-        raise ValueError(f"{_WHERE}: audio_mask_logits must be (B, K, T', F'), got {tuple(audio_mask_logits.shape)}")
+        raise ValueError(f"audio_mask_logits must be (B, K, T', F'), got {tuple(audio_mask_logits.shape)}")
     B, K, T, Fq = audio_mask_logits.shape
     if tuple(prompt_valid.shape) != (B, K):
-        raise ValueError(f"{_WHERE}: prompt_valid must be (B, K) = {(B, K)}, got {tuple(prompt_valid.shape)}")
+        raise ValueError(f"prompt_valid must be (B, K) = {(B, K)}, got {tuple(prompt_valid.shape)}")
     if tuple(target.shape) != (B, T, Fq):
-        raise ValueError(f"{_WHERE}: target must be (B, T', F') = {(B, T, Fq)}, got {tuple(target.shape)}")
+        raise ValueError(f"target must be (B, T', F') = {(B, T, Fq)}, got {tuple(target.shape)}")
     valid = prompt_valid.to(device=audio_mask_logits.device, dtype=torch.bool)
     logits = audio_mask_logits.float()
     summed = torch.where(valid[:, :, None, None], logits, torch.zeros_like(logits)).sum(1)  # (B, T', F')
@@ -118,12 +116,12 @@ def masked_average_pool(saliency_logits: torch.Tensor, features: torch.Tensor) -
     """
     if saliency_logits.dim() != 4 or features.dim() != 4:
         raise ValueError(
-            f"{_WHERE}: masked_average_pool expects (B, K, T', F') logits and (B, D, T', F') features, got "
+            f"masked_average_pool expects (B, K, T', F') logits and (B, D, T', F') features, got "
             f"{tuple(saliency_logits.shape)} and {tuple(features.shape)}"
         )
     if saliency_logits.shape[0] != features.shape[0] or saliency_logits.shape[-2:] != features.shape[-2:]:
         raise ValueError(
-            f"{_WHERE}: masked_average_pool needs the same batch and T'xF' grid, got "
+            f"masked_average_pool needs the same batch and T'xF' grid, got "
             f"{tuple(saliency_logits.shape)} and {tuple(features.shape)}"
         )
     s = saliency_logits.detach().float().sigmoid().flatten(2)  # (B, K, N)
@@ -174,7 +172,7 @@ def sample_pixel_slots(
     the largest label and checks for negative ones (host-device syncs on a GPU)."""
     if pixel_feats.dim() != 4 or sem_seg.dim() != 3 or pixel_feats.shape[0] != sem_seg.shape[0]:
         raise ValueError(
-            f"{_WHERE}: sample_pixels expects pixel_feats (B, D, H, W) and sem_seg (B, H', W'), got "
+            f"sample_pixels expects pixel_feats (B, D, H, W) and sem_seg (B, H', W'), got "
             f"{tuple(pixel_feats.shape)} and {tuple(sem_seg.shape)}"
         )
     B, D, H, W = pixel_feats.shape
@@ -194,7 +192,7 @@ def _sample_pixel_indices(sem_seg, shape, num_pixels, num_classes, generator, ig
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     if num_classes is None:
         if bool((safe < 0).any()):
-            raise ValueError(f"{_WHERE}: sample_pixels got negative labels other than ignore_value={ignore_value}")
+            raise ValueError(f"sample_pixels got negative labels other than ignore_value={ignore_value}")
         num_classes = int(safe.max()) + 1 if safe.numel() else 1
     counts = torch.zeros(B, num_classes, device=dev).scatter_add_(1, safe, valid.float())
     weight = torch.where(valid, counts.gather(1, safe).clamp_min(1).reciprocal(), torch.zeros_like(counts[:, :1]))
@@ -266,27 +264,27 @@ def pcl_loss(
     """
     if anchors.dim() != 2 or pixel_feats.dim() != 2 or anchors.shape[1] != pixel_feats.shape[1]:
         raise ValueError(
-            f"{_WHERE}: pcl_loss expects anchors (A, D) and pixel_feats (P, D), got "
+            f"pcl_loss expects anchors (A, D) and pixel_feats (P, D), got "
             f"{tuple(anchors.shape)} and {tuple(pixel_feats.shape)}"
         )
     if anchor_labels.shape != anchors.shape[:1] or pixel_labels.shape != pixel_feats.shape[:1]:
         raise ValueError(
-            f"{_WHERE}: pcl_loss labels must be (A,) and (P,), got {tuple(anchor_labels.shape)} and "
+            f"pcl_loss labels must be (A,) and (P,), got {tuple(anchor_labels.shape)} and "
             f"{tuple(pixel_labels.shape)}"
         )
     if temperature <= 0:
-        raise ValueError(f"{_WHERE}: pcl_loss temperature must be > 0, got {temperature}")
+        raise ValueError(f"pcl_loss temperature must be > 0, got {temperature}")
     if (anchor_images is None) != (pixel_images is None):
-        raise ValueError(f"{_WHERE}: pcl_loss needs both anchor_images and pixel_images, or neither")
+        raise ValueError(f"pcl_loss needs both anchor_images and pixel_images, or neither")
     pairs = None
     if anchor_images is not None:
         if anchor_images.shape != anchor_labels.shape or pixel_images.shape != pixel_labels.shape:
-            raise ValueError(f"{_WHERE}: anchor_images / pixel_images must be (A,) / (P,), got "
+            raise ValueError(f"anchor_images / pixel_images must be (A,) / (P,), got "
                              f"{tuple(anchor_images.shape)} and {tuple(pixel_images.shape)}")
         pairs = anchor_images.to(anchors.device)[:, None] == pixel_images.to(anchors.device)[None, :]
     if pixel_valid is not None:
         if pixel_valid.shape != pixel_labels.shape:
-            raise ValueError(f"{_WHERE}: pixel_valid must be (P,), got {tuple(pixel_valid.shape)}")
+            raise ValueError(f"pixel_valid must be (P,), got {tuple(pixel_valid.shape)}")
         valid = pixel_valid.to(anchors.device, torch.bool)[None, :]
         pairs = valid if pairs is None else pairs & valid
     with torch.autocast(device_type=anchors.device.type, enabled=False):
@@ -303,7 +301,7 @@ def _target_labels(target) -> torch.Tensor:
     if isinstance(target, torch.Tensor):
         return target
     raise TypeError(
-        f"{_WHERE}: vcp_indices targets must be dicts with 'labels', Instances with gt_classes or label "
+        f"vcp_indices targets must be dicts with 'labels', Instances with gt_classes or label "
         f"tensors, got {type(target).__name__}"
     )
 
@@ -324,7 +322,7 @@ def vcp_indices(prompt_labels: List[torch.Tensor], targets) -> List[Tuple[torch.
     """
     if len(prompt_labels) != len(targets):
         raise ValueError(
-            f"{_WHERE}: vcp_indices got {len(prompt_labels)} prompt label sets but {len(targets)} targets"
+            f"vcp_indices got {len(prompt_labels)} prompt label sets but {len(targets)} targets"
         )
     out = []
     for labels, target in zip(prompt_labels, targets):

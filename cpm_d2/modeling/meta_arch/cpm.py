@@ -112,7 +112,7 @@ class CPM(nn.Module):
     ):
         super().__init__()
         if semantic_inference not in SEMANTIC_INFERENCE:
-            raise ValueError(f"cpm.py: MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE must be one of {SEMANTIC_INFERENCE}, "
+            raise ValueError(f"MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE must be one of {SEMANTIC_INFERENCE}, "
                              f"got {semantic_inference!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -138,14 +138,14 @@ class CPM(nn.Module):
         self.stereo_position = bool(stereo_position)
         self.stereo_backbone_input = stereo_backbone_input
         if self.stereo_position and audio_channels != 2:
-            raise ValueError(f"cpm.py: MODEL.AUDIO.STEREO_POSITION.ENABLED needs stereo audio, but "
+            raise ValueError(f"MODEL.AUDIO.STEREO_POSITION.ENABLED needs stereo audio, but "
                              f"MODEL.AUDIO.IN_CHANNELS = {audio_channels}; set it and INPUT.AUDIO.CHANNELS to 2")
         if self.stereo_position and getattr(self.transformer_decoder, "stereo_position", None) is None:
-            raise ValueError("cpm.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the transformer decoder "
+            raise ValueError("MODEL.AUDIO.STEREO_POSITION.ENABLED but the transformer decoder "
                              f"{type(self.transformer_decoder).__name__} has no stereo_position module")
         if cpm_loss is not None and not getattr(self.class_predictor, "can_sample", False):
             raise ValueError(
-                "cpm.py: MODEL.CPM.ENABLED needs a class predictor that samples prompts "
+                "MODEL.CPM.ENABLED needs a class predictor that samples prompts "
                 f"(GMMClassPredictor or LinearClassPredictor); {type(self.class_predictor).__name__} does not"
             )
         if (cpm_loss is None) != (prompt_pass is None):
@@ -158,7 +158,8 @@ class CPM(nn.Module):
                 raise ValueError(f"the prompt pass ({prompt_pass.extra_repr()}) and the CPM losses ({cpm_loss.extra_repr()}) "
                                  "were built from different MODEL.CPM.ACP/VCP/PCL settings")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
-            raise ValueError("cpm.py: MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries")
+            raise ValueError(f"MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries, got {list(pixel_mean)} / "
+                             f"{list(pixel_std)}")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # Training iteration counter (checkpointed): passed to class_predictor.observe()/step().
@@ -169,7 +170,7 @@ class CPM(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         if cfg.INPUT.FORMAT != "RGB":
-            raise ValueError(f"cpm.py: INPUT.FORMAT must be 'RGB' (images are RGB; PIXEL_MEAN is in RGB order), "
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' (images are RGB; PIXEL_MEAN is in RGB order), "
                              f"got {cfg.INPUT.FORMAT!r}")
         mf = cfg.MODEL.MASK_FORMER
         _check_bank_config(cfg)
@@ -228,7 +229,7 @@ class CPM(nn.Module):
             img = x.get("image")
             if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
                 shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-                raise ValueError(f"cpm.py: input {_where(x)}: 'image' must be a 3 x H x W RGB tensor, got {shape}")
+                raise ValueError(f"input {_where(x)}: 'image' must be a 3 x H x W RGB tensor, got {shape}")
             images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(images, self.size_divisibility)
 
@@ -240,10 +241,10 @@ class CPM(nn.Module):
             a = x.get(key)
             if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[0] != self.audio_channels:
                 shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-                raise ValueError(f"cpm.py: input {_where(x)}: {key!r} must be a ({self.audio_channels}, T, F) tensor "
+                raise ValueError(f"input {_where(x)}: {key!r} must be a ({self.audio_channels}, T, F) tensor "
                                  f"(MODEL.AUDIO.IN_CHANNELS = {self.audio_channels}), got {shape}")
             if audios and a.shape != audios[0].shape:
-                raise ValueError(f"cpm.py: input {_where(x)}: {key!r} shape {tuple(a.shape)} differs from the first "
+                raise ValueError(f"input {_where(x)}: {key!r} shape {tuple(a.shape)} differs from the first "
                                  f"item's {tuple(audios[0].shape)}; a batch needs one audio window length")
             audios.append(a)
         stacked = torch.stack(audios)
@@ -260,13 +261,13 @@ class CPM(nn.Module):
         for x in batched_inputs:
             inst = x.get("instances")
             if inst is None:
-                raise ValueError(f"cpm.py: training input {_where(x)} has no 'instances' (the mapper must add them)")
+                raise ValueError(f"training input {_where(x)} has no 'instances' (the mapper must add them)")
             labels.append(inst.gt_classes.cpu().long())
         flat = torch.cat(labels)
         if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < self.num_classes):
             bad = next(x for x, lab in zip(batched_inputs, labels)
                        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes))
-            raise ValueError(f"cpm.py: input {_where(bad)}: gt_classes outside [0, {self.num_classes - 1}] "
+            raise ValueError(f"input {_where(bad)}: gt_classes outside [0, {self.num_classes - 1}] "
                              f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES = {self.num_classes})")
         return labels
 
@@ -283,7 +284,7 @@ class CPM(nn.Module):
             masks = x["instances"].gt_masks
             masks = getattr(masks, "tensor", masks)
             if masks.dim() != 3 or masks.shape[0] != lab.shape[0]:
-                raise ValueError(f"cpm.py: input {_where(x)}: gt_masks {tuple(masks.shape)} do not match gt_classes "
+                raise ValueError(f"input {_where(x)}: gt_masks {tuple(masks.shape)} do not match gt_classes "
                                  f"{tuple(lab.shape)}")
             h, w = masks.shape[-2:]
             padded = torch.zeros((masks.shape[0], hp, wp), dtype=torch.bool, device=self.device)
@@ -316,7 +317,7 @@ class CPM(nn.Module):
             span = x.get("audio_frame_span")
             span = torch.as_tensor([0.0, 1.0] if span is None else span, dtype=torch.float32)
             if span.shape != (2,) or not torch.isfinite(span).all() or not span[1] > span[0]:
-                raise ValueError(f"cpm.py: input {_where(x)}: 'audio_frame_span' must be 2 increasing finite "
+                raise ValueError(f"input {_where(x)}: 'audio_frame_span' must be 2 increasing finite "
                                  f"fractions, got {span.tolist()}")
             spans.append(span)
         return frame_on_canvas(torch.stack(spans).to(self.device), images.image_sizes, images.tensor.shape[-1])

@@ -57,7 +57,8 @@ class FPNPixelDecoder(nn.Module):
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int, norm: str = "GN"):
         super().__init__()
         if len(input_shape) < 3:
-            raise ValueError(f"fpn.py: FPNPixelDecoder needs >= 3 input features, got {list(input_shape)}")
+            raise ValueError(f"FPNPixelDecoder needs >= 3 input features (MODEL.SEM_SEG_HEAD.IN_FEATURES), "
+                             f"got {list(input_shape)}")
         # coarse -> fine
         items = sorted(input_shape.items(), key=lambda kv: -kv[1].stride)
         self.in_features = [k for k, _ in items]

@@ -66,7 +66,8 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"msdeform_attn.py: d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise ValueError(f"d_model {d_model} (MODEL.SEM_SEG_HEAD.CONVS_DIM) is not divisible by n_heads {n_heads} "
+                             "(MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS)")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -95,7 +96,7 @@ class MSDeformAttn(nn.Module):
         b, lq, _ = query.shape
         s = value_in.shape[1]
         if s != sum(h * w for h, w in spatial_shapes):
-            raise ValueError(f"msdeform_attn.py: value has {s} positions, spatial_shapes {list(spatial_shapes)} "
+            raise ValueError(f"value has {s} positions, spatial_shapes {list(spatial_shapes)} "
                              "describe a different number")
         value = self.value_proj(value_in).view(b, s, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(b, lq, self.n_heads, self.n_levels, self.n_points, 2)
@@ -181,15 +182,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for f in transformer_in_features:
             if f not in input_shape:
                 raise ValueError(
-                    f"msdeform_attn.py: DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES has {f!r}, which is not in "
-                    f"SEM_SEG_HEAD.IN_FEATURES / the backbone outputs {sorted(input_shape)}"
+                    f"MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES has {f!r}, which is not in "
+                    f"MODEL.SEM_SEG_HEAD.IN_FEATURES / the backbone outputs {sorted(input_shape)}"
                 )
         items = sorted(input_shape.items(), key=lambda kv: -kv[1].stride)  # coarse -> fine
         self.transformer_in_features = [k for k, _ in items if k in transformer_in_features]
         self.fpn_in_features = [k for k, _ in items if k not in transformer_in_features]
         if self.fpn_in_features and min(input_shape[k].stride for k in self.fpn_in_features) > min(
                 input_shape[k].stride for k in self.transformer_in_features):
-            raise ValueError("msdeform_attn.py: features outside the deformable encoder must be finer than it")
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES outside DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES "
+                             f"({self.fpn_in_features}) must be finer (smaller stride) than those inside "
+                             f"({self.transformer_in_features})")
         n_levels = len(self.transformer_in_features)
         self.input_proj = nn.ModuleList()
         for k in self.transformer_in_features:
@@ -210,7 +213,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         weight_init.c2_xavier_fill(self.mask_features)
         self.num_feature_levels = 3
         if n_levels < self.num_feature_levels:
-            raise ValueError("msdeform_attn.py: the deformable encoder needs >= 3 input levels")
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES must name >= 3 features, "
+                             f"got {self.transformer_in_features}")
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -23,7 +23,7 @@ def build_pixel_decoder(cfg, input_shape):
     missing = [f for f in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES if f not in input_shape]
     if missing:
         raise ValueError(
-            f"pixel_decoder/registry.py: MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not produced by "
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not produced by "
             f"the backbone (it gives {sorted(input_shape)}); check MODEL.RESNETS.OUT_FEATURES"
         )
     return PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)

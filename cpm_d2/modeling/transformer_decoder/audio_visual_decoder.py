@@ -133,10 +133,10 @@ class AudioVisualTransformerDecoder(nn.Module):
                  stereo_position: bool = False, stereo_width: float = 0.1, stereo_init_gain: float = 0.5):
         super().__init__()
         if dec_layers < 1:
-            raise ValueError(f"audio_visual_decoder.py: MODEL.MASK_FORMER.DEC_LAYERS must be >= 2 (one "
+            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 2 (one "
                              f"masked-attention layer), got {dec_layers + 1}")
         if hidden_dim % nheads != 0:
-            raise ValueError(f"audio_visual_decoder.py: HIDDEN_DIM {hidden_dim} not divisible by NHEADS {nheads}")
+            raise ValueError(f"MODEL.MASK_FORMER.HIDDEN_DIM {hidden_dim} is not divisible by MODEL.MASK_FORMER.NHEADS {nheads}")
         self.class_predictor = class_predictor
         self.num_heads = nheads
         self.num_layers = dec_layers
@@ -203,21 +203,21 @@ class AudioVisualTransformerDecoder(nn.Module):
     def _initial_queries(self, batch_size, queries, query_pos, query_padding_mask):
         if queries is None:
             if query_pos is not None or query_padding_mask is not None:
-                raise ValueError("audio_visual_decoder.py: query_pos / query_padding_mask need custom queries")
+                raise ValueError("query_pos / query_padding_mask need custom queries")
             q = self.query_feat.weight.unsqueeze(0).expand(batch_size, -1, -1)
             pos = self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1)
             return q, pos, None
         if queries.dim() != 3 or queries.shape[0] != batch_size or queries.shape[2] != self.hidden_dim:
-            raise ValueError(f"audio_visual_decoder.py: queries must be (B={batch_size}, Q, {self.hidden_dim}), "
+            raise ValueError(f"queries must be (B={batch_size}, Q, {self.hidden_dim}), "
                              f"got {tuple(queries.shape)}")
         if query_pos is None:
             query_pos = torch.zeros_like(queries)
         elif query_pos.shape != queries.shape:
-            raise ValueError(f"audio_visual_decoder.py: query_pos {tuple(query_pos.shape)} != queries "
+            raise ValueError(f"query_pos {tuple(query_pos.shape)} != queries "
                              f"{tuple(queries.shape)}")
         if query_padding_mask is not None:
             if query_padding_mask.shape != queries.shape[:2]:
-                raise ValueError(f"audio_visual_decoder.py: query_padding_mask must be {tuple(queries.shape[:2])}, "
+                raise ValueError(f"query_padding_mask must be {tuple(queries.shape[:2])}, "
                                  f"got {tuple(query_padding_mask.shape)}")
             query_padding_mask = query_padding_mask.to(torch.bool)
             # an image whose every query is padding would make softmax NaN: let it attend freely
@@ -323,7 +323,7 @@ class AudioVisualTransformerDecoder(nn.Module):
         asks for them (no "pred_logits" without ``classify``, no final "pred_masks" without
         ``masks``, "pred_audio_masks" as ``audio_masks`` says)."""
         if len(x) != self.num_feature_levels:
-            raise ValueError(f"audio_visual_decoder.py: expected {self.num_feature_levels} feature maps, got {len(x)}")
+            raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
         if not groups or any(not 0 <= g.audio < len(audios) for g in groups):
             raise ValueError(f"every query group must hear one of the {len(audios)} audio dicts passed to "
                              f"forward_groups, got audio indices {[g.audio for g in groups]}")
@@ -348,7 +348,7 @@ class AudioVisualTransformerDecoder(nn.Module):
         stereo = None
         if self.stereo_position is not None:
             if any("stereo_x" not in audios[s] or "stereo_log_energy" not in audios[s] for s in heard):
-                raise ValueError("audio_visual_decoder.py: MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has "
+                raise ValueError("MODEL.AUDIO.STEREO_POSITION.ENABLED but the audio dict has "
                                  "no 'stereo_x' / 'stereo_log_energy' (add stereo_position.stereo_cues(magnitudes, "
                                  "grid); CPM.audio_features does)")
             # per-forward constants of the stereo prior (cues flattened, column grid), per audio

@@ -19,7 +19,8 @@ class PositionEmbeddingSine(nn.Module):
                  scale: float = 2 * math.pi):
         super().__init__()
         if num_pos_feats % 2 != 0:
-            raise ValueError(f"position_encoding.py: num_pos_feats must be even, got {num_pos_feats}")
+            raise ValueError(f"num_pos_feats must be even, got {num_pos_feats} (the encoded width 2 x num_pos_feats, e.g. "
+                             "MODEL.MASK_FORMER.HIDDEN_DIM or MODEL.SEM_SEG_HEAD.CONVS_DIM, must be a multiple of 4)")
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize

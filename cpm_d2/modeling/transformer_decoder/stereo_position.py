@@ -1,4 +1,4 @@
-"""Stereo source position for the audio-visual decoder (``MODEL.AUDIO.STEREO_POSITION``, issue #12).
+"""Stereo source position for the audio-visual decoder (``MODEL.AUDIO.STEREO_POSITION``).
 
 Why. In the paper (§4.4, "Limitations") stereo audio enters only through the audio backbone's
 2-channel first convolution, so *where* a sound comes from and *what* it is are encoded jointly,
@@ -61,8 +61,8 @@ per visual-decoder layer (tools/benchmark.py --stereo-position measures it).
 Separate encoding (``STEREO_POSITION.BACKBONE_INPUT``, default "mid"): the audio backbone sees the
 channel mean in both of its input channels, so the semantic features cannot see position and
 the cue above is the only way position enters: the separation the paper's "Limitations" asks
-for. "stereo" keeps the paper's 2-channel stem as well (position also enters jointly). In a
-300-step sanity run on the stereo_msmi preset "mid" learned faster (docs/stereo.md).
+for. "stereo" keeps the paper's 2-channel stem as well (position also enters jointly);
+docs/stereo.md compares the two.
 
 Flip / swap symmetry: X is exactly mirrored by a channel swap; x̂ is too when the query's audio
 mask m^a does not change under the swap, which holds exactly with "mid" and approximately with
@@ -117,7 +117,7 @@ def stereo_cues(magnitude: torch.Tensor, grid: Sequence[int]) -> Dict[str, torch
     float32, no gradient (a fixed function of the input).
     """
     if magnitude.dim() != 4 or magnitude.shape[1] != 2:
-        raise ValueError(f"stereo_position.py: {STEREO_KEYS}: expected stereo magnitudes (B, 2, T, F), got "
+        raise ValueError(f"{STEREO_KEYS}: expected stereo magnitudes (B, 2, T, F), got "
                          f"{tuple(magnitude.shape)}")
     mag = magnitude.float().clamp_min(0)
     left, right = mag[:, 0], mag[:, 1]
@@ -179,7 +179,7 @@ class StereoPositionPrior(nn.Module):
     def estimate(self, audio_mask_logits: torch.Tensor, shared: Dict[str, torch.Tensor]) -> torch.Tensor:
         """x̂ (B, Q) in frame coordinates from the audio masks (B, Q, T', F') and ``prepare``'s cues."""
         if audio_mask_logits.shape[-2:] != shared["grid"] or audio_mask_logits.shape[0] != shared["x"].shape[0]:
-            raise ValueError(f"stereo_position.py: audio masks {tuple(audio_mask_logits.shape)} and stereo cues "
+            raise ValueError(f"audio masks {tuple(audio_mask_logits.shape)} and stereo cues "
                              f"{(shared['x'].shape[0],) + shared['grid']} are on different grids")
         weights = (audio_mask_logits.flatten(2).float() + shared["log_e"]).softmax(-1)  # (B, Q, T'F')
         return torch.bmm(weights, shared["x"][..., None])[..., 0]

@@ -7,11 +7,8 @@ Both take the command line of ``tools/ablation.py --extra-eval``:
 import argparse
 import json
 import os
-import sys
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+__all__ = ["default_test_dataset", "setup_from_cli", "load_model_and_info", "write_json"]
 
 
 def default_test_dataset(cfg):
@@ -22,8 +19,9 @@ def default_test_dataset(cfg):
     return train[: -len("_train")] + "_test"
 
 
-def setup_from_cli(doc, default_output, argv=None):
-    """Parse the command line -> (cfg, weights, dataset, output JSON path); sets the torch threads."""
+def setup_from_cli(doc, default_output, argv=None, datasets_root=None):
+    """Parse the command line -> (cfg, weights, dataset, output JSON path); sets the torch threads.
+    ``datasets_root``: the ``DETECTRON2_DATASETS`` to use when that variable is unset."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=None, help="dataset to score (default: <train name>_test)")
     parser.add_argument("--output", default=None, help=f"result JSON (default <OUTPUT_DIR>/{default_output})")
@@ -32,10 +30,10 @@ def setup_from_cli(doc, default_output, argv=None):
     parser.add_argument("weights", help="checkpoint (.pth) of that model")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
+    if datasets_root:
+        os.environ.setdefault("DETECTRON2_DATASETS", datasets_root)
     import torch
-    import cpm_d2  # noqa: F401  (compat fixes, registries)
-    from cpm_d2.config import setup_cfg
+    from ..config import setup_cfg
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,10 +45,10 @@ def setup_from_cli(doc, default_output, argv=None):
 def load_model_and_info(cfg, weights, dataset, needs="the visible objects"):
     """-> (model in eval mode, strictly loaded; test loader of ``dataset``; its synthetic_info.json as a dict)."""
     from detectron2.data import MetadataCatalog
-    from cpm_d2.checkpoint import AVSCheckpointer
-    from cpm_d2.data import register_avs_datasets_from_cfg
-    from cpm_d2.data.datasets.synthetic import INFO_FILE
-    from cpm_d2.engine import Trainer
+    from ..checkpoint import AVSCheckpointer
+    from ..data import register_avs_datasets_from_cfg
+    from ..data.datasets.synthetic import INFO_FILE
+    from ..engine import Trainer
 
     register_avs_datasets_from_cfg(cfg)
     model = Trainer.build_model(cfg)
