@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUTPUT ?= output/demo
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test test-quick demo clean-venv
 
 setup:
 	bash tools/setup_env.sh
@@ -13,6 +13,13 @@ setup:
 test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+# The developer's inner loop: everything but the tests marked `slow` (training runs, subprocess
+# launches, kill trials). `make test` stays the whole suite.
+test-quick: setup
+	@$(PY) -m pytest -q -m "not slow" tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-quick: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
 demo: setup

@@ -14,13 +14,10 @@ AVSBench palette stops the run with an error naming the file and the colour.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from cpm_d2.data.datasets.avsbench_objects import prepare_avsbench_object_masks  # noqa: E402
-from cpm_d2.data.datasets.avss import convert_avss_color_labels  # noqa: E402
-from cpm_d2.data.datasets.vpo import VPO_SETUPS, prepare_vpo  # noqa: E402
+from cpm_d2.data.datasets.avsbench_objects import prepare_avsbench_object_masks
+from cpm_d2.data.datasets.avss import convert_avss_color_labels
+from cpm_d2.data.datasets.vpo import VPO_SETUPS, prepare_vpo
 
 
 def main(argv=None):

@@ -13,13 +13,10 @@ overwritten). Options given explicitly override the preset's values.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from cpm_d2.data.datasets.catalog import SYNTHETIC_BUILTINS  # noqa: E402
-from cpm_d2.data.datasets.synthetic import PRESETS, generate_synthetic_avs  # noqa: E402
+from cpm_d2.data.datasets.catalog import SYNTHETIC_BUILTINS
+from cpm_d2.data.datasets.synthetic import PRESETS, generate_synthetic_avs
 
 
 def default_folder(preset, stereo):

@@ -1,6 +1,6 @@
 """``tools/train_net.py`` with test-only fault injection, driven by environment variables.
 
-Used by tests/test_reliability.py as ``python tests/_train_with_faults.py <train_net arguments>``.
+Used by tests/engine/test_reliability.py as ``python tests/_train_with_faults.py <train_net arguments>``.
 The patches are applied at import time, so they also act in the worker processes that
 ``--num-gpus N`` spawns (multiprocessing re-imports this file there as ``__mp_main__``).
 

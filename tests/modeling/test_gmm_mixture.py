@@ -14,7 +14,7 @@ from cpm_d2.modeling.class_predictor.gmm import mixture_options_from_config
 from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, ClassMixtures
 
 torch.set_num_threads(1)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _gmm(num_classes=1, **kw):

@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from cpm_d2.benchmark import inputs, models, profiling, timing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
 # EM every 5 iterations (the tiny config runs it every iteration): the breakdown tests count EM calls
 EM5 = ["MODEL.MASK_FORMER.GMM.UPDATE_INTERVAL", "5"]

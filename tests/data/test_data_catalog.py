@@ -30,7 +30,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from _scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SR = 16000
 H, W = 24, 32
 

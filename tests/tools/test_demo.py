@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 
 from _scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 demo = load_script("tools/demo.py")
 

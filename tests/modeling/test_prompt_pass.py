@@ -22,7 +22,7 @@ from cpm_d2.modeling.cpm import PromptBatch, split_batch_norm
 from cpm_d2.modeling.transformer_decoder import QueryGroup
 from detectron2.modeling import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPM_TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
 ATOL = 1e-5
 

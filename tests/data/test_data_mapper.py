@@ -320,7 +320,7 @@ def test_train_loader_with_two_workers(tmp_path):
     it = None
     try:
         cfg = get_cfg()
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         cfg.merge_from_file(os.path.join(repo, "configs", "synthetic", "Base-Synthetic.yaml"))
         cfg.DATASETS.TRAIN = (name,)
         cfg.INPUT.FIXED_SIZE = (24, 32)

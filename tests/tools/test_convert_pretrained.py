@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 
 from _scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 convert_pretrained = load_script("tools/convert_pretrained.py")
 
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")

@@ -19,7 +19,7 @@ from cpm_d2.data.datasets.synthetic import generate_synthetic_avs
 
 from _scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 TINY_CPM = str(REPO / "configs" / "synthetic" / "cpm_r18_tiny.yaml")

@@ -34,7 +34,7 @@ from cpm_d2.engine.resume import (
     set_rng_state,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAULTS = str(REPO / "tests" / "_train_with_faults.py")
 TINY_CPM = str(REPO / "configs" / "synthetic" / "cpm_r18_tiny.yaml")
 _TEMP_RE = re.compile(r"^\..+\.tmp-")

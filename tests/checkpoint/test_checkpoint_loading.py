@@ -15,7 +15,7 @@ from cpm_d2.checkpoint.mask2former import is_mask2former_state_dict, remap_mask2
 from cpm_d2.config import setup_cfg
 from detectron2.modeling import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 # The tiny model with Mask2Former's pixel decoder (one deformable encoder layer); DEC_LAYERS 3.
 M2F_OPTS = ["MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "MSDeformAttnPixelDecoder", "MODEL.DEVICE", "cpu"]

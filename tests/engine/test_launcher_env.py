@@ -1,7 +1,7 @@
 """Which launcher started a process (torchrun, SLURM, detectron2's flags), and mixed settings refused.
 
 The end-to-end runs (torchrun with 2 processes, 2 machines on localhost, 2 SLURM tasks) are in
-tests/test_training.py; these check the environment rules without starting processes.
+tests/engine/test_training.py; these check the environment rules without starting processes.
 """
 import argparse
 

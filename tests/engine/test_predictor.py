@@ -19,7 +19,7 @@ from detectron2.modeling import build_model
 
 from pathlib import Path
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 
 
 class _Capture(DatasetEvaluator):

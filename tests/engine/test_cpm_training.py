@@ -2,7 +2,7 @@
 config, fixed VCP assignment and its normaliser, ACP target/loss, LAMBDA x WEIGHT scaling,
 normalisation statistics untouched by the mixture, inference untouched by CPM, empty batches,
 learnable point prompts, a short training run with GMM updates, and a checkpoint round trip of
-the GMM state. The fused pass against separate decodes: tests/test_prompt_pass.py. Tiny sizes,
+the GMM state. The fused pass against separate decodes: tests/modeling/test_prompt_pass.py. Tiny sizes,
 CPU, one thread."""
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from cpm_d2.config import get_cfg
 from detectron2.modeling import build_model
 from cpm_d2.data.dataset_mapper import instances_from_sem_seg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "synthetic" / "baseline_r18_tiny.yaml"
 CPM_TINY = ROOT / "configs" / "synthetic" / "cpm_r18_tiny.yaml"
 ABLATIONS = ROOT / "configs" / "ablations"

@@ -24,7 +24,7 @@ from detectron2.modeling import build_model
 
 from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SR = 16000
 torch.set_num_threads(2)
 

@@ -14,7 +14,7 @@ import cpm_d2  # noqa: F401
 
 from _scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ablation = load_script("tools/ablation.py")
 
 HARD = str(ROOT / "configs" / "synthetic" / "cpm_r18_hard.yaml")

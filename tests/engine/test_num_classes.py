@@ -9,7 +9,7 @@ from cpm_d2.data import generate_synthetic_avs, register_avs_dataset
 from cpm_d2.engine import AVSPredictor, Trainer
 from cpm_d2.engine.num_classes import check_num_classes
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "baseline_r18_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
