@@ -47,35 +47,6 @@ def _match(est_means, true_means):
     return perm
 
 
-def _set_params(g, rng, full):
-    C1, M, D = g.num_mixtures, g.num_components, g.embed_dim
-    w = rng.dirichlet(np.ones(M), size=C1)
-    mu = rng.normal(0.0, 1.5, size=(C1, M, D))
-    if full:
-        A = rng.normal(size=(C1, M, D, D)) * 0.6
-        cov = A @ np.swapaxes(A, -1, -2) + 0.4 * np.eye(D)
-    else:
-        cov = rng.uniform(0.2, 2.0, size=(C1, M, D))
-    g.weights.copy_(torch.from_numpy(w))
-    g.means.copy_(torch.from_numpy(mu))
-    g.covariances.copy_(torch.from_numpy(cov))
-    # read back the float32-rounded values for the independent computation
-    w, mu, cov = (t.double().numpy() for t in (g.weights, g.means, g.covariances))
-    if not full:
-        cov = np.stack([[np.diag(v) for v in row] for row in cov])
-    return w, mu, cov
-
-
-def _scipy_log_density(x, w, mu, cov):
-    """(K, D) -> (K, C1): log sum_m w_cm N(x; mu_cm, cov_cm) with scipy."""
-    C1, M = w.shape
-    out = np.empty((x.shape[0], C1))
-    for c in range(C1):
-        comps = [np.log(w[c, m]) + multivariate_normal(mu[c, m], cov[c, m]).logpdf(x) for m in range(M)]
-        out[:, c] = logsumexp(np.stack(comps, 1), axis=1)
-    return out
-
-
 # ----------------------------------------------------------------------------------- EM recovery
 @pytest.mark.parametrize("cov_type,D", [("diag", 2), ("diag", 8), ("full", 2)])
 def test_em_recovers_known_two_component_mixtures(cov_type, D):
