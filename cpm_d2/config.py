@@ -276,7 +276,10 @@ def add_cpm_config(cfg):
     """``MODEL.CPM.*``: class-conditional prompting (paper §3.2); off = the plain audio-visual Mask2Former."""
     c = cfg.MODEL.CPM = CN()
     c.ENABLED = False  # False: class-agnostic training only (the baseline)
-    c.LAMBDA = 1.0  # l = l_agn + LAMBDA * (w_ACP l_ACP + w_VCP l_VCP + w_PCL l_PCL)
+    # l = l_agn + LAMBDA * (w_ACP l_ACP + w_VCP l_VCP + w_PCL l_PCL). The paper does not give lambda;
+    # 1 weighs the class-agnostic and the CPM terms equally. The w_* (WEIGHT keys below) are 1, the
+    # paper's l_CPM = l_ACP + l_VCP + l_PCL.
+    c.LAMBDA = 1.0
     # Prompts when the class head is LinearClassPredictor: "embedding" (a learnable vector per
     # class, the paper's "Point Rep.") or "gmm" (samples of per-class mixtures fitted by EM, as
     # CCDM's, MODEL.MASK_FORMER.GMM, while the softmax still classifies).
@@ -294,7 +297,7 @@ def add_cpm_config(cfg):
     c.PCL = CN()
     c.PCL.ENABLED = True
     c.PCL.WEIGHT = 1.0
-    c.PCL.TEMPERATURE = 0.1  # tau of eq. 9
+    c.PCL.TEMPERATURE = 0.1  # tau of eq. 9 (not given in the paper; a common InfoNCE value)
     c.PCL.NUM_PIXELS = 1024  # pixels sampled per image (bounds memory)
     c.PCL.PROJ_DIM = 128  # PCL compares projections of the audio anchors and the pixel features
     # Negatives of an anchor: "image" (pixels of other classes in the anchor's own image) or

@@ -52,6 +52,33 @@ def test_get_cfg_keeps_detectron2_defaults():
     assert not changed, f"detectron2 default -> cpm_d2 default: {changed}"
 
 
+# Row files (tools/ablation.py rows) name their row's switches even where a value equals the base's.
+ROW_DIRS = ("ablations", "stereo_rows")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if Path(p).parent.name not in ROW_DIRS],
+                         ids=lambda p: Path(p).name)
+def test_yaml_sets_no_package_key_to_the_value_it_inherits(path):
+    """A key cpm_d2 adds has one home for its value: a YAML that sets it to what its _BASE_ (or,
+    without one, the code default) already gives is flagged, so the recipe is not written twice."""
+    import yaml
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    base = raw.pop("_BASE_", None)
+    inherited = get_cfg()
+    if base:
+        inherited.merge_from_file(str(Path(path).parent / base))
+    inherited, d2_keys = _leaves(inherited), set(_leaves(d2_get_cfg()))
+
+    def same(a, b):
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    restated = sorted(k for k, v in _leaves(raw).items()
+                      if k not in d2_keys and k in inherited and same(v, inherited[k]))
+    assert not restated, f"{path} sets these keys to the value they already have; delete the lines: {restated}"
+
+
 @pytest.mark.slow
 def test_paper_config_builds_r50_model():
     from detectron2.modeling import build_model
