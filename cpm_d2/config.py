@@ -170,6 +170,11 @@ def _add_gmm_head_keys(mf):
     # apply in training only, inference uses eq. 1. "class_layer_norm" = a LayerNorm over the classes'
     # scores (GMMSeg), in training and inference.
     g.LOGIT_NORM = "sqrt_dim"
+    # Class logits at inference: "posterior" (the scores exactly: eq. 1's posterior, which in high D
+    # is nearly one-hot, so whether a query is kept rests on the no-object score alone) or
+    # "tempered" (LOGIT_NORM's training temperature kept, so a query whose class is uncertain
+    # spreads its probability over the classes, as a softmax head's does).
+    g.TEST_LOGITS = "posterior"
     # How "no object" is scored: "objectness" (a learned logit o; p(no object) = sigmoid(o) and the
     # classes share 1 - sigmoid(o) by the GMM posterior) or "gmm" (a mixture fitted to the unmatched
     # queries' embeddings, like any class: the paper pads its classes with no-object).

@@ -28,6 +28,7 @@ _LOGIT_SCALE = {"per_dim": float, "sqrt_dim": math.sqrt, "none": lambda d: 1.0, 
 LOGIT_NORMS = tuple(_LOGIT_SCALE) + ("class_layer_norm",)
 COMPONENT_SCORES = ("logsumexp", "max")
 NO_OBJECT_RULES = ("objectness", "gmm")
+TEST_LOGITS = ("posterior", "tempered")
 # buffers that lived on the predictor itself before the mixtures became their own module
 _MIXTURE_BUFFERS = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
 
@@ -61,11 +62,11 @@ class GMMClassPredictor(ClassPredictor):
 
     Logits (``logit_norm``):
     * ``"sqrt_dim"`` / ``"per_dim"`` / ``"learned"`` / ``"none"``: in training s_c / sqrt(D), s_c / D,
-      s_c / exp(t) with t learned (from log sqrt(D)), or s_c itself; in eval mode always s_c, so
-      inference uses eq. 1's posterior exactly. In D = 256 raw log-densities differ between classes
-      by hundreds: the posterior is numerically one-hot and a misclassified query costs a CE of
-      hundreds with gradients scaled by 1/variance, which swamps the mask losses; the temperature
-      keeps the ranking (same argmax) with O(1) logits.
+      s_c / exp(t) with t learned (from log sqrt(D)), or s_c itself. In D = 256 raw log-densities
+      differ between classes by hundreds: the posterior is numerically one-hot and a misclassified
+      query costs a CE of hundreds with gradients scaled by 1/variance, which swamps the mask
+      losses; the temperature keeps the ranking (same argmax) with O(1) logits. In eval mode (``test_logits``)
+      ``"posterior"`` gives s_c (eq. 1's posterior exactly), ``"tempered"`` the training logits.
     * ``"class_layer_norm"``: a LayerNorm (with its affine) over the scores of the classes, in
       training and at inference (GMMSeg's normalisation over classes).
 
@@ -83,13 +84,13 @@ class GMMClassPredictor(ClassPredictor):
 
     @configurable
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
-                 component_score: str = "logsumexp", no_object: str = "objectness", seed: int = 0,
-                 **mixture_options):
+                 component_score: str = "logsumexp", no_object: str = "objectness",
+                 test_logits: str = "posterior", seed: int = 0, **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
             embed_dim: D, the size of the mask embeddings.
-            logit_norm / component_score / no_object: see the class docstring.
+            logit_norm / component_score / no_object / test_logits: see the class docstring.
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, min_entries,
@@ -103,11 +104,14 @@ class GMMClassPredictor(ClassPredictor):
                              f"got {component_score!r}")
         if no_object not in NO_OBJECT_RULES:
             raise ValueError(f"MODEL.MASK_FORMER.GMM.NO_OBJECT must be one of {NO_OBJECT_RULES}, got {no_object!r}")
+        if test_logits not in TEST_LOGITS:
+            raise ValueError(f"MODEL.MASK_FORMER.GMM.TEST_LOGITS must be one of {TEST_LOGITS}, got {test_logits!r}")
         self.num_classes = int(num_classes)
         self.embed_dim = int(embed_dim)
         self.logit_norm = logit_norm
         self.component_score = component_score
         self.no_object = no_object
+        self.test_logits = test_logits
         self.mixtures = ClassMixtures(num_mixtures=self.num_classes + 1, embed_dim=self.embed_dim, seed=seed,
                                       **mixture_options)
         if no_object == "objectness":
@@ -121,11 +125,13 @@ class GMMClassPredictor(ClassPredictor):
     def from_config(cls, cfg, *, num_classes, embed_dim):
         g = cfg.MODEL.MASK_FORMER.GMM
         return {"num_classes": num_classes, "embed_dim": embed_dim, "logit_norm": g.LOGIT_NORM,
-                "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, **mixture_options_from_config(cfg)}
+                "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
+                **mixture_options_from_config(cfg)}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
-                f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}")
+                f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
+                f"test_logits={self.test_logits}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -168,11 +174,12 @@ class GMMClassPredictor(ClassPredictor):
             score = self.class_scores(embeddings).to(out_dtype)
             if self.no_object == "objectness":
                 score = score[..., :-1]
+            tempered = self.training or self.test_logits == "tempered"
             if self.logit_norm == "class_layer_norm":
                 score = self.class_norm(score.float()).to(out_dtype)
-            elif self.training and self.logit_norm == "learned":
+            elif tempered and self.logit_norm == "learned":
                 score = score / self.log_temperature.exp()
-            elif self.training and self.logit_norm != "none":
+            elif tempered and self.logit_norm != "none":
                 score = score / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
             if self.no_object == "gmm":
                 return score
