@@ -137,6 +137,11 @@ def _add_gmm_head_keys(mf):
     # True: bank a matched embedding only where the head's own prediction (argmax) is its assigned
     # class (GMMSeg keeps only correctly classified samples); False: every matched embedding.
     g.OBSERVE_CORRECT_ONLY = False
+    # True: every decoder prediction (each intermediate one and the final one) has its own class
+    # mixtures, fitted to that prediction's matched embeddings and scoring that prediction's queries;
+    # prompts come from the final prediction's. False: one set of mixtures scores every prediction.
+    # True needs OBSERVE_LAYERS "all".
+    g.PER_PREDICTION = False
     # --- EM
     g.UPDATE_INTERVAL = 10  # run EM every this many iterations
     g.EM_ITERS = 3  # EM iterations per update

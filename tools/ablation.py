@@ -68,6 +68,7 @@ ROW_TITLES = {
     "x_lambda_0.25": "CPM, lambda = 0.25",
     "x_vcp_mixture_audio": "CPM, VCP prompts decoded on ACP's noise mixture",
     "x_gmm_observe_last": "CPM, GMM banks fed by the last prediction only",
+    "x_gmm_per_prediction": "CPM, one set of GMMs per decoder prediction",
     "x_gmm_observe_correct": "CPM, GMM banks fed by correctly classified queries only",
     "x_gmm_sinkhorn": "CPM, Sinkhorn-balanced E-step",
     "x_gmm_raw_embeddings": "CPM, mixtures of the raw (not normalised) embeddings",

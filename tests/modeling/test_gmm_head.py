@@ -138,6 +138,33 @@ def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
     assert g.mixtures.bank_count.tolist() == [1, 1, 0, 0]  # "no object" (3) is not banked
 
 
+@pytest.mark.parametrize("logit_norm,temperature", [("per_dim", 4.0), ("sqrt_dim", 2.0)])
+def test_tempered_test_logits_keep_the_training_posterior_in_eval(logit_norm, temperature):
+    """test_logits "tempered": eval-mode logits are the training ones (posterior of p(x|c)^(1/T));
+    "posterior" (default): eq. 1 exactly. Either way the class argmax is the same."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    heads = {}
+    for test_logits in ("posterior", "tempered"):
+        g = _gmm(num_classes=3, embed_dim=4, no_object="objectness", logit_norm=logit_norm, test_logits=test_logits)
+        g.observe(torch.randn(40, 4), torch.arange(40) % 3)
+        g.update(0)
+        heads[test_logits] = g
+    heads["tempered"].load_state_dict(heads["posterior"].state_dict())
+    post = torch.softmax(heads["posterior"].log_prob(x)[:, :3], -1)
+    train = heads["tempered"].train()(x).detach()
+    for name, g in heads.items():
+        g.eval()
+        p = g(x).detach().softmax(-1)
+        o = torch.sigmoid(g.objectness(x).squeeze(-1)).detach()
+        want = post if name == "posterior" else torch.softmax(g.log_prob(x)[:, :3] / temperature, -1)
+        torch.testing.assert_close(p[:, :3], (1 - o)[:, None] * want.float())
+        assert (p[:, :3].argmax(1) == post.argmax(1)).all()
+    torch.testing.assert_close(heads["tempered"](x).detach(), train)
+    with pytest.raises(ValueError, match="TEST_LOGITS"):
+        _gmm(test_logits="sharp")
+
+
 def test_best_component_and_class_layer_norm_scores():
     """component_score "max" scores a class by its best component (GMMSeg); logit_norm
     "class_layer_norm" is a LayerNorm over the classes' scores, in training and in eval."""

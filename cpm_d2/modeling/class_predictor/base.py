@@ -13,9 +13,13 @@ p(c | q~); index C is "no object". Built by name from cfg.MODEL.MASK_FORMER.CLAS
 class ClassPredictor(nn.Module):
     """Interface of a class predictor (the head registry).
 
-    forward(embeddings (..., D)) -> logits (..., C+1); softmax(logits) = p(c | q~).
-    observe(embeddings (K, D), labels (K,) in [0, C], iteration): training-only; called after
-        Hungarian matching with the (detached) embeddings and their assigned labels (C = no object).
+    forward(embeddings (..., D), prediction=None) -> logits (..., C+1); softmax(logits) = p(c | q~).
+        ``prediction``: which of the decoder's predictions the embeddings come from (0 = the first,
+        ``num_predictions - 1`` or None = the final one); only predictors with ``num_predictions``
+        > 1 read it, the decoder then calls them once per prediction.
+    observe(embeddings (K, D), labels (K,) in [0, C], iteration, sources=None, predictions=None):
+        training-only; called after Hungarian matching with the (detached) embeddings, their
+        assigned labels (C = no object) and, optionally, each row's prediction index.
     step(iteration): training-only; called once per iteration after ``observe`` (periodic work
         such as EM).
     sample(labels (K,)) -> (K, D): class-conditional prompts z^k, one per requested label; only
@@ -28,8 +32,10 @@ class ClassPredictor(nn.Module):
 
     num_classes: int  # C, background included; logits have C + 1 entries
     can_sample: bool = False  # True if sample() draws class-conditional prompts
+    num_predictions: int = 1  # > 1: the head keeps a state per decoder prediction (see forward)
 
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None,
+                predictions=None) -> None:
         pass
 
     def step(self, iteration: int) -> None:

@@ -20,7 +20,7 @@ from detectron2.config import configurable
 from .base import CLASS_PREDICTOR_REGISTRY, ClassPredictor
 from .mixture import ClassMixtures
 
-__all__ = ["GMMClassPredictor", "mixture_options_from_config"]
+__all__ = ["GMMClassPredictor", "mixture_options_from_config", "decoder_predictions"]
 
 # Training-time temperature of the class scores, as a function of D ("learned": exp(t), t a
 # parameter initialised at log sqrt(D)). "class_layer_norm" is a layer, not a temperature.
@@ -53,6 +53,13 @@ def mixture_options_from_config(cfg) -> dict:
     }
 
 
+def decoder_predictions(cfg) -> int:
+    """How many predictions the audio-visual decoder makes: one per audio layer (one of the raw
+    queries without audio layers) and one per masked-attention layer (DEC_LAYERS - 1)."""
+    mf = cfg.MODEL.MASK_FORMER
+    return max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
+
+
 @CLASS_PREDICTOR_REGISTRY.register()
 class GMMClassPredictor(ClassPredictor):
     """Generative class predictor: forward(embeddings (..., D)) -> logits (..., C+1).
@@ -78,6 +85,13 @@ class GMMClassPredictor(ClassPredictor):
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
     the mixtures are never learned by gradient. ``mixtures`` (a ClassMixtures of C+1 mixtures) holds
     the buffers; with ``"objectness"`` the no-object mixture is never fed nor fitted.
+
+    Per prediction (``num_predictions`` P > 1): the decoder's predictions (its intermediate ones and
+    the final one) each get their own C + 1 mixtures, banked and fitted from that prediction's
+    matched embeddings and scoring that prediction's queries (``forward(x, prediction=i)``);
+    ``mixtures`` is the final prediction's, the one prompts are sampled from, and
+    ``aux_mixtures[i]`` prediction i's for i < P - 1. With one set (P = 1) every prediction is
+    scored by the same mixtures, fitted to whatever ``observe`` is given.
     """
 
     can_sample = True
@@ -85,12 +99,13 @@ class GMMClassPredictor(ClassPredictor):
     @configurable
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
                  component_score: str = "logsumexp", no_object: str = "objectness",
-                 test_logits: str = "posterior", seed: int = 0, **mixture_options):
+                 test_logits: str = "posterior", num_predictions: int = 1, seed: int = 0, **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
             embed_dim: D, the size of the mask embeddings.
             logit_norm / component_score / no_object / test_logits: see the class docstring.
+            num_predictions: P, one set of mixtures per decoder prediction when > 1 (class docstring).
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, min_entries,
@@ -112,8 +127,15 @@ class GMMClassPredictor(ClassPredictor):
         self.component_score = component_score
         self.no_object = no_object
         self.test_logits = test_logits
+        if int(num_predictions) < 1:
+            raise ValueError(f"num_predictions must be >= 1, got {num_predictions}")
+        self.num_predictions = int(num_predictions)
         self.mixtures = ClassMixtures(num_mixtures=self.num_classes + 1, embed_dim=self.embed_dim, seed=seed,
                                       **mixture_options)
+        if self.num_predictions > 1:
+            self.aux_mixtures = nn.ModuleList(
+                ClassMixtures(num_mixtures=self.num_classes + 1, embed_dim=self.embed_dim, seed=seed + 1 + i,
+                              **mixture_options) for i in range(self.num_predictions - 1))
         if no_object == "objectness":
             self.objectness = nn.Linear(self.embed_dim, 1)
         if logit_norm == "learned":
@@ -124,14 +146,18 @@ class GMMClassPredictor(ClassPredictor):
     @classmethod
     def from_config(cls, cfg, *, num_classes, embed_dim):
         g = cfg.MODEL.MASK_FORMER.GMM
+        if g.PER_PREDICTION and g.OBSERVE_LAYERS != "all":
+            raise ValueError("MODEL.MASK_FORMER.GMM.PER_PREDICTION needs OBSERVE_LAYERS 'all' (each prediction's "
+                             f"mixtures are fitted to that prediction's matched embeddings), got {g.OBSERVE_LAYERS!r}")
         return {"num_classes": num_classes, "embed_dim": embed_dim, "logit_norm": g.LOGIT_NORM,
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
+                "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
-                f"test_logits={self.test_logits}")
+                f"test_logits={self.test_logits}, num_predictions={self.num_predictions}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -145,10 +171,20 @@ class GMMClassPredictor(ClassPredictor):
     def _check_labels(self, labels: torch.Tensor, what: str) -> None:
         self.mixtures.check_labels(labels, what)
 
-    def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def mixtures_of(self, prediction=None) -> ClassMixtures:
+        """The mixtures that score (and are fitted to) prediction ``prediction`` (None = the final one)."""
+        if prediction is None or self.num_predictions == 1:
+            return self.mixtures
+        i = int(prediction)
+        if not 0 <= i < self.num_predictions:
+            raise ValueError(f"prediction {i} out of range: this head has {self.num_predictions} predictions")
+        return self.mixtures if i == self.num_predictions - 1 else self.aux_mixtures[i]
+
+    def class_scores(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
         """Per-class scores s_c (``component_score``), float64: (..., D) -> (..., C+1)."""
-        self.mixtures._check_embeddings(embeddings, "embeddings")
-        comp = self.mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim))
+        mixtures = self.mixtures_of(prediction)
+        mixtures._check_embeddings(embeddings, "embeddings")
+        comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim))
         score = torch.logsumexp(comp, dim=-1) if self.component_score == "logsumexp" else comp.amax(-1)
         return score.reshape(*embeddings.shape[:-1], self.num_classes + 1)
 
@@ -167,11 +203,12 @@ class GMMClassPredictor(ClassPredictor):
         return logp.gather(1, labels.to(logp.device).long()[:, None]).squeeze(1)
 
     @record_function("cpm.class_head")
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings (..., D) -> logits (..., C+1); see the class docstring for the scale and no-object."""
+    def forward(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
+        """embeddings (..., D) of decoder prediction ``prediction`` (None = the final one) -> logits
+        (..., C+1); see the class docstring for the scale and no-object."""
         out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            score = self.class_scores(embeddings).to(out_dtype)
+            score = self.class_scores(embeddings, prediction).to(out_dtype)
             if self.no_object == "objectness":
                 score = score[..., :-1]
             tempered = self.training or self.test_logits == "tempered"
@@ -190,21 +227,38 @@ class GMMClassPredictor(ClassPredictor):
             return torch.cat([classes, F.logsigmoid(o)], dim=-1)
 
     # ------------------------------------------------------------------------------ the mixtures
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None,
+                predictions=None) -> None:
         """Bank matched embeddings (N, D) with labels (N,) in [0, C]; with ``"objectness"`` the
-        no-object ones (label C) are left out (no mixture to fit). A collective under DDP."""
+        no-object ones (label C) are left out (no mixture to fit). ``predictions`` (N,) (host):
+        each row's decoder prediction (None = the final one); with one set of mixtures for all
+        predictions it is ignored. A collective under DDP (every rank calls it, one call per set)."""
         self._check_labels(labels, "observe")
         if self.no_object == "objectness":
             keep = labels < self.num_classes
             embeddings, labels = embeddings[keep], labels[keep]
             sources = None if sources is None else sources[keep]
-        self.mixtures.observe(embeddings, labels, iteration, sources)
+            predictions = None if predictions is None else predictions[keep.to(predictions.device)]
+        if self.num_predictions == 1:
+            self.mixtures.observe(embeddings, labels, iteration, sources)
+            return
+        if predictions is None:
+            predictions = torch.full(labels.shape, self.num_predictions - 1, dtype=torch.long)
+        for i in range(self.num_predictions):
+            rows = (predictions == i).to(labels.device)
+            self.mixtures_of(i).observe(embeddings[rows], labels[rows], iteration,
+                                        None if sources is None else sources[rows.to(sources.device)])
+
+    def _all_mixtures(self):
+        return [self.mixtures] + (list(self.aux_mixtures) if self.num_predictions > 1 else [])
 
     def step(self, iteration: int) -> None:
-        self.mixtures.step(iteration)
+        for mixtures in self._all_mixtures():
+            mixtures.step(iteration)
 
     def update(self, iteration: int = 0) -> bool:
-        return self.mixtures.update(iteration)
+        """EM on every set of mixtures now; True if any was fitted."""
+        return any([mixtures.update(iteration) for mixtures in self._all_mixtures()])
 
     def bank_age(self, iteration: int) -> torch.Tensor:
         return self.mixtures.bank_age(iteration)

@@ -57,7 +57,8 @@ class LinearClassPredictor(ClassPredictor):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.linear(embeddings)
 
-    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None) -> None:
+    def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None,
+                predictions=None) -> None:
         if self.prompt_gmm is not None:
             keep = labels < self.num_classes
             self.prompt_gmm.observe(embeddings[keep], labels[keep], iteration, None if sources is None else sources[keep])

@@ -420,8 +420,11 @@ class CPM(nn.Module):
         sources = torch.arange(assigned.numel())
         if self.observe_correct_only:  # the predictions' classes live on the device
             sources = sources.to(emb.device)
-        embs, labs, srcs = [], [], []
-        for pred, lab in zip(preds, labels):
+        # each row's prediction in the decoder's order (aux_i = i, the final one last)
+        final = max(self.class_predictor.num_predictions, len(preds)) - 1
+        order = [final] + list(range(len(preds) - 1))
+        embs, labs, srcs, whose = [], [], [], []
+        for p, pred, lab in zip(order, preds, labels):
             e, l = pred["query_embeddings"].flatten(0, 1), lab.flatten()
             src = sources
             if self.observe_correct_only:
@@ -431,8 +434,10 @@ class CPM(nn.Module):
             embs.append(e)
             labs.append(l)
             srcs.append(src)
+            whose.append(torch.full((l.numel(),), p, dtype=torch.long))
         iteration = int(self._iter)
-        self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labs), iteration, torch.cat(srcs))
+        self.class_predictor.observe(torch.cat(embs).detach(), torch.cat(labs), iteration, torch.cat(srcs),
+                                     torch.cat(whose))
         self.class_predictor.step(iteration)
         self._log_mixtures(iteration)
         self._iter += 1

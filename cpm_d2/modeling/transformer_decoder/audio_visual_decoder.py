@@ -138,6 +138,10 @@ class AudioVisualTransformerDecoder(nn.Module):
         if hidden_dim % nheads != 0:
             raise ValueError(f"MODEL.MASK_FORMER.HIDDEN_DIM {hidden_dim} is not divisible by MODEL.MASK_FORMER.NHEADS {nheads}")
         self.class_predictor = class_predictor
+        predictions = max(audio_dec_layers, 1) + dec_layers
+        if class_predictor.num_predictions not in (1, predictions):
+            raise ValueError(f"the class predictor keeps {class_predictor.num_predictions} per-prediction states but this "
+                             f"decoder makes {predictions} predictions (MODEL.MASK_FORMER.DEC_LAYERS, AUDIO_DEC_LAYERS)")
         self.num_heads = nheads
         self.num_layers = dec_layers
         self.num_audio_layers = audio_dec_layers
@@ -285,10 +289,14 @@ class AudioVisualTransformerDecoder(nn.Module):
         class-head call per stretch of such groups over those predictions' embeddings together
         (the head is per query, so this is the per-prediction computation in fewer calls)."""
         groups, sizes, offsets = layout
+        per_prediction = self.class_predictor.num_predictions > 1  # its own state per prediction: one call each
         for start, end, members in runs(sizes, [g.classify for g in groups]):
             n = end - start
-            x = cat([embeddings[i][:, start:end] for i in which])
-            for i, logits in zip(which, self.class_predictor(x).split(n, dim=1)):
+            if per_prediction:
+                logits_of = [self.class_predictor(embeddings[i][:, start:end], prediction=i) for i in which]
+            else:
+                logits_of = self.class_predictor(cat([embeddings[i][:, start:end] for i in which])).split(n, dim=1)
+            for i, logits in zip(which, logits_of):
                 for g, value in per_group([logits], [(start, end, members)], offsets, sizes).items():
                     predictions[i][g]["pred_logits"] = value
 
