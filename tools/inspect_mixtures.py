@@ -5,9 +5,10 @@ or the decoder's predictions.
     python tools/inspect_mixtures.py output/hard_cpm/config.yaml output/hard_cpm/model_final.pth
     python tools/inspect_mixtures.py --output mixtures.json CONFIG WEIGHTS [KEY VALUE ...]
 
-Reads the mixtures of the model's class predictor (the GMM class head, or the softmax head's
-``MODEL.CPM.LINEAR_HEAD_PROMPTS "gmm"`` prompts) from the checkpoint and prints, per class, the bank
-size and the mixing weights; then, when the banks were filled with ``OBSERVE_LAYERS "all"``, how
+Reads the mixtures of the model's class predictor (the GMM class head, the final prediction's with
+``PER_PREDICTION``, or the softmax head's ``MODEL.CPM.LINEAR_HEAD_PROMPTS "gmm"`` prompts) from the
+checkpoint and prints, per class, the bank size and the mixing weights; then, when one set of banks
+was filled by every prediction (``OBSERVE_LAYERS "all"``, ``PER_PREDICTION False``), how
 often the copy of a query from each auxiliary prediction falls in the same component as its
 final-prediction copy, against chance, and how far it lies from it
 (:func:`cpm_d2.modeling.class_predictor.diagnostics.prediction_agreement`). Agreement far below
@@ -39,6 +40,7 @@ def main(argv=None):
     from cpm_d2.data import register_avs_datasets_from_cfg
     from cpm_d2.engine import Trainer
     from cpm_d2.modeling.class_predictor.diagnostics import prediction_agreement
+    from cpm_d2.modeling.class_predictor.gmm import decoder_predictions
     from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, ClassMixtures
 
     torch.set_num_threads(1)
@@ -66,8 +68,9 @@ def main(argv=None):
         rows.append([names[k], n, "yes" if mix.initialized[k] else "no", live[k], " ".join(f"{w:.3f}" for w in weights)])
     print(tabulate(rows, headers=["class", "bank entries", "fitted", f"live (w >= {LIVE_WEIGHT})", "weights"]))
     result = {"classes": per_class}
-    mf = cfg.MODEL.MASK_FORMER  # DEC_LAYERS counts the predictions (Mask2Former's meaning)
-    predictions = mf.DEC_LAYERS if mf.GMM.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION else 1
+    mf = cfg.MODEL.MASK_FORMER
+    shared = mf.GMM.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION and not mf.GMM.PER_PREDICTION
+    predictions = decoder_predictions(cfg) if shared else 1  # copies of a query in one bank
     if predictions > 1:
         agree = prediction_agreement(mix, predictions)
         result["prediction_agreement"] = agree

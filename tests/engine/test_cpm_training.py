@@ -161,7 +161,7 @@ ROWS = {
     "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
     "x_vcp_mixture_audio": ("GMMClassPredictor", True, True, True, 3),
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
-        "x_gmm_observe_last", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
+        "x_gmm_observe_last", "x_gmm_per_prediction", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1")},
@@ -612,8 +612,8 @@ def test_observe_all_layers_feeds_every_prediction_to_the_bank():
         model.train()
         seen, logits = [], []
         real = model.class_predictor.observe
-        model.class_predictor.observe = lambda e, l, it, src: (seen.append((e.clone(), l.clone(), src.clone())),
-                                                                real(e, l, it, src))[1]
+        model.class_predictor.observe = lambda e, l, it, src, *rest: (seen.append((e.clone(), l.clone(), src.clone())),
+                                                                       real(e, l, it, src, *rest))[1]
         real_head = model.class_predictor.forward
         model.class_predictor.forward = lambda e: (lambda out: (logits.append((e.detach().clone(), out.detach())), out)[1])(
             real_head(e))
@@ -634,6 +634,40 @@ def test_observe_all_layers_feeds_every_prediction_to_the_bank():
     assert counts["all", True] < counts["all", False]
     with pytest.raises(ValueError, match="OBSERVE_LAYERS"):
         _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "some"}))
+
+
+def test_per_prediction_mixtures_are_fed_and_asked_by_their_own_prediction():
+    """PER_PREDICTION: the tiny model's 4 predictions (1 audio + 3 visual layers) each bank their own
+    matched embeddings in their own set of mixtures (the final one in ``mixtures``), and each
+    prediction's class logits come from its own set (one head call per prediction)."""
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 81), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 82)]
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.PER_PREDICTION": "True", "MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "512"}))
+    head = model.class_predictor
+    assert head.num_predictions == 4 and len(head.aux_mixtures) == 3
+    for m in head.aux_mixtures:
+        m.initialized.fill_(True)
+    model.train()
+    asked, banked = [], []
+    real_head = head.forward
+    head.forward = lambda e, prediction=None: (asked.append(prediction), real_head(e, prediction))[1]
+    real_observe = head.observe
+    head.observe = lambda e, l, it, src, whose: (banked.append((e.clone(), whose.clone())),
+                                                 real_observe(e, l, it, src, whose))[1]
+    model(batch)
+    assert sorted(set(asked)) == [0, 1, 2, 3]  # every prediction scored by its own set
+    emb, whose = banked[0]
+    assert torch.bincount(whose).tolist() == [20, 20, 20, 20]  # 2 images x 10 queries per prediction
+    for i in range(4):
+        # each set's bank holds exactly its prediction's matched (non no-object) embeddings
+        m = head.mixtures_of(i)
+        got = m.bank[:5][torch.arange(m.memory_size)[None, :] < m.bank_count[:5, None]]
+        assert got.shape[0] == 4  # background + one class in each of the 2 images
+        rows = m.prepare(emb[whose == i])  # the bank holds the modelled (normalised) embeddings
+        assert all(any(torch.allclose(g, r, atol=1e-6) for r in rows) for g in got)
+        others = m.prepare(emb[whose != i])
+        assert not any(any(torch.allclose(g, r, atol=1e-6) for r in others) for g in got)
+    with pytest.raises(ValueError, match="PER_PREDICTION needs OBSERVE_LAYERS 'all'"):
+        _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.PER_PREDICTION": "True", "MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "last"}))
 
 
 def test_bank_that_cannot_reach_the_first_fit_is_refused():

@@ -238,3 +238,38 @@ def test_built_from_config_and_old_keys_are_reported_as_renamed(tmp_path):
         get_cfg().merge_from_file(str(old))
     with pytest.raises(KeyError, match="MODEL.CPM.GMM.EPS was renamed to MODEL.MASK_FORMER.GMM.EPS"):
         get_cfg().merge_from_list(["MODEL.CPM.GMM.EPS", "0.1"])
+
+
+def test_per_prediction_mixtures_bank_fit_and_score_their_own_prediction():
+    """num_predictions P = 3: rows observed with prediction i go to set i's banks only (None = the
+    final set); forward(x, prediction=i) scores with set i; prompts come from the final set."""
+    torch.manual_seed(0)
+    g = _gmm(num_classes=2, embed_dim=3, num_components=1, no_object="objectness", logit_norm="none",
+             num_predictions=3, min_entries=2)
+    assert g.num_predictions == 3 and len(g.aux_mixtures) == 2
+    shift = torch.tensor([0.0, 5.0, -5.0])  # prediction i's embeddings sit at shift[i] on axis 0
+    x = torch.randn(30, 3) * 0.3
+    labels = torch.arange(30) % 2
+    emb = torch.cat([x + torch.tensor([s, 0.0, 0.0]) for s in shift])
+    which = torch.arange(3).repeat_interleave(30)
+    g.observe(emb, labels.repeat(3), 0, torch.arange(30).repeat(3), which)
+    g.observe(x[:4] + torch.tensor([-5.0, 0.0, 0.0]), labels[:4], 1)  # no predictions given: the final set
+    assert [m.bank_count.tolist() for m in (g.aux_mixtures[0], g.aux_mixtures[1], g.mixtures)] == \
+        [[15, 15, 0], [15, 15, 0], [17, 17, 0]]
+    assert g.update(1)
+    for i, s in enumerate(shift):
+        mean = g.mixtures_of(i).means[0, 0, 0].item()
+        assert mean == pytest.approx(s.item(), abs=0.5), (i, mean)
+    assert g.mixtures_of(None) is g.mixtures and g.mixtures_of(2) is g.mixtures
+    q = torch.randn(5, 3)
+    g.eval()
+    for i in range(3):
+        want = torch.log_softmax(g.mixtures_of(i).log_prob(q)[:, :2], -1).float() + \
+            torch.nn.functional.logsigmoid(-g.objectness(q)).detach()
+        torch.testing.assert_close(g(q, prediction=i)[:, :2].detach(), want)
+    assert not torch.allclose(g(q, prediction=0), g(q, prediction=1))
+    torch.testing.assert_close(g(q), g(q, prediction=2))
+    z = g.sample(torch.zeros(200, dtype=torch.long))
+    assert z[:, 0].mean().item() == pytest.approx(-5.0, abs=0.3)  # the final set's class-0 mean
+    with pytest.raises(ValueError, match="prediction 3 out of range"):
+        g(q, prediction=3)
