@@ -147,8 +147,10 @@ def _add_gmm_head_keys(mf):
     g.EM_ITERS = 3  # EM iterations per update
     g.MOMENTUM = 0.5  # new = MOMENTUM * old + (1 - MOMENTUM) * EM estimate
     # Variance floor, on the scale of the modelled embeddings (with NORMALIZE: unit vectors, whose
-    # coordinates have variance about 1 / HIDDEN_DIM; without it raw embeddings, where 1e-4 suits).
-    g.EPS = 1e-3
+    # coordinates have variance about 1 / HIDDEN_DIM, so 1e-2 is 0.64 / HIDDEN_DIM at HIDDEN_DIM 64
+    # and 2.56 / HIDDEN_DIM at 256; without NORMALIZE raw embeddings, where 1e-4 suits). A higher
+    # floor gives broader components: smoother class scores and wider prompt draws.
+    g.EPS = 1e-2
     # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
     # component (copies of one query from several layers count once); until then it keeps its prior.
     g.MIN_ENTRIES_PER_COMPONENT = 4
