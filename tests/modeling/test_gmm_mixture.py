@@ -335,13 +335,15 @@ def _config_options(name):
 
 @pytest.mark.parametrize("config", ["synthetic/cpm_r18_hard.yaml", "avss_r50.yaml"])
 def test_three_separated_modes_fed_as_training_keep_three_live_components(config):
-    """Three classes, each with three modes 6 apart; fed as training feeds the banks (every query
-    once per decoder layer, 1-4 queries a step) with the config's bank, EM schedule and momentum:
-    every class ends with three live components, each true mode within half the spacing of a live
-    mean. With the fit's guards off (first fit at M entries counted with copies, no re-seeding) the
-    same feed loses modes."""
+    """Three classes, each with three modes 8 variance-floor standard deviations (8 sqrt(EPS)) apart
+    on the modelled scale (the floor bounds how close two modes a component can tell apart); fed as
+    training feeds the banks (every query once per decoder layer, 1-4 queries a step) with the
+    config's bank, EM schedule and momentum: every class ends with three live components, each true
+    mode within half the spacing of a live mean. With the fit's guards off (first fit at M entries
+    counted with copies, no re-seeding) the same feed loses modes."""
     options, layers, dim = _config_options(config)
-    spacing = 6.0
+    assert options["normalize"]  # the class centres of _modes have norm ~3 sqrt(D): spacing / that on the sphere
+    spacing = 8.0 * options["eps"] ** 0.5 * 3.0 * dim ** 0.5
     for seed in range(3):
         rng = np.random.default_rng(seed)
         modes = _modes(rng, 3, options["num_components"], dim, spacing)
