@@ -762,7 +762,9 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_lambda_0.25", {"MODEL.CPM.LAMBDA": (1.0, 0.25)}),
     ("x_vcp_mixture_audio", {"MODEL.CPM.VCP.AUDIO": ("clean", "mixture")}),
     ("x_gmm_raw_embeddings", {"MODEL.MASK_FORMER.GMM.NORMALIZE": (True, False),
-                              "MODEL.MASK_FORMER.GMM.EPS": (1e-3, 1e-4)}),
+                              "MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-4)}),
+    ("x_gmm_eps_1e-3", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-3)}),
+    ("x_gmm_per_prediction", {"MODEL.MASK_FORMER.GMM.PER_PREDICTION": (False, True)}),
     ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
                               "MODEL.MASK_FORMER.GMM.LOGIT_NORM": ("sqrt_dim", "class_layer_norm")}),
 ])
