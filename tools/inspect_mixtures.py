@@ -40,7 +40,7 @@ def main(argv=None):
     from cpm_d2.data import register_avs_datasets_from_cfg
     from cpm_d2.engine import Trainer
     from cpm_d2.modeling.class_predictor.diagnostics import prediction_agreement
-    from cpm_d2.modeling.class_predictor.gmm import decoder_predictions
+    from cpm_d2.modeling.class_predictor.gmm import bank_copies
     from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, ClassMixtures
 
     torch.set_num_threads(1)
@@ -68,9 +68,7 @@ def main(argv=None):
         rows.append([names[k], n, "yes" if mix.initialized[k] else "no", live[k], " ".join(f"{w:.3f}" for w in weights)])
     print(tabulate(rows, headers=["class", "bank entries", "fitted", f"live (w >= {LIVE_WEIGHT})", "weights"]))
     result = {"classes": per_class}
-    mf = cfg.MODEL.MASK_FORMER
-    shared = mf.GMM.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION and not mf.GMM.PER_PREDICTION
-    predictions = decoder_predictions(cfg) if shared else 1  # copies of a query in one bank
+    predictions = bank_copies(cfg)  # copies of one query in one bank
     if predictions > 1:
         agree = prediction_agreement(mix, predictions)
         result["prediction_agreement"] = agree

@@ -20,7 +20,7 @@ from detectron2.config import configurable
 from .base import CLASS_PREDICTOR_REGISTRY, ClassPredictor
 from .mixture import ClassMixtures
 
-__all__ = ["GMMClassPredictor", "mixture_options_from_config", "decoder_predictions"]
+__all__ = ["GMMClassPredictor", "mixture_options_from_config", "decoder_predictions", "bank_copies"]
 
 # Training-time temperature of the class scores, as a function of D ("learned": exp(t), t a
 # parameter initialised at log sqrt(D)). "class_layer_norm" is a layer, not a temperature.
@@ -58,6 +58,15 @@ def decoder_predictions(cfg) -> int:
     queries without audio layers) and one per masked-attention layer (DEC_LAYERS - 1)."""
     mf = cfg.MODEL.MASK_FORMER
     return max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
+
+
+def bank_copies(cfg) -> int:
+    """How many copies of one matched query a bank receives per step: one per decoder prediction
+    when one set of mixtures is fed by every prediction (OBSERVE_LAYERS "all" with deep
+    supervision, PER_PREDICTION off), else one."""
+    mf = cfg.MODEL.MASK_FORMER
+    shared = mf.GMM.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION and not mf.GMM.PER_PREDICTION
+    return decoder_predictions(cfg) if shared else 1
 
 
 @CLASS_PREDICTOR_REGISTRY.register()

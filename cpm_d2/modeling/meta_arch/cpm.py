@@ -55,7 +55,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
 from ..backbone import build_audio_backbone
-from ..class_predictor.gmm import decoder_predictions
+from ..class_predictor.gmm import bank_copies
 from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
 from ..pixel_decoder import AudioPixelDecoder, build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
@@ -536,8 +536,7 @@ def _check_bank_config(cfg) -> None:
         cfg.MODEL.CPM.ENABLED and cfg.MODEL.CPM.LINEAR_HEAD_PROMPTS == "gmm")
     if not uses_mixtures:
         return
-    # with one set of mixtures a query enters its bank once per prediction; per prediction once per bank
-    copies = decoder_predictions(cfg) if g.OBSERVE_LAYERS == "all" and mf.DEEP_SUPERVISION and not g.PER_PREDICTION else 1
+    copies = bank_copies(cfg)
     needed = max(2, g.MIN_ENTRIES_PER_COMPONENT * g.NUM_COMPONENTS)
     if needed * copies > g.MEMORY_SIZE:
         raise ValueError(
