@@ -81,8 +81,9 @@ class GMMClassPredictor(ClassPredictor):
       s_c / exp(t) with t learned (from log sqrt(D)), or s_c itself. In D = 256 raw log-densities
       differ between classes by hundreds: the posterior is numerically one-hot and a misclassified
       query costs a CE of hundreds with gradients scaled by 1/variance, which swamps the mask
-      losses; the temperature keeps the ranking (same argmax) with O(1) logits. In eval mode (``test_logits``)
-      ``"posterior"`` gives s_c (eq. 1's posterior exactly), ``"tempered"`` the training logits.
+      losses; the temperature keeps the ranking (same argmax) with O(1) logits. In eval mode
+      (``test_logits``) ``"posterior"`` gives s_c (eq. 1's posterior exactly), ``"tempered"`` the
+      training logits.
     * ``"class_layer_norm"``: a LayerNorm (with its affine) over the scores of the classes, in
       training and at inference (GMMSeg's normalisation over classes).
 
