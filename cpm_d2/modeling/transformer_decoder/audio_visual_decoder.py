@@ -52,58 +52,64 @@ def _with_pos(x, pos):
     return x if pos is None else x + pos
 
 
-class SelfAttentionLayer(nn.Module):
+class _Residual(nn.Module):
+    """A decoder sub-layer's residual connection with dropout, and its LayerNorm on the input
+    (``normalize_before``, pre-norm) or on the sum (post-norm)."""
+
+    def __init__(self, d_model, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _input(self, tgt):
+        return self.norm(tgt) if self.normalize_before else tgt
+
+    def _residual(self, tgt, out):
+        tgt = tgt + self.dropout(out)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class _ResidualAttention(_Residual):
+    """Multi-head attention (batch first) inside a :class:`_Residual`."""
+
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__(d_model, dropout, normalize_before)
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+
+
+class SelfAttentionLayer(_ResidualAttention):
     """(B, Q, D) -> (B, Q, D); ``key_padding_mask`` (B, Q) True = padded query (ignored as a key);
     ``attn_mask`` (Q, Q) True = blocked (query groups that must not see each other)."""
 
-    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-
     def forward(self, tgt, key_padding_mask=None, query_pos=None, attn_mask=None):
-        x = self.norm(tgt) if self.normalize_before else tgt
+        x = self._input(tgt)
         q = k = _with_pos(x, query_pos)
         out = self.attn(q, k, value=x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)[0]
-        tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, out)
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(_ResidualAttention):
     """Queries (B, Q, D) attend ``memory`` (B, S, D); ``memory_mask`` (B*nheads, Q, S) or (Q, S) True = blocked."""
 
-    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-
     def forward(self, tgt, memory, memory_mask=None, pos=None, query_pos=None):
-        x = self.norm(tgt) if self.normalize_before else tgt
+        x = self._input(tgt)
         out = self.attn(_with_pos(x, query_pos), _with_pos(memory, pos), value=memory, attn_mask=memory_mask,
                         need_weights=False)[0]
-        tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, out)
 
 
-class FFNLayer(nn.Module):
+class FFNLayer(_Residual):
     """Residual two-layer MLP with ReLU. (B, Q, D) -> (B, Q, D)."""
 
     def __init__(self, d_model, dim_feedforward=2048, dropout=0.0, normalize_before=False):
-        super().__init__()
+        super().__init__(d_model, dropout, normalize_before)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.normalize_before = normalize_before
 
     def forward(self, tgt):
-        x = self.norm(tgt) if self.normalize_before else tgt
-        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-        return tgt if self.normalize_before else self.norm(tgt)
+        out = self.linear2(self.dropout(F.relu(self.linear1(self._input(tgt)))))
+        return self._residual(tgt, out)
 
 
 class MLP(nn.Module):
