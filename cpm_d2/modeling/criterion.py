@@ -25,6 +25,8 @@ from detectron2.projects.point_rend.point_features import (
     point_sample,
 )
 
+from .decoder_predictions import decoder_predictions
+
 __all__ = ["SetCriterion", "build_set_criterion", "loss_weight_dict", "sigmoid_focal_loss", "sigmoid_ce_loss",
            "dice_loss", "calculate_uncertainty"]
 
@@ -273,13 +275,6 @@ def build_set_criterion(cfg) -> SetCriterion:
     )
 
 
-def num_predictions(cfg) -> int:
-    """Predictions per decoder pass: one per audio layer (or one of the raw queries) + one per
-    masked-attention layer (MASK_FORMER.DEC_LAYERS - 1 of them, Mask2Former's count)."""
-    mf = cfg.MODEL.MASK_FORMER
-    return max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
-
-
 def loss_weight_dict(cfg) -> Dict[str, float]:
     """{"loss_ce": CLASS_WEIGHT, "loss_mask": MASK_WEIGHT, "loss_dice": DICE_WEIGHT} and, with
     DEEP_SUPERVISION, the same for "<key>_<i>" of every auxiliary prediction i."""
@@ -287,6 +282,6 @@ def loss_weight_dict(cfg) -> Dict[str, float]:
     base = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
     weights = dict(base)
     if mf.DEEP_SUPERVISION:
-        for i in range(num_predictions(cfg) - 1):
+        for i in range(decoder_predictions(cfg) - 1):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
     return weights

@@ -209,3 +209,22 @@ def test_bad_inputs_raise_clear_errors():
         model(batch)
     with pytest.raises(ValueError, match="INPUT.FORMAT"):
         build_model(_cfg(**{"INPUT.FORMAT": "BGR"}))
+
+
+@pytest.mark.parametrize("dec_layers, audio_layers", [(2, 0), (3, 1), (4, 2)])
+def test_decoder_predictions_counts_what_the_decoder_returns(dec_layers, audio_layers):
+    from cpm_d2.modeling.decoder_predictions import decoder_predictions
+    from cpm_d2.modeling.criterion import loss_weight_dict
+
+    overrides = {"MODEL.MASK_FORMER.DEC_LAYERS": str(dec_layers), "MODEL.MASK_FORMER.AUDIO_DEC_LAYERS": str(audio_layers)}
+    model = _model(**overrides)
+    model.eval()
+    batch = _batch()[:1]
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        vis = model.encode_visual(images.tensor)
+        aud = model.encode_audio(model.log_spectrogram(model.preprocess_audio(batch)))
+        out = model.decode(vis, aud)
+    expected = max(audio_layers, 1) + dec_layers - 1  # audio layers (or the raw queries) + masked-attention layers
+    assert 1 + len(out["aux_outputs"]) == decoder_predictions(_cfg(**overrides)) == expected
+    assert sum(k.startswith("loss_ce") for k in loss_weight_dict(_cfg(**overrides))) == expected

@@ -17,10 +17,11 @@ from torch.profiler import record_function
 
 from detectron2.config import configurable
 
+from ..decoder_predictions import decoder_predictions
 from .base import CLASS_PREDICTOR_REGISTRY, ClassPredictor
 from .mixture import ClassMixtures
 
-__all__ = ["GMMClassPredictor", "mixture_options_from_config", "decoder_predictions", "bank_copies"]
+__all__ = ["GMMClassPredictor", "mixture_options_from_config", "bank_copies"]
 
 # Training-time temperature of the class scores, as a function of D ("learned": exp(t), t a
 # parameter initialised at log sqrt(D)). "class_layer_norm" is a layer, not a temperature.
@@ -51,13 +52,6 @@ def mixture_options_from_config(cfg) -> dict:
         "normalize": g.NORMALIZE,
         "max_age": g.MAX_AGE,
     }
-
-
-def decoder_predictions(cfg) -> int:
-    """How many predictions the audio-visual decoder makes: one per audio layer (one of the raw
-    queries without audio layers) and one per masked-attention layer (DEC_LAYERS - 1)."""
-    mf = cfg.MODEL.MASK_FORMER
-    return max(mf.AUDIO_DEC_LAYERS, 1) + mf.DEC_LAYERS - 1
 
 
 def bank_copies(cfg) -> int:

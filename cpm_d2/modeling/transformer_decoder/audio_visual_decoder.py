@@ -39,6 +39,7 @@ from detectron2.layers import Conv2d
 import fvcore.nn.weight_init as weight_init
 
 from ..class_predictor import build_class_predictor
+from ..decoder_predictions import count_predictions
 from .position_encoding import PositionEmbeddingSine
 from .query_groups import QueryGroup, audio_memory, cat, per_group, runs, self_attention_mask
 from .registry import TRANSFORMER_DECODER_REGISTRY
@@ -144,7 +145,7 @@ class AudioVisualTransformerDecoder(nn.Module):
         if hidden_dim % nheads != 0:
             raise ValueError(f"MODEL.MASK_FORMER.HIDDEN_DIM {hidden_dim} is not divisible by MODEL.MASK_FORMER.NHEADS {nheads}")
         self.class_predictor = class_predictor
-        predictions = max(audio_dec_layers, 1) + dec_layers
+        predictions = count_predictions(dec_layers, audio_dec_layers)
         if class_predictor.num_predictions not in (1, predictions):
             raise ValueError(f"the class predictor keeps {class_predictor.num_predictions} per-prediction states but this "
                              f"decoder makes {predictions} predictions (MODEL.MASK_FORMER.DEC_LAYERS, AUDIO_DEC_LAYERS)")
