@@ -151,6 +151,11 @@ def _add_gmm_head_keys(mf):
     # and 2.56 / HIDDEN_DIM at 256; without NORMALIZE raw embeddings, where 1e-4 suits). A higher
     # floor gives broader components: smoother class scores and wider prompt draws.
     g.EPS = 1e-2
+    # Variance floor of the Gaussians that prompts are drawn from, on EPS's scale: each diagonal
+    # variance is raised to at least PROMPT_EPS when sampling, scores and EM are unchanged. 0 = draw
+    # from the fitted covariances as they are. Lets prompt draws be wide while the components that
+    # score and keep the class's modes stay narrow (diag / tied covariances only).
+    g.PROMPT_EPS = 0.0
     # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
     # component (copies of one query from several layers count once); until then it keeps its prior.
     g.MIN_ENTRIES_PER_COMPONENT = 4

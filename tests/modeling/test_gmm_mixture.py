@@ -164,6 +164,33 @@ def test_sampling_statistics_match_parameters(cov_type):
         np.testing.assert_allclose(np.cov(zm.T), cov_full[0, m], atol=0.08)
 
 
+@pytest.mark.parametrize("cov_type", ["diag", "tied"])
+def test_prompt_variance_floor_widens_draws_only(cov_type):
+    """prompt_eps raises each variance to at least prompt_eps when sampling (variances above it are
+    kept); the scores are those of the fitted covariances."""
+    D, n = 2, 40000
+    kw = dict(num_classes=0, embed_dim=D, num_components=1, covariance=cov_type)
+    plain, wide = _gmm(**kw), _gmm(prompt_eps=0.25, **kw)
+    for g in (plain, wide):
+        g.means.copy_(torch.tensor([[[3.0, -1.0]]]))
+        g.covariances.copy_(torch.tensor([[[0.01, 1.0]]]))  # one variance under the floor, one above
+    x = torch.randn(7, D)
+    torch.testing.assert_close(wide.log_prob(x), plain.log_prob(x))
+    gen = torch.Generator().manual_seed(0)
+    z = wide.sample(torch.zeros(n, dtype=torch.long), generator=gen).double()
+    np.testing.assert_allclose(z.mean(0).numpy(), [3.0, -1.0], atol=0.02)
+    np.testing.assert_allclose(z.var(0).numpy(), [0.25, 1.0], rtol=0.03)
+    z0 = plain.sample(torch.zeros(n, dtype=torch.long), generator=torch.Generator().manual_seed(0)).double()
+    np.testing.assert_allclose(z0.var(0).numpy(), [0.01, 1.0], rtol=0.03)
+
+
+def test_prompt_variance_floor_is_refused_with_full_covariances():
+    with pytest.raises(ValueError, match="PROMPT_EPS.*'full'"):
+        _gmm(covariance="full", prompt_eps=0.1)
+    with pytest.raises(ValueError, match="prompt_eps.*>= 0"):
+        _gmm(prompt_eps=-1.0)
+
+
 @pytest.mark.parametrize("cov_type", ["diag", "full"])
 def test_state_dict_round_trip(cov_type):
     rng = np.random.default_rng(5)

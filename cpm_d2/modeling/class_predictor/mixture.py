@@ -93,6 +93,7 @@ class ClassMixtures(nn.Module):
         em_iters: int = 3,
         momentum: float = 0.5,
         eps: float = 1e-4,
+        prompt_eps: float = 0.0,
         min_entries: int = 2,
         reseed_below: float = 0.0,
         reseed: str = "split",
@@ -116,6 +117,8 @@ class ClassMixtures(nn.Module):
             momentum: theta <- momentum * theta_old + (1 - momentum) * theta_EM (not applied to a
                 class's first fit nor to re-seeded components).
             eps: variance floor (diag: var >= eps; full: Sigma + eps * I), on the modelled scale.
+            prompt_eps: variance floor of the Gaussians ``sample`` draws from (diag / tied: each
+                variance raised to at least this); 0 = the fitted covariances. Scores and EM ignore it.
             min_entries: distinct bank entries a class needs before its first fit (>= 2).
             reseed_below: re-seed, before each EM iteration, components whose weight is below
                 ``reseed_below / M`` (a fraction of the uniform weight); 0 = never (a component without
@@ -141,6 +144,11 @@ class ClassMixtures(nn.Module):
             raise ValueError(f"GMM momentum must be in [0, 1), got {momentum}")
         if eps <= 0:
             raise ValueError(f"GMM eps (variance floor) must be > 0, got {eps}")
+        if prompt_eps < 0:
+            raise ValueError(f"GMM prompt_eps (the prompts' variance floor) must be >= 0, got {prompt_eps}")
+        if prompt_eps > 0 and covariance == "full":
+            raise ValueError("GMM prompt_eps (MODEL.MASK_FORMER.GMM.PROMPT_EPS) applies to diagonal covariances: "
+                             "set it to 0 with COVARIANCE 'full', or use 'diag' / 'tied'")
         if int(min_entries) != min_entries or min_entries < 2:
             raise ValueError(f"GMM min_entries (distinct entries before a class is fitted) must be an integer >= 2, "
                              f"got {min_entries!r}")
@@ -162,6 +170,7 @@ class ClassMixtures(nn.Module):
         self.em_iters = int(em_iters)
         self.momentum = float(momentum)
         self.eps = float(eps)
+        self.prompt_eps = float(prompt_eps)
         self.min_entries = int(min_entries)
         self.reseed_below = float(reseed_below)
         self.reseed = reseed
@@ -195,7 +204,8 @@ class ClassMixtures(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_mixtures={self.num_mixtures}, embed_dim={self.embed_dim}, num_components={self.num_components}, "
                 f"covariance={self.covariance}, memory_size={self.memory_size}, update_interval={self.update_interval}, "
-                f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, min_entries={self.min_entries}, "
+                f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, prompt_eps={self.prompt_eps}, "
+                f"min_entries={self.min_entries}, "
                 f"reseed_below={self.reseed_below}, reseed={self.reseed}, estep={self.estep}, normalize={self.normalize}, "
                 f"max_age={self.max_age}")
 
@@ -631,8 +641,8 @@ class ClassMixtures(nn.Module):
     @record_function("gmm.sample")
     def sample(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """One draw per label: labels (N,) -> (N, D) on the buffers' device. The component comes
-        from pi_k, then z = mu + L eps (diag: sqrt(var) * eps); with ``normalize`` z is scaled by the
-        class's mean raw norm. Random numbers come from ``generator`` (on its device) when given."""
+        from pi_k, then z = mu + L eps (diag: sqrt(max(var, prompt_eps)) * eps); with ``normalize``
+        z is scaled by the class's mean raw norm. Random numbers come from ``generator`` (on its device) when given."""
         self.check_labels(labels, "sample")
         dev = self.means.device
         N = labels.numel()
@@ -644,7 +654,7 @@ class ClassMixtures(nn.Module):
         noise = torch.randn(N, self.embed_dim, generator=generator, device=draw_dev).to(dev)
         mu = self.means[lab, comp]
         if self.covariance != "full":
-            z = mu + self.covariances[lab, comp].sqrt() * noise
+            z = mu + self.covariances[lab, comp].clamp_min(self.prompt_eps).sqrt() * noise
         else:
             L, _, _ = self._full_factors()
             z = mu + (L[lab, comp].to(noise.dtype) @ noise[..., None]).squeeze(-1)
