@@ -156,6 +156,11 @@ def _add_gmm_head_keys(mf):
     # from the fitted covariances as they are. Lets prompt draws be wide while the components that
     # score and keep the class's modes stay narrow (diag / tied covariances only).
     g.PROMPT_EPS = 0.0
+    # Variance floor of the components when they score queries (the class logits), on EPS's scale:
+    # each diagonal variance is raised to at least SCORE_EPS there, EM and prompt draws are
+    # unchanged. 0 = score with the fitted covariances. Lets the class scores be smooth while the
+    # components stay narrow enough to keep the class's modes (diag / tied covariances only).
+    g.SCORE_EPS = 0.0
     # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
     # component (copies of one query from several layers count once); until then it keeps its prior.
     g.MIN_ENTRIES_PER_COMPONENT = 4

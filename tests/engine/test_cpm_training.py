@@ -163,7 +163,8 @@ ROWS = {
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
         "x_gmm_observe_last", "x_gmm_per_prediction", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_reseed",
-        "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
+        "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
+        "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1")},
 }
 
@@ -767,6 +768,8 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_gmm_eps_3e-2", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 3e-2)}),
     ("x_gmm_eps_1e-3_prompt_eps_1e-2", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-3),
                                         "MODEL.MASK_FORMER.GMM.PROMPT_EPS": (0.0, 1e-2)}),
+    ("x_gmm_eps_1e-3_score_eps_1e-2", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-3),
+                                       "MODEL.MASK_FORMER.GMM.SCORE_EPS": (0.0, 1e-2)}),
     ("x_gmm_sinkhorn", {"MODEL.MASK_FORMER.GMM.ESTEP": ("posterior", "sinkhorn")}),
     ("x_gmm_per_prediction", {"MODEL.MASK_FORMER.GMM.PER_PREDICTION": (False, True)}),
     ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),

@@ -81,6 +81,26 @@ def test_scores_equal_scipy_log_density(cov_type, logit_norm):
     np.testing.assert_allclose(ll.numpy(), full[np.arange(6), lab.numpy()], rtol=1e-9, atol=1e-9)
 
 
+def test_score_variance_floor_scores_with_raised_variances_and_leaves_the_mixtures_alone():
+    """score_eps: the class scores are scipy's log-densities with every variance raised to at least
+    score_eps; the fitted covariances, the exact log_prob and the prompt draws are unchanged."""
+    rng = np.random.default_rng(7)
+    D, floor = 4, 0.9
+    g = _gmm(num_classes=2, embed_dim=D, num_components=2, logit_norm="none", score_eps=floor)
+    w, mu, cov = _set_params(g, rng, full=False)  # variances in [0.2, 2.0]: some under the floor
+    fitted = g.mixtures.covariances.clone()
+    x = rng.normal(0, 1.5, size=(9, D))
+    raised = np.stack([[np.diag(np.maximum(np.diag(c), floor)) for c in row] for row in cov])
+    got = g(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _scipy_log_density(x, w, mu, raised), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, _scipy_log_density(x, w, mu, cov), atol=1e-2)  # the floor mattered
+    torch.testing.assert_close(g.mixtures.covariances, fitted)
+    np.testing.assert_allclose(g.log_prob(torch.from_numpy(x)).numpy(), _scipy_log_density(x, w, mu, cov),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="SCORE_EPS"):
+        _gmm(covariance="full", score_eps=0.1)
+
+
 @pytest.mark.parametrize("cov_type", ["diag", "full"])
 def test_softmax_is_bayes_posterior_with_uniform_prior(cov_type):
     rng = np.random.default_rng(4)

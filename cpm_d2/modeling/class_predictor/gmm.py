@@ -70,6 +70,8 @@ class GMMClassPredictor(ClassPredictor):
 
     Class score s_c of a query (``component_score``): ``"logsumexp"`` = log p(q~ | c) (eq. 2) or
     ``"max"`` = max_m [log pi_cm + log N(q~; mu_cm, Sigma_cm)] (the best component, as GMMSeg).
+    With ``score_eps`` > 0 the Sigma_cm of the scores are the fitted ones with every variance
+    raised to at least score_eps (the mixtures themselves are not changed).
 
     Logits (``logit_norm``):
     * ``"sqrt_dim"`` / ``"per_dim"`` / ``"learned"`` / ``"none"``: in training s_c / sqrt(D), s_c / D,
@@ -104,12 +106,16 @@ class GMMClassPredictor(ClassPredictor):
     @configurable
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
                  component_score: str = "logsumexp", no_object: str = "objectness",
-                 test_logits: str = "posterior", num_predictions: int = 1, seed: int = 0, **mixture_options):
+                 test_logits: str = "posterior", score_eps: float = 0.0, num_predictions: int = 1, seed: int = 0,
+                 **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
             embed_dim: D, the size of the mask embeddings.
             logit_norm / component_score / no_object / test_logits: see the class docstring.
+            score_eps: variance floor of the components when they score queries (each diagonal
+                variance raised to at least this; 0 = the fitted variances). EM and prompt draws
+                use the fitted ones, floored at ``eps`` only.
             num_predictions: P, one set of mixtures per decoder prediction when > 1 (class docstring).
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
@@ -126,12 +132,17 @@ class GMMClassPredictor(ClassPredictor):
             raise ValueError(f"MODEL.MASK_FORMER.GMM.NO_OBJECT must be one of {NO_OBJECT_RULES}, got {no_object!r}")
         if test_logits not in TEST_LOGITS:
             raise ValueError(f"MODEL.MASK_FORMER.GMM.TEST_LOGITS must be one of {TEST_LOGITS}, got {test_logits!r}")
+        if score_eps < 0 or (score_eps > 0 and mixture_options.get("covariance", "diag") == "full"):
+            raise ValueError(f"MODEL.MASK_FORMER.GMM.SCORE_EPS must be >= 0 and applies to diagonal covariances "
+                             f"(COVARIANCE 'diag' / 'tied'), got {score_eps} with "
+                             f"{mixture_options.get('covariance', 'diag')!r}")
         self.num_classes = int(num_classes)
         self.embed_dim = int(embed_dim)
         self.logit_norm = logit_norm
         self.component_score = component_score
         self.no_object = no_object
         self.test_logits = test_logits
+        self.score_eps = float(score_eps)
         if int(num_predictions) < 1:
             raise ValueError(f"num_predictions must be >= 1, got {num_predictions}")
         self.num_predictions = int(num_predictions)
@@ -156,13 +167,14 @@ class GMMClassPredictor(ClassPredictor):
                              f"mixtures are fitted to that prediction's matched embeddings), got {g.OBSERVE_LAYERS!r}")
         return {"num_classes": num_classes, "embed_dim": embed_dim, "logit_norm": g.LOGIT_NORM,
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
+                "score_eps": g.SCORE_EPS,
                 "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
-                f"test_logits={self.test_logits}, num_predictions={self.num_predictions}")
+                f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -186,10 +198,11 @@ class GMMClassPredictor(ClassPredictor):
         return self.mixtures if i == self.num_predictions - 1 else self.aux_mixtures[i]
 
     def class_scores(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
-        """Per-class scores s_c (``component_score``), float64: (..., D) -> (..., C+1)."""
+        """Per-class scores s_c (``component_score``, variances floored at ``score_eps``), float64:
+        (..., D) -> (..., C+1)."""
         mixtures = self.mixtures_of(prediction)
         mixtures._check_embeddings(embeddings, "embeddings")
-        comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim))
+        comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim), self.score_eps)
         score = torch.logsumexp(comp, dim=-1) if self.component_score == "logsumexp" else comp.amax(-1)
         return score.reshape(*embeddings.shape[:-1], self.num_classes + 1)
 

@@ -76,7 +76,8 @@ class ClassMixtures(nn.Module):
 
     observe(embeddings (N, D), labels (N,) in [0, K), iteration, sources (N,) or None): bank them.
     update(iteration) -> bool: EM on the banks now.  step(iteration): EM every ``update_interval``.
-    component_log_prob(x (N, D)) -> (N, K, M): log pi_km + log N(x; mu_km, Sigma_km).
+    component_log_prob(x (N, D), var_floor) -> (N, K, M): log pi_km + log N(x; mu_km, Sigma_km), the
+    diagonal variances raised to at least var_floor (0: as fitted).
     log_prob(x (..., D)) -> (..., K): log p(x | k) (logsumexp over components, eq. 2).
     sample(labels (N,)) -> (N, D).  fitted (K,) bool.  live_components() -> (K,) int.
     """
@@ -248,15 +249,16 @@ class ClassMixtures(nn.Module):
             self._factor_cache = (key, L, L_inv, logdet)
         return self._factor_cache[1:]
 
-    def _diag_terms(self):
-        """Float64 terms of the diagonal log-density over the K x M = KM components: 1/var (D, KM),
-        mu/var (D, KM), sum_d mu^2/var (KM,), -0.5 (D log 2pi + log|Sigma|) + log pi (KM,); cached
-        under the buffers' storage, device and version counters."""
+    def _diag_terms(self, var_floor: float = 0.0):
+        """Float64 terms of the diagonal log-density over the K x M = KM components, variances
+        raised to at least ``var_floor``: 1/var (D, KM), mu/var (D, KM), sum_d mu^2/var (KM,),
+        -0.5 (D log 2pi + log|Sigma|) + log pi (KM,); cached under the buffers' storage, device and
+        version counters and the floor."""
         bufs = (self.weights, self.means, self.covariances)
-        key = tuple((t.data_ptr(), t.device, t._version) for t in bufs)
+        key = tuple((t.data_ptr(), t.device, t._version) for t in bufs) + (float(var_floor),)
         if self._diag_cache is None or self._diag_cache[0] != key:
             KM, D = self.num_mixtures * self.num_components, self.embed_dim
-            var = self.covariances.double().reshape(KM, D)
+            var = self.covariances.double().reshape(KM, D).clamp_min(float(var_floor))
             mu = self.means.double().reshape(KM, D)
             inv = var.reciprocal()
             log_w = self.weights.double().clamp_min(_TINY).log().reshape(KM)
@@ -268,13 +270,16 @@ class ClassMixtures(nn.Module):
         """Embeddings (..., D) in the modelled space: L2-normalised with ``normalize``, else as they are."""
         return F.normalize(x, dim=-1) if self.normalize else x
 
-    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> log pi_km + log N(prepare(x); mu_km, Sigma_km): (N, K, M) float64."""
+    def component_log_prob(self, x: torch.Tensor, var_floor: float = 0.0) -> torch.Tensor:
+        """x (N, D) -> log pi_km + log N(prepare(x); mu_km, Sigma_km): (N, K, M) float64. With
+        ``var_floor`` > 0 each diagonal variance is raised to at least it (diag / tied only)."""
         K, M, D = self.num_mixtures, self.num_components, self.embed_dim
+        if var_floor > 0 and self.covariance == "full":
+            raise ValueError("a scoring variance floor applies to diagonal covariances, not 'full'")
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = self.prepare(x.double() if x.dtype != torch.float64 else x)
             if self.covariance != "full":
-                inv_t, mu_inv_t, mu2_inv, const = self._diag_terms()
+                inv_t, mu_inv_t, mu2_inv, const = self._diag_terms(var_floor)
                 # sum((x - mu)^2 / var) = x^2 . (1/var) - 2 x . (mu/var) + mu^2 . (1/var): two fused matmuls
                 quad = torch.addmm(torch.addmm(mu2_inv, x, mu_inv_t, alpha=-2.0), x * x, inv_t).clamp_min(0.0)
                 return (const - 0.5 * quad).reshape(-1, K, M)
