@@ -193,8 +193,11 @@ def _add_gmm_head_keys(mf):
     # spreads its probability over the classes, as a softmax head's does).
     g.TEST_LOGITS = "posterior"
     # How "no object" is scored: "objectness" (a learned logit o; p(no object) = sigmoid(o) and the
-    # classes share 1 - sigmoid(o) by the GMM posterior) or "gmm" (a mixture fitted to the unmatched
-    # queries' embeddings, like any class: the paper pads its classes with no-object).
+    # classes share 1 - sigmoid(o) by the GMM posterior), "softmax" (a learned logit z in one softmax
+    # with the classes' training logits, as Mask2Former's no-object logit: p(no object) then also
+    # depends on how close the query is to every class's mixture; at inference with TEST_LOGITS
+    # "posterior" the classes share the rest by the GMM posterior) or "gmm" (a mixture fitted to the
+    # unmatched queries' embeddings, like any class: the paper pads its classes with no-object).
     g.NO_OBJECT = "objectness"
 
 

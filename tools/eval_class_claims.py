@@ -16,7 +16,12 @@ Summary (``--output`` JSON, the shape ``tools/ablation.py --extra-eval`` caches)
 the frames' sounding classes that are claimed), ``silent_per_frame`` and ``absent_per_frame`` (false
 claims per frame), ``claims_per_frame``, ``unmatched_as_object`` (% of the queries that the
 Hungarian matcher leaves unmatched against the frame's labels whose class argmax is not "no
-object": queries the model keeps without a target), and the counts. Default split: the test split
+object": queries the model keeps without a target), ``matched_correct`` / ``matched_wrong_class`` /
+``matched_no_object`` (% of the matched queries whose class argmax is their target's class,
+another class, "no object"), the output's pixels against the labels (``object_px_correct`` /
+``object_px_wrong_class`` / ``object_px_background``: % of the labelled object pixels given their
+class, another class, background; ``background_px_claimed``: % of the background pixels given a
+class), and the counts. Default split: the test split
 (``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
 """
 import os
@@ -49,8 +54,20 @@ def summarize(records):
     hits, silent, absent = (sum(r[k] for r in records) for k in ("hits", "silent", "absent"))
     unmatched = sum(r.get("unmatched", 0) for r in records)
     kept = sum(r.get("unmatched_as_object", 0) for r in records)
+
+    def share(key, of):
+        num, den = sum(r.get(key, 0) for r in records), sum(r.get(of, 0) for r in records)
+        return 100.0 * num / den if den else None
+
     return {
         "unmatched_as_object": 100.0 * kept / unmatched if unmatched else None,
+        "matched_correct": share("matched_correct", "matched"),
+        "matched_wrong_class": share("matched_wrong_class", "matched"),
+        "matched_no_object": share("matched_no_object", "matched"),
+        "object_px_correct": share("object_px_correct", "object_px"),
+        "object_px_wrong_class": share("object_px_wrong_class", "object_px"),
+        "object_px_background": share("object_px_background", "object_px"),
+        "background_px_claimed": share("background_px_claimed", "background_px"),
         "recall": 100.0 * hits / total if total else None,
         "silent_per_frame": silent / n if n else None,
         "absent_per_frame": absent / n if n else None,
@@ -59,19 +76,40 @@ def summarize(records):
     }
 
 
-def unmatched_queries(model, inputs, outputs):
-    """Per input: (queries the matcher leaves unmatched against its labels, of those the ones whose
-    class argmax is not "no object"), from the decoder ``outputs`` of ``model`` on ``inputs``."""
+def query_assignments(model, inputs, outputs):
+    """Per input, from the decoder ``outputs`` of ``model`` on ``inputs`` and the Hungarian matching
+    against the input's labels, a dict of counts: ``unmatched`` (queries left without a target),
+    ``unmatched_as_object`` (of those, the ones whose class argmax is not "no object"), ``matched``,
+    and of the matched ones ``matched_correct`` / ``matched_wrong_class`` / ``matched_no_object``
+    (class argmax = the target's class / another class / "no object")."""
     images = model.preprocess_image(inputs)
     targets = model.prepare_targets(inputs, images)
     final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
     indices = model.criterion.matcher(final, targets)
-    kept = outputs["pred_logits"].argmax(-1) != model.num_classes  # (B, N)
+    argmax = outputs["pred_logits"].argmax(-1)  # (B, N)
+    kept = argmax != model.num_classes
     out = []
-    for b, (src, _) in enumerate(indices):
+    for b, (src, tgt) in enumerate(indices):
         free = _all_but(kept.shape[1], src, kept.device)
-        out.append((int(free.sum()), int((kept[b] & free).sum())))
+        pred = argmax[b, src.to(argmax.device)]
+        labels = targets[b]["labels"][tgt].to(pred.device)
+        out.append({"unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
+                    "matched": int(src.numel()), "matched_correct": int((pred == labels).sum()),
+                    "matched_no_object": int((pred == model.num_classes).sum()),
+                    "matched_wrong_class": int(((pred != labels) & (pred != model.num_classes)).sum())})
     return out
+
+
+def pixel_breakdown(pred, gt, ignore_label=255):
+    """Output labels ``pred`` (H, W) against the labels ``gt`` (H, W) (0 = background): counts of
+    ``object_px`` (labelled object pixels) split into ``object_px_correct`` / ``_wrong_class`` /
+    ``_background``, and ``background_px`` with ``background_px_claimed`` (given a class)."""
+    valid = gt != ignore_label
+    obj, bg = valid & (gt != 0), valid & (gt == 0)
+    return {"object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
+            "object_px_wrong_class": int((obj & (pred != gt) & (pred != 0)).sum()),
+            "object_px_background": int((obj & (pred == 0)).sum()),
+            "background_px": int(bg.sum()), "background_px_claimed": int((bg & (pred != 0)).sum())}
 
 
 def _all_but(n, index, device):
@@ -101,17 +139,22 @@ def evaluate(cfg, weights, dataset, output_json):
     with torch.no_grad():
         for inputs in loader:
             results = model(inputs)
-            unmatched = unmatched_queries(model, inputs, captured["outputs"])
-            for x, out, (free, free_kept) in zip(inputs, results, unmatched):
+            assignments = query_assignments(model, inputs, captured["outputs"])
+            for x, out, counts in zip(inputs, results, assignments):
                 objects = clips[x["clip_id"]][int(x["frame_index"])]["objects"]
                 sounding = {int(o["class_id"]) for o in objects if o["sounding"]}
                 visible = {int(o["class_id"]) for o in objects}
-                claimed = set(torch.unique(out["sem_seg"].argmax(0)).tolist()) - {0}
+                pred = out["sem_seg"].argmax(0)
+                claimed = set(torch.unique(pred).tolist()) - {0}
                 hits, silent, absent = classify_claims(claimed, sounding, visible)
+                gt = x["sem_seg"]
+                if gt.shape != pred.shape:
+                    raise ValueError(f"frame {x['clip_id']}/{x['frame_index']}: output {tuple(pred.shape)} "
+                                     f"and labels {tuple(gt.shape)} differ in size (INPUT.MIN_SIZE_TEST)")
                 records.append({"clip_id": x["clip_id"], "frame_index": int(x["frame_index"]),
                                 "claimed": sorted(claimed), "sounding": len(sounding), "hits": hits,
-                                "silent": silent, "absent": absent, "unmatched": free,
-                                "unmatched_as_object": free_kept})
+                                "silent": silent, "absent": absent, **counts,
+                                **pixel_breakdown(pred.cpu(), gt.cpu(), model.ignore_value)})
     result = {"summary": summarize(records), "weights": os.path.abspath(weights), "dataset": dataset,
               "seconds": round(time.perf_counter() - start, 1), "frames": records}
     write_json(result, output_json)
@@ -124,7 +167,11 @@ def main(argv=None):
     print(f"[eval_class_claims] {dataset}: {s['frames']} frames; sounding classes claimed {s['recall']:.1f}%; "
           f"false claims per frame: {s['silent_per_frame']:.2f} silent objects in view, "
           f"{s['absent_per_frame']:.2f} classes not in view; unmatched queries kept as objects "
-          f"{s['unmatched_as_object']:.1f}%. Wrote {output}", flush=True)
+          f"{s['unmatched_as_object']:.1f}%; matched queries: right class {s['matched_correct']:.1f}%, "
+          f"wrong class {s['matched_wrong_class']:.1f}%, no object {s['matched_no_object']:.1f}%; object pixels: "
+          f"right class {s['object_px_correct']:.1f}%, wrong class {s['object_px_wrong_class']:.1f}%, "
+          f"background {s['object_px_background']:.1f}%; background pixels claimed "
+          f"{s['background_px_claimed']:.1f}%. Wrote {output}", flush=True)
     return s
 
 

@@ -162,7 +162,7 @@ ROWS = {
     "x_vcp_mixture_audio": ("GMMClassPredictor", True, True, True, 3),
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
         "x_gmm_observe_last", "x_gmm_per_prediction", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
-        "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_reseed",
+        "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_object_softmax", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
         "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1")},

@@ -158,6 +158,42 @@ def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
     assert g.mixtures.bank_count.tolist() == [1, 1, 0, 0]  # "no object" (3) is not banked
 
 
+def test_no_object_softmax_is_one_logit_beside_the_class_logits():
+    """no_object "softmax": in training the logits are [s_c / T, z] (Mask2Former's C+1 softmax, so
+    p(no object) falls as the query nears a class's mixture); in eval p(no object) is the same and
+    the classes share the rest by eq. 1's exact posterior. z's bias starts at the training logit of
+    a query at a component's mean with the floor variance: -D/2 log(2 pi eps) / T."""
+    torch.manual_seed(0)
+    D, eps = 4, 1e-2
+    g = _gmm(num_classes=3, embed_dim=D, no_object="softmax", logit_norm="sqrt_dim", eps=eps)
+    assert g.objectness.bias.item() == pytest.approx(-0.5 * D * np.log(2 * np.pi * eps) / 2.0)
+    labels = torch.arange(60) % 3
+    g.observe(torch.eye(D)[labels] + 0.1 * torch.randn(60, D), labels)  # class c near e_c, spread at the floor
+    g.update(0)
+    x = torch.randn(6, D, requires_grad=True)
+    z = g.objectness(x).squeeze(-1).detach()
+    s = g.log_prob(x)[:, :3].detach().double()
+    g.train()
+    p_train = g(x).softmax(-1).detach().double()
+    joint = torch.cat([s / 2.0, z.double()[:, None]], 1).softmax(-1)  # T = sqrt(4)
+    torch.testing.assert_close(p_train, joint, rtol=1e-5, atol=1e-6)
+    # with z fixed, a query at class 0's centre is less likely "no object" than one far from every class
+    weight = g.objectness.weight.data.clone()
+    g.objectness.weight.data.zero_()
+    near, far = g(torch.eye(D)[:1]).softmax(-1)[0, 3], g(torch.full((1, D), 3.0)).softmax(-1)[0, 3]
+    assert near < 0.8 and far > 0.999
+    g.objectness.weight.data.copy_(weight)
+    g.eval()
+    p_eval = g(x).softmax(-1).detach().double()
+    torch.testing.assert_close(p_eval[:, 3], joint[:, 3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p_eval[:, :3], (1 - joint[:, 3:]) * torch.softmax(s, -1), rtol=1e-5, atol=1e-6)
+    g.train()
+    torch.nn.functional.cross_entropy(g(x), torch.tensor([0, 1, 2, 3, 3, 3])).backward()
+    assert g.objectness.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    g.observe(torch.randn(5, D), torch.tensor([0, 3, 1, 3, 3]))
+    assert g.mixtures.bank_count.tolist()[3] == 0  # "no object" is not banked
+
+
 @pytest.mark.parametrize("logit_norm,temperature", [("per_dim", 4.0), ("sqrt_dim", 2.0)])
 def test_tempered_test_logits_keep_the_training_posterior_in_eval(logit_norm, temperature):
     """test_logits "tempered": eval-mode logits are the training ones (posterior of p(x|c)^(1/T));
@@ -231,7 +267,7 @@ def test_bad_input_raises_clear_errors():
         g.observe(torch.zeros(2, 3), torch.tensor([0, 3 + 1]))
     with pytest.raises(ValueError, match="embeddings"):
         g(torch.zeros(2, 4))
-    for key, value in (("logit_norm", "softmax"), ("component_score", "mean"), ("no_object", "softmax")):
+    for key, value in (("logit_norm", "softmax"), ("component_score", "mean"), ("no_object", "sigmoid")):
         with pytest.raises(ValueError, match=f"MODEL.MASK_FORMER.GMM.{key.upper()}"):
             _gmm(**{key: value})
 

@@ -30,24 +30,48 @@ def test_summary_by_hand():
     assert claims.summarize([])["recall"] is None
 
 
-def test_unmatched_queries_kept_as_objects():
-    """Per frame: the queries the matcher leaves without a target, and how many of them the model
-    still labels with a class (argmax not "no object", index C)."""
+def test_query_assignments_by_hand():
+    """Per frame: the queries the matcher leaves without a target, how many of them the model still
+    labels with a class (argmax not "no object", index C), and whether each matched query's argmax
+    is its target's class, another class or "no object"."""
     import torch
     from types import SimpleNamespace
 
     C = 3
     logits = torch.full((2, 4, C + 1), -5.0)
     logits[0, :, C] = 5.0  # frame 0: every query says no object...
-    logits[0, 1, 2] = 9.0  # ...except query 1 (matched)
+    logits[0, 1, 2] = 9.0  # ...except query 1 (matched to class 2: right)
     logits[1, 0, 1] = logits[1, 2, 1] = logits[1, 3, 1] = 9.0  # frame 1: queries 0, 2, 3 claim class 1
     logits[1, 1, C] = 9.0
-    indices = [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([2]), torch.tensor([0]))]
+    # frame 1: query 2 (claims 1) matched to a class-0 target (wrong class), query 1 to class 2 (no object)
+    indices = [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([2, 1]), torch.tensor([1, 0]))]
+    targets = [{"labels": torch.tensor([2])}, {"labels": torch.tensor([2, 0])}]
     model = SimpleNamespace(num_classes=C, preprocess_image=lambda inputs: None,
-                            prepare_targets=lambda inputs, images: [{}, {}],
+                            prepare_targets=lambda inputs, images: targets,
                             criterion=SimpleNamespace(matcher=lambda outputs, targets: indices))
-    out = claims.unmatched_queries(model, [{}, {}], {"pred_logits": logits, "pred_masks": torch.zeros(2, 4, 1, 1)})
-    assert out == [(3, 0), (3, 2)]
-    s = claims.summarize([{"sounding": 1, "hits": 1, "silent": 0, "absent": 0, "unmatched": u, "unmatched_as_object": k}
-                          for u, k in out])
-    assert s["unmatched_as_object"] == pytest.approx(100.0 * 2 / 6)
+    out = claims.query_assignments(model, [{}, {}], {"pred_logits": logits, "pred_masks": torch.zeros(2, 4, 1, 1)})
+    assert [(o["unmatched"], o["unmatched_as_object"]) for o in out] == [(3, 0), (2, 2)]
+    assert [(o["matched"], o["matched_correct"], o["matched_wrong_class"], o["matched_no_object"]) for o in out] \
+        == [(1, 1, 0, 0), (2, 0, 1, 1)]
+    s = claims.summarize([{"sounding": 1, "hits": 1, "silent": 0, "absent": 0, **o} for o in out])
+    assert s["unmatched_as_object"] == pytest.approx(100.0 * 2 / 5)
+    assert s["matched_correct"] == pytest.approx(100.0 / 3)
+    assert s["matched_wrong_class"] == pytest.approx(100.0 / 3)
+    assert s["matched_no_object"] == pytest.approx(100.0 / 3)
+
+
+def test_pixel_breakdown_by_hand():
+    import torch
+
+    gt = torch.tensor([[0, 0, 1, 1],
+                       [0, 255, 2, 2]])
+    pred = torch.tensor([[0, 3, 1, 2],
+                         [0, 1, 0, 2]])
+    # object pixels (1, 1, 2, 2): right, wrong (2), background, right; background pixels (0, 0, 0):
+    # one given class 3; the ignored pixel counts nowhere
+    counts = claims.pixel_breakdown(pred, gt)
+    assert counts == {"object_px": 4, "object_px_correct": 2, "object_px_wrong_class": 1,
+                      "object_px_background": 1, "background_px": 3, "background_px_claimed": 1}
+    s = claims.summarize([{"sounding": 0, "hits": 0, "silent": 0, "absent": 0, **counts}] * 2)
+    assert (s["object_px_correct"], s["object_px_wrong_class"], s["object_px_background"]) == (50.0, 25.0, 25.0)
+    assert s["background_px_claimed"] == pytest.approx(100.0 / 3)

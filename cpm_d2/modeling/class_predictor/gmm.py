@@ -28,7 +28,7 @@ __all__ = ["GMMClassPredictor", "mixture_options_from_config", "bank_copies"]
 _LOGIT_SCALE = {"per_dim": float, "sqrt_dim": math.sqrt, "none": lambda d: 1.0, "learned": math.sqrt}
 LOGIT_NORMS = tuple(_LOGIT_SCALE) + ("class_layer_norm",)
 COMPONENT_SCORES = ("logsumexp", "max")
-NO_OBJECT_RULES = ("objectness", "gmm")
+NO_OBJECT_RULES = ("objectness", "softmax", "gmm")
 TEST_LOGITS = ("posterior", "tempered")
 # buffers that lived on the predictor itself before the mixtures became their own module
 _MIXTURE_BUFFERS = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
@@ -86,12 +86,15 @@ class GMMClassPredictor(ClassPredictor):
 
     "No object" (``no_object``): ``"objectness"`` (a learned logit o; p(no object) = sigmoid(o)
     and the C classes share 1 - sigmoid(o) by their posterior: forward returns log-probabilities
-    over C+1) or ``"gmm"`` (a mixture fitted to the unmatched queries, scored like any class, as
-    the paper pads its classes with no-object).
+    over C+1), ``"softmax"`` (a learned logit z beside the training logits in one softmax over C+1,
+    as Mask2Former's no-object logit: p(no object) = softmax([s_c / T, z])[C], so it depends on how
+    close the query is to every class's mixture, not on q alone; at inference with ``"posterior"``
+    the C classes share 1 - p(no object) by eq. 1's posterior) or ``"gmm"`` (a mixture fitted to
+    the unmatched queries, scored like any class, as the paper pads its classes with no-object).
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
     the mixtures are never learned by gradient. ``mixtures`` (a ClassMixtures of C+1 mixtures) holds
-    the buffers; with ``"objectness"`` the no-object mixture is never fed nor fitted.
+    the buffers; with ``"objectness"`` / ``"softmax"`` the no-object mixture is never fed nor fitted.
 
     Per prediction (``num_predictions`` P > 1): the decoder's predictions (its intermediate ones and
     the final one) each get their own C + 1 mixtures, banked and fitted from that prediction's
@@ -152,10 +155,17 @@ class GMMClassPredictor(ClassPredictor):
             self.aux_mixtures = nn.ModuleList(
                 ClassMixtures(num_mixtures=self.num_classes + 1, embed_dim=self.embed_dim, seed=seed + 1 + i,
                               **mixture_options) for i in range(self.num_predictions - 1))
-        if no_object == "objectness":
+        if no_object in ("objectness", "softmax"):
             self.objectness = nn.Linear(self.embed_dim, 1)
         if logit_norm == "learned":
             self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(self.embed_dim)))
+        if no_object == "softmax":
+            # z starts at the training logit of a query at a component's mean with every variance at
+            # the floor, so that "no object" and the classes start on one scale
+            with torch.no_grad():
+                floor_score = -0.5 * self.embed_dim * math.log(2 * math.pi * self.mixtures.eps)
+                self.objectness.bias.fill_(float(self._training_logits(torch.tensor([floor_score]))[0])
+                                           if logit_norm != "class_layer_norm" else 0.0)
         if logit_norm == "class_layer_norm":
             self.class_norm = nn.LayerNorm(self.num_classes + (no_object == "gmm"))
 
@@ -227,32 +237,48 @@ class GMMClassPredictor(ClassPredictor):
         out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             score = self.class_scores(embeddings, prediction).to(out_dtype)
-            if self.no_object == "objectness":
+            if self.no_object != "gmm":
                 score = score[..., :-1]
-            tempered = self.training or self.test_logits == "tempered"
-            if self.logit_norm == "class_layer_norm":
-                score = self.class_norm(score.float()).to(out_dtype)
-            elif tempered and self.logit_norm == "learned":
-                score = score / self.log_temperature.exp()
-            elif tempered and self.logit_norm != "none":
-                score = score / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
+            # the LayerNorm over classes applies in training and at inference alike
+            tempered = self.training or self.test_logits == "tempered" or self.logit_norm == "class_layer_norm"
+            trained = self._training_logits(score)
             if self.no_object == "gmm":
-                return score
+                return trained if tempered else score
+            if self.no_object == "softmax":
+                z = self.objectness(embeddings.float()).to(out_dtype)
+                joint = torch.cat([trained, z], dim=-1)
+                if tempered:
+                    return joint
+                # p(no object) as trained; the C classes share the rest by eq. 1's exact posterior
+                log_joint = torch.log_softmax(joint, dim=-1)
+                log_object = torch.logsumexp(log_joint[..., :-1], dim=-1, keepdim=True)
+                return torch.cat([torch.log_softmax(score, dim=-1) + log_object, log_joint[..., -1:]], dim=-1)
+            score = trained if tempered else score
             # log-probabilities over C+1 (softmax returns them unchanged): Bayes over the C classes
             # (uniform prior), scaled by 1 - sigmoid(o); "no object" = sigmoid(o)
             o = self.objectness(embeddings.float()).to(out_dtype)
             classes = torch.log_softmax(score, dim=-1) + F.logsigmoid(-o)
             return torch.cat([classes, F.logsigmoid(o)], dim=-1)
 
+    def _training_logits(self, score: torch.Tensor) -> torch.Tensor:
+        """Class scores (..., K) -> the training logits (``logit_norm``: a temperature or the LayerNorm)."""
+        if self.logit_norm == "class_layer_norm":
+            return self.class_norm(score.float()).to(score.dtype)
+        if self.logit_norm == "learned":
+            return score / self.log_temperature.exp()
+        if self.logit_norm != "none":
+            return score / _LOGIT_SCALE[self.logit_norm](self.embed_dim)
+        return score
+
     # ------------------------------------------------------------------------------ the mixtures
     def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int = 0, sources=None,
                 predictions=None) -> None:
-        """Bank matched embeddings (N, D) with labels (N,) in [0, C]; with ``"objectness"`` the
+        """Bank matched embeddings (N, D) with labels (N,) in [0, C]; unless ``no_object`` is ``"gmm"`` the
         no-object ones (label C) are left out (no mixture to fit). ``predictions`` (N,) (host):
         each row's decoder prediction (None = the final one); with one set of mixtures for all
         predictions it is ignored. A collective under DDP (every rank calls it, one call per set)."""
         self._check_labels(labels, "observe")
-        if self.no_object == "objectness":
+        if self.no_object != "gmm":
             keep = labels < self.num_classes
             embeddings, labels = embeddings[keep], labels[keep]
             sources = None if sources is None else sources[keep]
