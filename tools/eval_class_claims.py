@@ -21,7 +21,10 @@ object": queries the model keeps without a target), ``matched_correct`` / ``matc
 another class, "no object"), the output's pixels against the labels (``object_px_correct`` /
 ``object_px_wrong_class`` / ``object_px_background``: % of the labelled object pixels given their
 class, another class, background; ``background_px_claimed``: % of the background pixels given a
-class), and the counts. Default split: the test split
+class), with the paper's argmax-query rule (``MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE``) which
+query labelled the wrong pixels (``wrong_class_px_unmatched`` / ``background_claimed_px_unmatched``:
+% of the wrong-class object pixels / claimed background pixels whose labelling query the matcher
+left without a target), and the counts. Default split: the test split
 (``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
 """
 import os
@@ -68,6 +71,8 @@ def summarize(records):
         "object_px_wrong_class": share("object_px_wrong_class", "object_px"),
         "object_px_background": share("object_px_background", "object_px"),
         "background_px_claimed": share("background_px_claimed", "background_px"),
+        "wrong_class_px_unmatched": share("wrong_class_px_unmatched", "object_px_wrong_class"),
+        "background_claimed_px_unmatched": share("background_claimed_px_unmatched", "background_px_claimed"),
         "recall": 100.0 * hits / total if total else None,
         "silent_per_frame": silent / n if n else None,
         "absent_per_frame": absent / n if n else None,
@@ -93,20 +98,44 @@ def query_assignments(model, inputs, outputs):
         free = _all_but(kept.shape[1], src, kept.device)
         pred = argmax[b, src.to(argmax.device)]
         labels = targets[b]["labels"][tgt].to(pred.device)
-        out.append({"unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
+        out.append({"matched_queries": src.cpu(), "unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
                     "matched": int(src.numel()), "matched_correct": int((pred == labels).sum()),
                     "matched_no_object": int((pred == model.num_classes).sum()),
                     "matched_wrong_class": int(((pred != labels) & (pred != model.num_classes)).sum())})
     return out
 
 
-def pixel_breakdown(pred, gt, ignore_label=255):
+def labelling_queries(mask_cls, mask_pred, num_classes):
+    """The query that labels each pixel under the argmax-query rule: (Q, C+1) class logits, (Q, H, W)
+    mask logits -> (H, W) long, the kept query (class argmax not "no object") maximising
+    p_i(c_i) sigmoid(m_i), -1 where no query is kept."""
+    import torch
+
+    score, cls = mask_cls.float().softmax(-1).max(-1)
+    keep = cls < num_classes
+    if not keep.any():
+        return torch.full(mask_pred.shape[-2:], -1, dtype=torch.long)
+    weighted = score[keep, None, None] * mask_pred[keep].float().sigmoid()
+    return keep.nonzero().squeeze(1)[weighted.argmax(0)]
+
+
+def pixel_breakdown(pred, gt, ignore_label=255, labeller=None, matched=None):
     """Output labels ``pred`` (H, W) against the labels ``gt`` (H, W) (0 = background): counts of
     ``object_px`` (labelled object pixels) split into ``object_px_correct`` / ``_wrong_class`` /
-    ``_background``, and ``background_px`` with ``background_px_claimed`` (given a class)."""
+    ``_background``, and ``background_px`` with ``background_px_claimed`` (given a class). With
+    ``labeller`` (H, W) (each pixel's labelling query) and ``matched`` (the matched query ids) also
+    ``wrong_class_px_unmatched`` / ``background_claimed_px_unmatched``: of those pixels, the ones
+    labelled by an unmatched query."""
+    import torch
+
     valid = gt != ignore_label
     obj, bg = valid & (gt != 0), valid & (gt == 0)
-    return {"object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
+    extra = {}
+    if labeller is not None:
+        unmatched = ~torch.isin(labeller, matched) & (labeller >= 0)
+        extra = {"wrong_class_px_unmatched": int((obj & (pred != gt) & (pred != 0) & unmatched).sum()),
+                 "background_claimed_px_unmatched": int((bg & (pred != 0) & unmatched).sum())}
+    return {**extra,"object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
             "object_px_wrong_class": int((obj & (pred != gt) & (pred != 0)).sum()),
             "object_px_background": int((obj & (pred == 0)).sum()),
             "background_px": int(bg.sum()), "background_px_claimed": int((bg & (pred != 0)).sum())}
@@ -135,12 +164,24 @@ def evaluate(cfg, weights, dataset, output_json):
         return captured["outputs"]
 
     model.decode = capture
+    semantic = model.semantic_inference
+    labellers = []
+
+    def capture_labeller(mask_cls, mask_pred):
+        labellers.append(labelling_queries(mask_cls, mask_pred, model.num_classes))
+        return semantic(mask_cls, mask_pred)
+
+    argmax_rule = model.semantic_inference_rule == "argmax_query"
+    if argmax_rule:
+        model.semantic_inference = capture_labeller
     torch.manual_seed(0)  # the matcher samples its points at random
     with torch.no_grad():
         for inputs in loader:
+            labellers.clear()
             results = model(inputs)
             assignments = query_assignments(model, inputs, captured["outputs"])
-            for x, out, counts in zip(inputs, results, assignments):
+            for b, (x, out, counts) in enumerate(zip(inputs, results, assignments)):
+                matched = counts.pop("matched_queries")
                 objects = clips[x["clip_id"]][int(x["frame_index"])]["objects"]
                 sounding = {int(o["class_id"]) for o in objects if o["sounding"]}
                 visible = {int(o["class_id"]) for o in objects}
@@ -154,11 +195,16 @@ def evaluate(cfg, weights, dataset, output_json):
                 records.append({"clip_id": x["clip_id"], "frame_index": int(x["frame_index"]),
                                 "claimed": sorted(claimed), "sounding": len(sounding), "hits": hits,
                                 "silent": silent, "absent": absent, **counts,
-                                **pixel_breakdown(pred.cpu(), gt.cpu(), model.ignore_value)})
+                                **pixel_breakdown(pred.cpu(), gt.cpu(), model.ignore_value,
+                                                  labellers[b].cpu() if argmax_rule else None, matched)})
     result = {"summary": summarize(records), "weights": os.path.abspath(weights), "dataset": dataset,
               "seconds": round(time.perf_counter() - start, 1), "frames": records}
     write_json(result, output_json)
     return result
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{x:.1f}%"
 
 
 def main(argv=None):
@@ -171,7 +217,9 @@ def main(argv=None):
           f"wrong class {s['matched_wrong_class']:.1f}%, no object {s['matched_no_object']:.1f}%; object pixels: "
           f"right class {s['object_px_correct']:.1f}%, wrong class {s['object_px_wrong_class']:.1f}%, "
           f"background {s['object_px_background']:.1f}%; background pixels claimed "
-          f"{s['background_px_claimed']:.1f}%. Wrote {output}", flush=True)
+          f"{s['background_px_claimed']:.1f}%; of the wrong-class / claimed background pixels "
+          f"{_pct(s['wrong_class_px_unmatched'])} / {_pct(s['background_claimed_px_unmatched'])} were labelled by "
+          f"unmatched queries. Wrote {output}", flush=True)
     return s
 
 

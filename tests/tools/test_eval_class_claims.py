@@ -75,3 +75,33 @@ def test_pixel_breakdown_by_hand():
     s = claims.summarize([{"sounding": 0, "hits": 0, "silent": 0, "absent": 0, **counts}] * 2)
     assert (s["object_px_correct"], s["object_px_wrong_class"], s["object_px_background"]) == (50.0, 25.0, 25.0)
     assert s["background_px_claimed"] == pytest.approx(100.0 / 3)
+
+
+def test_labelling_queries_follow_the_argmax_query_rule():
+    """Each pixel is labelled by the kept query (argmax not "no object") with the largest
+    p_i(c_i) sigmoid(m_i); -1 where every query says "no object"."""
+    import torch
+
+    C = 2
+    cls = torch.tensor([[4.0, 0.0, 0.0],    # query 0: class 0, p = e^4 / (e^4 + 2)
+                        [0.0, 0.0, 6.0],    # query 1: no object (dropped, however strong its mask)
+                        [0.0, 2.0, 0.0]])   # query 2: class 1, p = e^2 / (e^2 + 2)
+    masks = torch.tensor([[[5.0, -5.0]], [[9.0, 9.0]], [[0.0, 3.0]]])  # (Q, 1, 2)
+    p0, p2 = torch.e ** 4 / (torch.e ** 4 + 2), torch.e ** 2 / (torch.e ** 2 + 2)
+    s = torch.sigmoid
+    # pixel 0: query 0 (p0 s(5)) beats query 2 (p2 s(0)); pixel 1: query 2 (p2 s(3)) beats query 0 (p0 s(-5))
+    assert p0 * s(torch.tensor(5.0)) > p2 * s(torch.tensor(0.0)) and p2 * s(torch.tensor(3.0)) > p0 * s(torch.tensor(-5.0))
+    assert claims.labelling_queries(cls, masks, C).tolist() == [[0, 2]]
+    assert claims.labelling_queries(cls[1:2], masks[1:2], C).tolist() == [[-1, -1]]
+
+
+def test_wrong_pixels_attributed_to_unmatched_queries():
+    import torch
+
+    gt = torch.tensor([[1, 1, 0, 0]])
+    pred = torch.tensor([[2, 2, 1, 0]])   # two wrong-class object pixels, one claimed background pixel
+    labeller = torch.tensor([[3, 5, 5, -1]])
+    counts = claims.pixel_breakdown(pred, gt, labeller=labeller, matched=torch.tensor([3]))
+    assert (counts["wrong_class_px_unmatched"], counts["background_claimed_px_unmatched"]) == (1, 1)
+    s = claims.summarize([{"sounding": 0, "hits": 0, "silent": 0, "absent": 0, **counts}])
+    assert (s["wrong_class_px_unmatched"], s["background_claimed_px_unmatched"]) == (50.0, 100.0)
