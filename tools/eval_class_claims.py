@@ -24,7 +24,9 @@ class, another class, background; ``background_px_claimed``: % of the background
 class), with the paper's argmax-query rule (``MODEL.MASK_FORMER.TEST.SEMANTIC_INFERENCE``) which
 query labelled the wrong pixels (``wrong_class_px_unmatched`` / ``background_claimed_px_unmatched``:
 % of the wrong-class object pixels / claimed background pixels whose labelling query the matcher
-left without a target), and the counts. Default split: the test split
+left without a target; ``wrong_class_px_own_target``: % of the wrong-class object pixels labelled
+by the query matched to that very pixel's class, i.e. a misclassified matched query; the rest of
+them are labelled by a query matched to another class, whose mask reached them), and the counts. Default split: the test split
 (``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
 """
 import os
@@ -72,6 +74,7 @@ def summarize(records):
         "object_px_background": share("object_px_background", "object_px"),
         "background_px_claimed": share("background_px_claimed", "background_px"),
         "wrong_class_px_unmatched": share("wrong_class_px_unmatched", "object_px_wrong_class"),
+        "wrong_class_px_own_target": share("wrong_class_px_own_target", "object_px_wrong_class"),
         "background_claimed_px_unmatched": share("background_claimed_px_unmatched", "background_px_claimed"),
         "recall": 100.0 * hits / total if total else None,
         "silent_per_frame": silent / n if n else None,
@@ -86,7 +89,10 @@ def query_assignments(model, inputs, outputs):
     against the input's labels, a dict of counts: ``unmatched`` (queries left without a target),
     ``unmatched_as_object`` (of those, the ones whose class argmax is not "no object"), ``matched``,
     and of the matched ones ``matched_correct`` / ``matched_wrong_class`` / ``matched_no_object``
-    (class argmax = the target's class / another class / "no object")."""
+    (class argmax = the target's class / another class / "no object"); and ``target_label`` (N,)
+    long, each query's target class (-1 = unmatched)."""
+    import torch
+
     images = model.preprocess_image(inputs)
     targets = model.prepare_targets(inputs, images)
     final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
@@ -98,7 +104,9 @@ def query_assignments(model, inputs, outputs):
         free = _all_but(kept.shape[1], src, kept.device)
         pred = argmax[b, src.to(argmax.device)]
         labels = targets[b]["labels"][tgt].to(pred.device)
-        out.append({"matched_queries": src.cpu(), "unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
+        target_label = torch.full((argmax.shape[1],), -1, dtype=torch.long)
+        target_label[src.cpu()] = labels.cpu()
+        out.append({"target_label": target_label, "unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
                     "matched": int(src.numel()), "matched_correct": int((pred == labels).sum()),
                     "matched_no_object": int((pred == model.num_classes).sum()),
                     "matched_wrong_class": int(((pred != labels) & (pred != model.num_classes)).sum())})
@@ -119,21 +127,26 @@ def labelling_queries(mask_cls, mask_pred, num_classes):
     return keep.nonzero().squeeze(1)[weighted.argmax(0)]
 
 
-def pixel_breakdown(pred, gt, ignore_label=255, labeller=None, matched=None):
+def pixel_breakdown(pred, gt, ignore_label=255, labeller=None, target_label=None):
     """Output labels ``pred`` (H, W) against the labels ``gt`` (H, W) (0 = background): counts of
     ``object_px`` (labelled object pixels) split into ``object_px_correct`` / ``_wrong_class`` /
     ``_background``, and ``background_px`` with ``background_px_claimed`` (given a class). With
-    ``labeller`` (H, W) (each pixel's labelling query) and ``matched`` (the matched query ids) also
-    ``wrong_class_px_unmatched`` / ``background_claimed_px_unmatched``: of those pixels, the ones
-    labelled by an unmatched query."""
+    ``labeller`` (H, W) (each pixel's labelling query, -1 = none) and ``target_label`` (Q,) (each
+    query's matched target class, -1 = unmatched) also ``wrong_class_px_unmatched`` /
+    ``background_claimed_px_unmatched`` (of those pixels, the ones labelled by an unmatched query)
+    and ``wrong_class_px_own_target`` (wrong-class object pixels labelled by the query matched to
+    the pixel's own class)."""
     import torch
 
     valid = gt != ignore_label
     obj, bg = valid & (gt != 0), valid & (gt == 0)
     extra = {}
     if labeller is not None:
-        unmatched = ~torch.isin(labeller, matched) & (labeller >= 0)
-        extra = {"wrong_class_px_unmatched": int((obj & (pred != gt) & (pred != 0) & unmatched).sum()),
+        target = torch.where(labeller >= 0, target_label[labeller.clamp_min(0)], torch.full_like(labeller, -2))
+        wrong = obj & (pred != gt) & (pred != 0)
+        unmatched = target == -1
+        extra = {"wrong_class_px_unmatched": int((wrong & unmatched).sum()),
+                 "wrong_class_px_own_target": int((wrong & (target == gt)).sum()),
                  "background_claimed_px_unmatched": int((bg & (pred != 0) & unmatched).sum())}
     return {**extra,"object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
             "object_px_wrong_class": int((obj & (pred != gt) & (pred != 0)).sum()),
@@ -181,7 +194,7 @@ def evaluate(cfg, weights, dataset, output_json):
             results = model(inputs)
             assignments = query_assignments(model, inputs, captured["outputs"])
             for b, (x, out, counts) in enumerate(zip(inputs, results, assignments)):
-                matched = counts.pop("matched_queries")
+                target_label = counts.pop("target_label")
                 objects = clips[x["clip_id"]][int(x["frame_index"])]["objects"]
                 sounding = {int(o["class_id"]) for o in objects if o["sounding"]}
                 visible = {int(o["class_id"]) for o in objects}
@@ -196,7 +209,7 @@ def evaluate(cfg, weights, dataset, output_json):
                                 "claimed": sorted(claimed), "sounding": len(sounding), "hits": hits,
                                 "silent": silent, "absent": absent, **counts,
                                 **pixel_breakdown(pred.cpu(), gt.cpu(), model.ignore_value,
-                                                  labellers[b].cpu() if argmax_rule else None, matched)})
+                                                  labellers[b].cpu() if argmax_rule else None, target_label)})
     result = {"summary": summarize(records), "weights": os.path.abspath(weights), "dataset": dataset,
               "seconds": round(time.perf_counter() - start, 1), "frames": records}
     write_json(result, output_json)
@@ -219,7 +232,8 @@ def main(argv=None):
           f"background {s['object_px_background']:.1f}%; background pixels claimed "
           f"{s['background_px_claimed']:.1f}%; of the wrong-class / claimed background pixels "
           f"{_pct(s['wrong_class_px_unmatched'])} / {_pct(s['background_claimed_px_unmatched'])} were labelled by "
-          f"unmatched queries. Wrote {output}", flush=True)
+          f"unmatched queries; of the wrong-class pixels {_pct(s['wrong_class_px_own_target'])} by the query matched "
+          f"to their own class. Wrote {output}", flush=True)
     return s
 
 

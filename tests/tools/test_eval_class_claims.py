@@ -51,6 +51,7 @@ def test_query_assignments_by_hand():
                             criterion=SimpleNamespace(matcher=lambda outputs, targets: indices))
     out = claims.query_assignments(model, [{}, {}], {"pred_logits": logits, "pred_masks": torch.zeros(2, 4, 1, 1)})
     assert [(o["unmatched"], o["unmatched_as_object"]) for o in out] == [(3, 0), (2, 2)]
+    assert [o.pop("target_label").tolist() for o in out] == [[-1, 2, -1, -1], [-1, 2, 0, -1]]
     assert [(o["matched"], o["matched_correct"], o["matched_wrong_class"], o["matched_no_object"]) for o in out] \
         == [(1, 1, 0, 0), (2, 0, 1, 1)]
     s = claims.summarize([{"sounding": 1, "hits": 1, "silent": 0, "absent": 0, **o} for o in out])
@@ -98,10 +99,15 @@ def test_labelling_queries_follow_the_argmax_query_rule():
 def test_wrong_pixels_attributed_to_unmatched_queries():
     import torch
 
-    gt = torch.tensor([[1, 1, 0, 0]])
-    pred = torch.tensor([[2, 2, 1, 0]])   # two wrong-class object pixels, one claimed background pixel
-    labeller = torch.tensor([[3, 5, 5, -1]])
-    counts = claims.pixel_breakdown(pred, gt, labeller=labeller, matched=torch.tensor([3]))
-    assert (counts["wrong_class_px_unmatched"], counts["background_claimed_px_unmatched"]) == (1, 1)
+    gt = torch.tensor([[1, 1, 1, 0, 0]])
+    pred = torch.tensor([[2, 2, 2, 1, 0]])  # three wrong-class object pixels, one claimed background pixel
+    labeller = torch.tensor([[3, 4, 5, 5, -1]])
+    # query 3 matched to class 1 (the pixel's own class: misclassified), query 4 matched to class 2
+    # (its mask reached a class-1 pixel), query 5 unmatched
+    target_label = torch.tensor([-1, -1, -1, 1, 2, -1])
+    counts = claims.pixel_breakdown(pred, gt, labeller=labeller, target_label=target_label)
+    assert (counts["wrong_class_px_unmatched"], counts["wrong_class_px_own_target"],
+            counts["background_claimed_px_unmatched"]) == (1, 1, 1)
     s = claims.summarize([{"sounding": 0, "hits": 0, "silent": 0, "absent": 0, **counts}])
-    assert (s["wrong_class_px_unmatched"], s["background_claimed_px_unmatched"]) == (50.0, 100.0)
+    assert (s["wrong_class_px_unmatched"], s["background_claimed_px_unmatched"]) == (pytest.approx(100 / 3), 100.0)
+    assert s["wrong_class_px_own_target"] == pytest.approx(100 / 3)
