@@ -156,6 +156,10 @@ def _add_gmm_head_keys(mf):
     # from the fitted covariances as they are. Lets prompt draws be wide while the components that
     # score and keep the class's modes stay narrow (diag / tied covariances only).
     g.PROMPT_EPS = 0.0
+    # Spread of the prompt draws around their component's mean, as a multiple of the Gaussian's
+    # standard deviations: 1 = draws from the fitted Gaussian (eq. 2), 0 = the component's mean
+    # itself (one point per component), in between a narrower draw. Scores and EM are unchanged.
+    g.PROMPT_SCALE = 1.0
     # Variance floor of the components when they score queries (the class logits), on EPS's scale:
     # each diagonal variance is raised to at least SCORE_EPS there, EM and prompt draws are
     # unchanged. 0 = score with the fitted covariances. Lets the class scores be smooth while the

@@ -75,6 +75,8 @@ ROW_TITLES = {
     "x_gmm_gmmseg_scoring": "CPM, GMMSeg scoring (normalised, best component, LayerNorm over classes)",
     "x_gmm_no_object_mixture": "CPM, no-object scored by a mixture",
     "x_gmm_no_object_softmax": "CPM, no-object logit in one softmax with the GMM class logits",
+    "x_gmm_prompt_scale_0": "CPM, prompts at their GMM component's mean",
+    "x_gmm_prompt_scale_0.5": "CPM, prompts drawn with half the GMM's standard deviation",
     "x_gmm_no_reseed": "CPM, starved GMM components not re-seeded",
     "x_gmm_reseed_split": "CPM, starved GMM components re-seeded by splitting the heaviest",
     "x_gmm_eps_1e-3": "CPM, GMM variance floor 1e-3",

@@ -184,6 +184,28 @@ def test_prompt_variance_floor_widens_draws_only(cov_type):
     np.testing.assert_allclose(z0.var(0).numpy(), [0.01, 1.0], rtol=0.03)
 
 
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+def test_prompt_scale_narrows_draws_around_the_component_mean(cov_type):
+    """prompt_scale s draws z = mu + s L eps: variances s^2 times the fitted ones (s = 0.5 -> a
+    quarter), s = 0 the component's mean itself; the scores are unchanged."""
+    D, n = 2, 40000
+    kw = dict(num_classes=0, embed_dim=D, num_components=1, covariance=cov_type)
+    plain, half, point = _gmm(**kw), _gmm(prompt_scale=0.5, **kw), _gmm(prompt_scale=0.0, **kw)
+    cov = torch.tensor([[[0.04, 1.0]]]) if cov_type == "diag" else torch.tensor([[[[0.04, 0.0], [0.0, 1.0]]]])
+    for g in (plain, half, point):
+        g.means.copy_(torch.tensor([[[3.0, -1.0]]]))
+        g.covariances.copy_(cov)
+    x = torch.randn(7, D)
+    torch.testing.assert_close(half.log_prob(x), plain.log_prob(x))
+    z = half.sample(torch.zeros(n, dtype=torch.long), generator=torch.Generator().manual_seed(0)).double()
+    np.testing.assert_allclose(z.mean(0).numpy(), [3.0, -1.0], atol=0.02)
+    np.testing.assert_allclose(z.var(0).numpy(), [0.01, 0.25], rtol=0.03)
+    z = point.sample(torch.zeros(5, dtype=torch.long)).double()
+    np.testing.assert_allclose(z.numpy(), np.tile([3.0, -1.0], (5, 1)), atol=1e-6)
+    with pytest.raises(ValueError, match="PROMPT_SCALE.*>= 0"):
+        _gmm(prompt_scale=-0.5)
+
+
 def test_prompt_variance_floor_is_refused_with_full_covariances():
     with pytest.raises(ValueError, match="PROMPT_EPS.*'full'"):
         _gmm(covariance="full", prompt_eps=0.1)

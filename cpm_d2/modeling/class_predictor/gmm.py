@@ -46,6 +46,7 @@ def mixture_options_from_config(cfg) -> dict:
         "momentum": g.MOMENTUM,
         "eps": g.EPS,
         "prompt_eps": g.PROMPT_EPS,
+        "prompt_scale": g.PROMPT_SCALE,
         "min_entries": max(2, g.MIN_ENTRIES_PER_COMPONENT * g.NUM_COMPONENTS),
         "reseed_below": g.RESEED_BELOW,
         "reseed": g.RESEED,
@@ -122,7 +123,7 @@ class GMMClassPredictor(ClassPredictor):
             num_predictions: P, one set of mixtures per decoder prediction when > 1 (class docstring).
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
-                covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps, min_entries,
+                covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps, prompt_scale, min_entries,
                 reseed_below, reseed, estep, normalize, max_age, init_std).
         """
         super().__init__()

@@ -95,6 +95,7 @@ class ClassMixtures(nn.Module):
         momentum: float = 0.5,
         eps: float = 1e-4,
         prompt_eps: float = 0.0,
+        prompt_scale: float = 1.0,
         min_entries: int = 2,
         reseed_below: float = 0.0,
         reseed: str = "split",
@@ -120,6 +121,8 @@ class ClassMixtures(nn.Module):
             eps: variance floor (diag: var >= eps; full: Sigma + eps * I), on the modelled scale.
             prompt_eps: variance floor of the Gaussians ``sample`` draws from (diag / tied: each
                 variance raised to at least this); 0 = the fitted covariances. Scores and EM ignore it.
+            prompt_scale: s, the draws' spread around their component's mean: z = mu + s * L eps
+                (1 = draws from the Gaussian itself; 0 = the component's mean). Scores and EM ignore it.
             min_entries: distinct bank entries a class needs before its first fit (>= 2).
             reseed_below: re-seed, before each EM iteration, components whose weight is below
                 ``reseed_below / M`` (a fraction of the uniform weight); 0 = never (a component without
@@ -147,6 +150,8 @@ class ClassMixtures(nn.Module):
             raise ValueError(f"GMM eps (variance floor) must be > 0, got {eps}")
         if prompt_eps < 0:
             raise ValueError(f"GMM prompt_eps (the prompts' variance floor) must be >= 0, got {prompt_eps}")
+        if prompt_scale < 0:
+            raise ValueError(f"GMM prompt_scale (MODEL.MASK_FORMER.GMM.PROMPT_SCALE) must be >= 0, got {prompt_scale}")
         if prompt_eps > 0 and covariance == "full":
             raise ValueError("GMM prompt_eps (MODEL.MASK_FORMER.GMM.PROMPT_EPS) applies to diagonal covariances: "
                              "set it to 0 with COVARIANCE 'full', or use 'diag' / 'tied'")
@@ -172,6 +177,7 @@ class ClassMixtures(nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.prompt_eps = float(prompt_eps)
+        self.prompt_scale = float(prompt_scale)
         self.min_entries = int(min_entries)
         self.reseed_below = float(reseed_below)
         self.reseed = reseed
@@ -206,6 +212,7 @@ class ClassMixtures(nn.Module):
         return (f"num_mixtures={self.num_mixtures}, embed_dim={self.embed_dim}, num_components={self.num_components}, "
                 f"covariance={self.covariance}, memory_size={self.memory_size}, update_interval={self.update_interval}, "
                 f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, prompt_eps={self.prompt_eps}, "
+                f"prompt_scale={self.prompt_scale}, "
                 f"min_entries={self.min_entries}, "
                 f"reseed_below={self.reseed_below}, reseed={self.reseed}, estep={self.estep}, normalize={self.normalize}, "
                 f"max_age={self.max_age}")
@@ -646,7 +653,7 @@ class ClassMixtures(nn.Module):
     @record_function("gmm.sample")
     def sample(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """One draw per label: labels (N,) -> (N, D) on the buffers' device. The component comes
-        from pi_k, then z = mu + L eps (diag: sqrt(max(var, prompt_eps)) * eps); with ``normalize``
+        from pi_k, then z = mu + prompt_scale * L eps (diag: L = sqrt(max(var, prompt_eps))); with ``normalize``
         z is scaled by the class's mean raw norm. Random numbers come from ``generator`` (on its device) when given."""
         self.check_labels(labels, "sample")
         dev = self.means.device
@@ -656,7 +663,7 @@ class ClassMixtures(nn.Module):
         draw_dev = generator.device if generator is not None else dev
         lab = labels.to(dev).long()
         comp = torch.multinomial(self.weights[lab].to(draw_dev), 1, generator=generator).squeeze(1).to(dev)
-        noise = torch.randn(N, self.embed_dim, generator=generator, device=draw_dev).to(dev)
+        noise = self.prompt_scale * torch.randn(N, self.embed_dim, generator=generator, device=draw_dev).to(dev)
         mu = self.means[lab, comp]
         if self.covariance != "full":
             z = mu + self.covariances[lab, comp].clamp_min(self.prompt_eps).sqrt() * noise
