@@ -26,8 +26,9 @@ query labelled the wrong pixels (``wrong_class_px_unmatched`` / ``background_cla
 % of the wrong-class object pixels / claimed background pixels whose labelling query the matcher
 left without a target; ``wrong_class_px_own_target``: % of the wrong-class object pixels labelled
 by the query matched to that very pixel's class, i.e. a misclassified matched query; the rest of
-them are labelled by a query matched to another class, whose mask reached them), and the counts. Default split: the test split
-(``<DATASETS.TRAIN[0] without _train>_test``), as ``tools/eval_stereo_instances.py``.
+them are labelled by a query matched to another class, whose mask reached them), and the counts.
+Default split: the test split (``<DATASETS.TRAIN[0] without _train>_test``), as
+``tools/eval_stereo_instances.py``.
 """
 import os
 import time
@@ -106,16 +107,18 @@ def query_assignments(model, inputs, outputs):
         labels = targets[b]["labels"][tgt].to(pred.device)
         target_label = torch.full((argmax.shape[1],), -1, dtype=torch.long)
         target_label[src.cpu()] = labels.cpu()
-        out.append({"target_label": target_label, "unmatched": int(free.sum()), "unmatched_as_object": int((kept[b] & free).sum()),
-                    "matched": int(src.numel()), "matched_correct": int((pred == labels).sum()),
+        out.append({"target_label": target_label, "unmatched": int(free.sum()),
+                    "unmatched_as_object": int((kept[b] & free).sum()), "matched": int(src.numel()),
+                    "matched_correct": int((pred == labels).sum()),
                     "matched_no_object": int((pred == model.num_classes).sum()),
                     "matched_wrong_class": int(((pred != labels) & (pred != model.num_classes)).sum())})
     return out
 
 
 def labelling_queries(mask_cls, mask_pred, num_classes):
-    """The query that labels each pixel under the argmax-query rule: (Q, C+1) class logits, (Q, H, W)
-    mask logits -> (H, W) long, the kept query (class argmax not "no object") maximising
+    """The query that labels each pixel under the argmax-query rule (``semantic_inference`` of
+    meta_arch/cpm.py, whose output keeps only the per-class maxima): (Q, C+1) class logits,
+    (Q, H, W) mask logits -> (H, W) long, the kept query (class argmax not "no object") maximising
     p_i(c_i) sigmoid(m_i), -1 where no query is kept."""
     import torch
 
@@ -148,7 +151,7 @@ def pixel_breakdown(pred, gt, ignore_label=255, labeller=None, target_label=None
         extra = {"wrong_class_px_unmatched": int((wrong & unmatched).sum()),
                  "wrong_class_px_own_target": int((wrong & (target == gt)).sum()),
                  "background_claimed_px_unmatched": int((bg & (pred != 0) & unmatched).sum())}
-    return {**extra,"object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
+    return {**extra, "object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
             "object_px_wrong_class": int((obj & (pred != gt) & (pred != 0)).sum()),
             "object_px_background": int((obj & (pred == 0)).sum()),
             "background_px": int(bg.sum()), "background_px_claimed": int((bg & (pred != 0)).sum())}

@@ -123,8 +123,8 @@ class GMMClassPredictor(ClassPredictor):
             num_predictions: P, one set of mixtures per decoder prediction when > 1 (class docstring).
             seed: seeds the prior means and the EM draws (the same on every rank).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
-                covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps, prompt_scale, min_entries,
-                reseed_below, reseed, estep, normalize, max_age, init_std).
+                covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
+                prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age, init_std).
         """
         super().__init__()
         if logit_norm not in LOGIT_NORMS:
