@@ -242,19 +242,19 @@ class GMMClassPredictor(ClassPredictor):
                 score = score[..., :-1]
             # the LayerNorm over classes applies in training and at inference alike
             tempered = self.training or self.test_logits == "tempered" or self.logit_norm == "class_layer_norm"
-            trained = self._training_logits(score)
-            if self.no_object == "gmm":
-                return trained if tempered else score
             if self.no_object == "softmax":
                 z = self.objectness(embeddings.float()).to(out_dtype)
-                joint = torch.cat([trained, z], dim=-1)
+                joint = torch.cat([self._training_logits(score), z], dim=-1)
                 if tempered:
                     return joint
                 # p(no object) as trained; the C classes share the rest by eq. 1's exact posterior
                 log_joint = torch.log_softmax(joint, dim=-1)
                 log_object = torch.logsumexp(log_joint[..., :-1], dim=-1, keepdim=True)
                 return torch.cat([torch.log_softmax(score, dim=-1) + log_object, log_joint[..., -1:]], dim=-1)
-            score = trained if tempered else score
+            if tempered:
+                score = self._training_logits(score)
+            if self.no_object == "gmm":
+                return score
             # log-probabilities over C+1 (softmax returns them unchanged): Bayes over the C classes
             # (uniform prior), scaled by 1 - sigmoid(o); "no object" = sigmoid(o)
             o = self.objectness(embeddings.float()).to(out_dtype)
