@@ -160,6 +160,11 @@ def _add_gmm_head_keys(mf):
     # standard deviations: 1 = draws from the fitted Gaussian (eq. 2), 0 = the component's mean
     # itself (one point per component), in between a narrower draw. Scores and EM are unchanged.
     g.PROMPT_SCALE = 1.0
+    # What the prompts are after the draw (GMMClassPredictor): "none" = the draws themselves (eq. 2),
+    # "linear" = A z + b, one learned affine map shared by the classes (starts at the identity),
+    # "class_offset" = z + o_k, one learned vector per class (starts at zero). Both start by giving
+    # the draws and are trained by the prompting losses only; scores and EM are unchanged.
+    g.PROMPT_ADAPTER = "none"
     # Variance floor of the components when they score queries (the class logits), on EPS's scale:
     # each diagonal variance is raised to at least SCORE_EPS there, EM and prompt draws are
     # unchanged. 0 = score with the fitted covariances. Lets the class scores be smooth while the

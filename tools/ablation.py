@@ -77,6 +77,8 @@ ROW_TITLES = {
     "x_gmm_no_object_softmax": "CPM, no-object logit in one softmax with the GMM class logits",
     "x_gmm_prompt_scale_0": "CPM, prompts at their GMM component's mean",
     "x_gmm_prompt_scale_0.5": "CPM, prompts drawn with half the GMM's standard deviation",
+    "x_gmm_prompt_adapter_linear": "CPM, GMM draws through a learned linear map",
+    "x_gmm_prompt_class_offset": "CPM, GMM draws plus a learned offset per class",
     "x_gmm_no_reseed": "CPM, starved GMM components not re-seeded",
     "x_gmm_reseed_split": "CPM, starved GMM components re-seeded by splitting the heaviest",
     "x_gmm_eps_1e-3": "CPM, GMM variance floor 1e-3",

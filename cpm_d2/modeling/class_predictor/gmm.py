@@ -30,6 +30,7 @@ LOGIT_NORMS = tuple(_LOGIT_SCALE) + ("class_layer_norm",)
 COMPONENT_SCORES = ("logsumexp", "max")
 NO_OBJECT_RULES = ("objectness", "softmax", "gmm")
 TEST_LOGITS = ("posterior", "tempered")
+PROMPT_ADAPTERS = ("none", "linear", "class_offset")
 # buffers that lived on the predictor itself before the mixtures became their own module
 _MIXTURE_BUFFERS = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
 
@@ -94,7 +95,7 @@ class GMMClassPredictor(ClassPredictor):
     the unmatched queries, scored like any class, as the paper pads its classes with no-object).
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
-    the mixtures are never learned by gradient. ``mixtures`` (a ClassMixtures of C+1 mixtures) holds
+    the mixtures are never learned by gradient (their draws carry none). ``mixtures`` (a ClassMixtures of C+1 mixtures) holds
     the buffers; with ``"objectness"`` / ``"softmax"`` the no-object mixture is never fed nor fitted.
 
     Per prediction (``num_predictions`` P > 1): the decoder's predictions (its intermediate ones and
@@ -103,6 +104,13 @@ class GMMClassPredictor(ClassPredictor):
     ``mixtures`` is the final prediction's, the one prompts are sampled from, and
     ``aux_mixtures[i]`` prediction i's for i < P - 1. With one set (P = 1) every prediction is
     scored by the same mixtures, fitted to whatever ``observe`` is given.
+
+    Prompts (``sample``): draws of the final prediction's mixtures (eq. 2), passed through
+    ``prompt_adapter``: ``"none"`` (the draws as they are), ``"linear"`` (one learned affine map
+    A z + b shared by the classes, starting at the identity) or ``"class_offset"`` (z + o_k, a
+    learned vector per class starting at zero). The adapters start by returning the draws and are
+    trained by the prompting losses (ACP, VCP, PCL) through the prompts; the draws' spread is kept
+    (``"class_offset"``) or mapped linearly (``"linear"``).
     """
 
     can_sample = True
@@ -111,7 +119,7 @@ class GMMClassPredictor(ClassPredictor):
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
                  component_score: str = "logsumexp", no_object: str = "objectness",
                  test_logits: str = "posterior", score_eps: float = 0.0, num_predictions: int = 1, seed: int = 0,
-                 **mixture_options):
+                 prompt_adapter: str = "none", **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
@@ -122,6 +130,8 @@ class GMMClassPredictor(ClassPredictor):
                 use the fitted ones, floored at ``eps`` only.
             num_predictions: P, one set of mixtures per decoder prediction when > 1 (class docstring).
             seed: seeds the prior means and the EM draws (the same on every rank).
+            prompt_adapter: "none" | "linear" | "class_offset", what the prompts are after the draw
+                (class docstring).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
                 prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age, init_std).
@@ -140,8 +150,20 @@ class GMMClassPredictor(ClassPredictor):
             raise ValueError(f"MODEL.MASK_FORMER.GMM.SCORE_EPS must be >= 0 and applies to diagonal covariances "
                              f"(COVARIANCE 'diag' / 'tied'), got {score_eps} with "
                              f"{mixture_options.get('covariance', 'diag')!r}")
+        if prompt_adapter not in PROMPT_ADAPTERS:
+            raise ValueError(f"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER must be one of {PROMPT_ADAPTERS}, "
+                             f"got {prompt_adapter!r}")
         self.num_classes = int(num_classes)
         self.embed_dim = int(embed_dim)
+        self.prompt_adapter = prompt_adapter
+        if prompt_adapter == "linear":
+            self.prompt_map = nn.Linear(self.embed_dim, self.embed_dim)
+            with torch.no_grad():
+                self.prompt_map.weight.copy_(torch.eye(self.embed_dim))
+                self.prompt_map.bias.zero_()
+        elif prompt_adapter == "class_offset":
+            self.prompt_offset = nn.Embedding(self.num_classes + 1, self.embed_dim)
+            nn.init.zeros_(self.prompt_offset.weight)
         self.logit_norm = logit_norm
         self.component_score = component_score
         self.no_object = no_object
@@ -178,14 +200,15 @@ class GMMClassPredictor(ClassPredictor):
                              f"mixtures are fitted to that prediction's matched embeddings), got {g.OBSERVE_LAYERS!r}")
         return {"num_classes": num_classes, "embed_dim": embed_dim, "logit_norm": g.LOGIT_NORM,
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
-                "score_eps": g.SCORE_EPS,
+                "score_eps": g.SCORE_EPS, "prompt_adapter": g.PROMPT_ADAPTER,
                 "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
-                f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}")
+                f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}, "
+                f"prompt_adapter={self.prompt_adapter}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -313,5 +336,12 @@ class GMMClassPredictor(ClassPredictor):
         return self.mixtures.fitted[labels.to(self.mixtures.fitted.device).long()]
 
     def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
-        """One class-conditional prompt per label: labels (N,) -> (N, D)."""
-        return self.mixtures.sample(labels, generator)
+        """One class-conditional prompt per label: labels (N,) -> (N, D), a draw of the label's
+        mixture through ``prompt_adapter`` (with gradient into the adapter, none into the draw)."""
+        z = self.mixtures.sample(labels, generator)
+        if self.prompt_adapter == "linear":
+            return self.prompt_map(z.to(self.prompt_map.weight.dtype))
+        if self.prompt_adapter == "class_offset":
+            offset = self.prompt_offset(labels.to(self.prompt_offset.weight.device).long())
+            return z.to(offset.dtype) + offset
+        return z
