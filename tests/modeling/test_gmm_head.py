@@ -141,7 +141,6 @@ def test_no_parameters_no_grad_into_buffers_and_grad_into_embeddings():
 def test_objectness_scores_no_object_and_the_gmm_shares_the_rest():
     """no_object "objectness": softmax(logits) = [(1 - sigmoid(o)) p_GMM(c | q), sigmoid(o)], with the
     tempered posterior in training and eq. 1's exact one in eval; no mixture is fitted to "no object"."""
-    torch.manual_seed(0)
     g = _gmm(num_classes=3, embed_dim=4, no_object="objectness", logit_norm="per_dim")
     x = torch.randn(6, 4, requires_grad=True)
     o = g.objectness(x).squeeze(-1).detach()
@@ -329,3 +328,52 @@ def test_per_prediction_mixtures_bank_fit_and_score_their_own_prediction():
     assert z[:, 0].mean().item() == pytest.approx(-5.0, abs=0.3)  # the final set's class-0 mean
     with pytest.raises(ValueError, match="prediction 3 out of range"):
         g(q, prediction=3)
+
+
+def _fitted(adapter):
+    """A 3-class head (D = 4) fitted to two well separated classes (0 and 1), same seed every call."""
+    g = _gmm(num_classes=3, embed_dim=4, num_components=1, memory_size=40, em_iters=3, no_object="objectness",
+             min_entries=4, prompt_adapter=adapter, normalize=False)
+    centres = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])
+    labels = torch.arange(40) % 2
+    g.observe(centres[labels] + 0.1 * torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), labels)
+    g.update(0)
+    return g, centres
+
+
+@pytest.mark.parametrize("adapter", ["linear", "class_offset"])
+def test_prompt_adapters_start_at_the_draws_and_learn_from_the_prompts(adapter):
+    plain, _ = _fitted("none")
+    g, centres = _fitted(adapter)
+    labels = torch.tensor([0, 1, 1, 0])
+    draw = plain.sample(labels, torch.Generator().manual_seed(5))
+    assert not draw.requires_grad  # the draws themselves carry no gradient
+    assert torch.allclose(g.sample(labels, torch.Generator().manual_seed(5)), draw, atol=1e-6)
+    # the prompting losses reach the adapter: pull class 0's prompts to t0 and class 1's to t1
+    targets = torch.tensor([[0.0, 0, 2.0, 0], [0, 0, 0, -2.0]])
+    opt = torch.optim.Adam(g.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        ((g.sample(labels) - targets[labels]) ** 2).sum(-1).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        prompts = g.sample(torch.tensor([0] * 200 + [1] * 200))
+        means = torch.stack([prompts[:200].mean(0), prompts[200:].mean(0)])
+    assert (means - targets).norm(dim=1).max() < 0.1 < (centres - targets).norm(dim=1).min()
+    assert torch.allclose(g.mixtures.means[:2, 0], plain.mixtures.means[:2, 0])  # EM's parameters untouched
+    if adapter == "class_offset":
+        # a class that was never prompted keeps a zero offset
+        assert torch.equal(g.prompt_offset.weight[2], torch.zeros(4))
+
+
+def test_prompt_adapter_from_config_and_bad_value():
+    cfg = get_cfg()
+    cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
+    assert cfg.MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER == "none"
+    assert list(build_class_predictor(cfg, num_classes=4, embed_dim=8).parameters()) != []  # objectness only
+    cfg.MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER = "class_offset"
+    assert build_class_predictor(cfg, num_classes=4, embed_dim=8).prompt_offset.weight.shape == (5, 8)
+    cfg.MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER = "linear"
+    assert torch.equal(build_class_predictor(cfg, num_classes=4, embed_dim=8).prompt_map.weight, torch.eye(8))
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER"):
+        _gmm(prompt_adapter="mlp")
