@@ -163,7 +163,8 @@ ROWS = {
     **{row: ("GMMClassPredictor", True, True, True, 3) for row in (
         "x_gmm_observe_last", "x_gmm_per_prediction", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_object_softmax", "x_gmm_prompt_scale_0",
-        "x_gmm_prompt_scale_0.5", "x_gmm_prompt_adapter_linear", "x_gmm_prompt_class_offset", "x_gmm_no_reseed",
+        "x_gmm_prompt_scale_0.5", "x_gmm_prompt_adapter_linear", "x_gmm_prompt_class_offset",
+        "x_gmm_prompt_class_offset_scale_0.5", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
         "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1")},
@@ -777,6 +778,8 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_gmm_prompt_scale_0.5", {"MODEL.MASK_FORMER.GMM.PROMPT_SCALE": (1.0, 0.5)}),
     ("x_gmm_prompt_adapter_linear", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "linear")}),
     ("x_gmm_prompt_class_offset", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset")}),
+    ("x_gmm_prompt_class_offset_scale_0.5", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset"),
+                                             "MODEL.MASK_FORMER.GMM.PROMPT_SCALE": (1.0, 0.5)}),
     ("x_gmm_per_prediction", {"MODEL.MASK_FORMER.GMM.PER_PREDICTION": (False, True)}),
     ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
                               "MODEL.MASK_FORMER.GMM.LOGIT_NORM": ("sqrt_dim", "class_layer_norm")}),
