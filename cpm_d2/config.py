@@ -318,6 +318,10 @@ def add_cpm_config(cfg):
     # class, the paper's "Point Rep.") or "gmm" (samples of per-class mixtures fitted by EM, as
     # CCDM's, MODEL.MASK_FORMER.GMM, while the softmax still classifies).
     c.LINEAR_HEAD_PROMPTS = "embedding"
+    # Prompts when the class head is GMMClassPredictor: "gmm" (draws of its class mixtures, the
+    # paper's CCDM, "Dist Rep.") or "embedding" (a learnable vector per class, as Point Rep.'s,
+    # while the mixtures still classify).
+    c.GMM_HEAD_PROMPTS = "gmm"
     c.ACP = CN({"ENABLED": True, "WEIGHT": 1.0})
     c.VCP = CN({"ENABLED": True, "WEIGHT": 1.0})
     # Audio the VCP prompts are decoded with when ACP is on: "clean" (a prompt decode on a_i alone:

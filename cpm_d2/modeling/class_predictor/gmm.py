@@ -31,6 +31,7 @@ COMPONENT_SCORES = ("logsumexp", "max")
 NO_OBJECT_RULES = ("objectness", "softmax", "gmm")
 TEST_LOGITS = ("posterior", "tempered")
 PROMPT_ADAPTERS = ("none", "linear", "class_offset")
+PROMPT_SOURCES = ("gmm", "embedding")
 # buffers that lived on the predictor itself before the mixtures became their own module
 _MIXTURE_BUFFERS = ("weights", "means", "covariances", "initialized", "bank", "bank_count", "bank_ptr", "bank_iter")
 
@@ -110,7 +111,9 @@ class GMMClassPredictor(ClassPredictor):
     A z + b shared by the classes, starting at the identity) or ``"class_offset"`` (z + o_k, a
     learned vector per class starting at zero). The adapters start by returning the draws and are
     trained by the prompting losses (ACP, VCP, PCL) through the prompts; the draws' spread is kept
-    (``"class_offset"``) or mapped linearly (``"linear"``).
+    (``"class_offset"``) or mapped linearly (``"linear"``). With ``prompts`` ``"embedding"`` the
+    prompts are instead a learnable (C+1) x D embedding, one row per label, as the softmax head's
+    Point Rep. (the mixtures then only classify).
     """
 
     can_sample = True
@@ -119,7 +122,7 @@ class GMMClassPredictor(ClassPredictor):
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
                  component_score: str = "logsumexp", no_object: str = "objectness",
                  test_logits: str = "posterior", score_eps: float = 0.0, num_predictions: int = 1, seed: int = 0,
-                 prompt_adapter: str = "none", **mixture_options):
+                 prompt_adapter: str = "none", prompts: str = "gmm", **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
@@ -132,6 +135,7 @@ class GMMClassPredictor(ClassPredictor):
             seed: seeds the prior means and the EM draws (the same on every rank).
             prompt_adapter: "none" | "linear" | "class_offset", what the prompts are after the draw
                 (class docstring).
+            prompts: "gmm" (draws of the mixtures) | "embedding" (learnable rows), see the class docstring.
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
                 prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age, init_std).
@@ -153,8 +157,16 @@ class GMMClassPredictor(ClassPredictor):
         if prompt_adapter not in PROMPT_ADAPTERS:
             raise ValueError(f"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER must be one of {PROMPT_ADAPTERS}, "
                              f"got {prompt_adapter!r}")
+        if prompts not in PROMPT_SOURCES:
+            raise ValueError(f"MODEL.CPM.GMM_HEAD_PROMPTS must be one of {PROMPT_SOURCES}, got {prompts!r}")
+        if prompts == "embedding" and prompt_adapter != "none":
+            raise ValueError(f"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER {prompt_adapter!r} maps GMM draws and needs "
+                             "MODEL.CPM.GMM_HEAD_PROMPTS 'gmm'; with 'embedding' set it to 'none'")
         self.num_classes = int(num_classes)
         self.embed_dim = int(embed_dim)
+        self.prompt_source = prompts
+        if prompts == "embedding":
+            self.prompts = nn.Embedding(self.num_classes + 1, self.embed_dim)
         self.prompt_adapter = prompt_adapter
         if prompt_adapter == "linear":
             self.prompt_map = nn.Linear(self.embed_dim, self.embed_dim)
@@ -201,6 +213,7 @@ class GMMClassPredictor(ClassPredictor):
         return {"num_classes": num_classes, "embed_dim": embed_dim, "logit_norm": g.LOGIT_NORM,
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
                 "score_eps": g.SCORE_EPS, "prompt_adapter": g.PROMPT_ADAPTER,
+                "prompts": cfg.MODEL.CPM.GMM_HEAD_PROMPTS if cfg.MODEL.CPM.ENABLED else "gmm",
                 "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
@@ -208,7 +221,7 @@ class GMMClassPredictor(ClassPredictor):
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
                 f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}, "
-                f"prompt_adapter={self.prompt_adapter}")
+                f"prompt_adapter={self.prompt_adapter}, prompts={self.prompt_source}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -332,12 +345,19 @@ class GMMClassPredictor(ClassPredictor):
         return self.mixtures.bank_age(iteration)
 
     def can_prompt(self, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: the labels whose mixture has been fitted (the others are not sampled from)."""
+        """(N,) bool: the labels whose mixture has been fitted (the others are not sampled from);
+        every label with ``prompts`` ``"embedding"``."""
+        if self.prompt_source == "embedding":
+            return super().can_prompt(labels)
         return self.mixtures.fitted[labels.to(self.mixtures.fitted.device).long()]
 
     def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         """One class-conditional prompt per label: labels (N,) -> (N, D), a draw of the label's
-        mixture through ``prompt_adapter`` (with gradient into the adapter, none into the draw)."""
+        mixture through ``prompt_adapter`` (with gradient into the adapter, none into the draw), or
+        the label's learnable row with ``prompts`` ``"embedding"``."""
+        if self.prompt_source == "embedding":
+            self._check_labels(labels, "sample")
+            return self.prompts(labels.to(self.prompts.weight.device).long())
         z = self.mixtures.sample(labels, generator)
         if self.prompt_adapter == "linear":
             return self.prompt_map(z.to(self.prompt_map.weight.dtype))
