@@ -1,7 +1,8 @@
 """CCDM: a class predictor that scores mask embeddings by per-class Gaussian mixtures (paper §3.2).
 
-The mixtures, their memory banks and EM live in :class:`~.mixture.ClassMixtures`; this module only
-turns their densities into class logits. For every class c in 0..C (C classes with background, and
+The mixtures, their memory banks and EM live in :class:`~.mixture.ClassMixtures`; this module
+turns their densities into class logits (and gives CPM its prompts: their draws, optionally through
+a learned adapter, or learned rows). For every class c in 0..C (C classes with background, and
 "no object" at index C):
 
     log p(q~ | c) = logsumexp_m [ log pi_cm + log N(q~; mu_cm, Sigma_cm) ]          (eq. 2)
@@ -96,8 +97,9 @@ class GMMClassPredictor(ClassPredictor):
     the unmatched queries, scored like any class, as the paper pads its classes with no-object).
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
-    the mixtures are never learned by gradient (their draws carry none). ``mixtures`` (a ClassMixtures of C+1 mixtures) holds
-    the buffers; with ``"objectness"`` / ``"softmax"`` the no-object mixture is never fed nor fitted.
+    the mixtures are never learned by gradient (their draws carry none). ``mixtures`` (a
+    ClassMixtures of C+1 mixtures) holds the buffers; with ``"objectness"`` / ``"softmax"`` the
+    no-object mixture is never fed nor fitted.
 
     Per prediction (``num_predictions`` P > 1): the decoder's predictions (its intermediate ones and
     the final one) each get their own C + 1 mixtures, banked and fitted from that prediction's
