@@ -315,8 +315,9 @@ def add_cpm_config(cfg):
     # paper's l_CPM = l_ACP + l_VCP + l_PCL.
     c.LAMBDA = 1.0
     # Prompts when the class head is LinearClassPredictor: "embedding" (a learnable vector per
-    # class, the paper's "Point Rep.") or "gmm" (samples of per-class mixtures fitted by EM, as
-    # CCDM's, MODEL.MASK_FORMER.GMM, while the softmax still classifies).
+    # class, the paper's "Point Rep."), "fixed_random" (a random N(0, 1) vector per class, never
+    # trained) or "gmm" (samples of per-class mixtures fitted by EM, as CCDM's,
+    # MODEL.MASK_FORMER.GMM, while the softmax still classifies).
     c.LINEAR_HEAD_PROMPTS = "embedding"
     # Prompts when the class head is GMMClassPredictor: "gmm" (draws of its class mixtures, the
     # paper's CCDM, "Dist Rep.") or "embedding" (a learnable vector per class, as Point Rep.'s,

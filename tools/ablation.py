@@ -65,6 +65,7 @@ ROW_TITLES = {
     "t5_gmm_m7": "M = 7",
     "x_softmax_gmm_prompts": "softmax head + GMM-sampled prompts",
     "x_gmm_head_point_prompts": "GMM head + learned point prompts",
+    "x_softmax_fixed_random_prompts": "softmax head + fixed random point prompts",
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
     "x_lambda_0.25": "CPM, lambda = 0.25",
     "x_vcp_mixture_audio": "CPM, VCP prompts decoded on ACP's noise mixture",

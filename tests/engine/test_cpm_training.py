@@ -157,6 +157,7 @@ ROWS = {
     "t5_gmm_m5": ("GMMClassPredictor", True, True, True, 5),
     "t5_gmm_m7": ("GMMClassPredictor", True, True, True, 7),
     "x_softmax_gmm_prompts": ("LinearClassPredictor", True, True, True, None),
+    "x_softmax_fixed_random_prompts": ("LinearClassPredictor", True, True, True, None),
     "x_pcl_batch_negatives": ("GMMClassPredictor", True, True, True, 3),
     "x_lambda_0.25": ("GMMClassPredictor", True, True, True, 3),
     "x_vcp_mixture_audio": ("GMMClassPredictor", True, True, True, 3),
@@ -597,9 +598,31 @@ def test_softmax_head_with_gmm_prompts():
     assert torch.equal(z, gmm.sample(torch.tensor([1, 2])))
     assert set(model.state_dict()) >= {"transformer_decoder.class_predictor.prompt_gmm.means",
                                        "transformer_decoder.class_predictor.linear.weight"}
-    with pytest.raises(ValueError, match=r"prompts \(MODEL.CPM.LINEAR_HEAD_PROMPTS\) must be none \| embedding \| gmm, got .points."):
+    with pytest.raises(ValueError, match=r"prompts \(MODEL.CPM.LINEAR_HEAD_PROMPTS\) must be none \| embedding \| fixed_random \| gmm, got .points."):
         _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor",
                            "MODEL.CPM.LINEAR_HEAD_PROMPTS": "points"}))
+
+
+def test_softmax_head_with_fixed_random_prompts_keeps_them_through_training():
+    """LINEAR_HEAD_PROMPTS "fixed_random": one random code per class, a checkpointed buffer the
+    prompting losses cannot change."""
+    model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.CLASS_PREDICTOR": "LinearClassPredictor",
+                               "MODEL.CPM.LINEAR_HEAD_PROMPTS": "fixed_random"}))
+    head = model.class_predictor
+    codes = head.fixed_prompts.clone()
+    assert head.can_sample and not hasattr(head, "prompts") and not codes.requires_grad
+    assert "transformer_decoder.class_predictor.fixed_prompts" in model.state_dict()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36))]), 91), _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 92)]
+    for _ in range(2):
+        losses = model(batch)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert set(losses) >= VCP_KEYS | {"loss_acp", "loss_pcl"} and losses["loss_vcp_ce"] > 0
+    assert torch.equal(head.fixed_prompts, codes)
+    assert torch.equal(head.sample(torch.tensor([2, 1, 2])), codes[[2, 1, 2]])
 
 
 def test_observe_all_layers_feeds_every_prediction_to_the_bank():
@@ -779,6 +802,9 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_gmm_prompt_adapter_linear", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "linear")}),
     ("x_gmm_prompt_class_offset", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset")}),
     ("x_gmm_head_point_prompts", {"MODEL.CPM.GMM_HEAD_PROMPTS": ("gmm", "embedding")}),
+    ("x_softmax_fixed_random_prompts", {"MODEL.MASK_FORMER.CLASS_PREDICTOR": ("GMMClassPredictor",
+                                                                        "LinearClassPredictor"),
+                                        "MODEL.CPM.LINEAR_HEAD_PROMPTS": ("embedding", "fixed_random")}),
     ("x_gmm_prompt_class_offset_scale_0.5", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset"),
                                              "MODEL.MASK_FORMER.GMM.PROMPT_SCALE": (1.0, 0.5)}),
     ("x_gmm_per_prediction", {"MODEL.MASK_FORMER.GMM.PER_PREDICTION": (False, True)}),

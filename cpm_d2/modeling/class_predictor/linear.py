@@ -18,6 +18,9 @@ class LinearClassPredictor(ClassPredictor):
     * ``"embedding"``: the paper's "Point Rep." (Table 5): a learnable (C+1) x D embedding, one
       vector per label; ``sample(labels)`` returns its rows, with gradient, so the prompting losses
       train it;
+    * ``"fixed_random"``: one N(0, 1) vector per label drawn at construction and never trained (a
+      buffer): Point Rep.'s codes at their initial values, to separate "a fixed code per class"
+      from "a code the prompting losses learn";
     * ``"gmm"``: samples of per-class Gaussian mixtures fitted by EM to the matched embeddings
       (CCDM's generative model, :class:`~.mixture.ClassMixtures` with ``MODEL.MASK_FORMER.GMM.*``),
       used for the prompts only: the classes are still predicted by the softmax. Separates
@@ -27,8 +30,9 @@ class LinearClassPredictor(ClassPredictor):
     @configurable
     def __init__(self, *, num_classes: int, embed_dim: int, prompts: str = "none", prompt_gmm: nn.Module = None):
         super().__init__()
-        if prompts not in ("none", "embedding", "gmm"):
-            raise ValueError(f"prompts (MODEL.CPM.LINEAR_HEAD_PROMPTS) must be none | embedding | gmm, got {prompts!r}")
+        if prompts not in ("none", "embedding", "fixed_random", "gmm"):
+            raise ValueError("prompts (MODEL.CPM.LINEAR_HEAD_PROMPTS) must be none | embedding | fixed_random | gmm, "
+                             f"got {prompts!r}")
         if (prompts == "gmm") != (prompt_gmm is not None):
             raise ValueError("prompts 'gmm' needs a prompt_gmm (and only it)")
         self.num_classes = num_classes
@@ -38,6 +42,8 @@ class LinearClassPredictor(ClassPredictor):
         self.can_sample = prompts != "none"
         if prompts == "embedding":
             self.prompts = nn.Embedding(num_classes + 1, embed_dim)
+        elif prompts == "fixed_random":
+            self.register_buffer("fixed_prompts", torch.randn(num_classes + 1, embed_dim))
         self.prompt_gmm = prompt_gmm
 
     @classmethod
@@ -83,11 +89,14 @@ class LinearClassPredictor(ClassPredictor):
         return self.prompt_gmm.fitted[labels.to(self.prompt_gmm.fitted.device).long()]
 
     def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
-        """labels (K,) -> prompts (K, D): learnable rows ("embedding") or mixture samples ("gmm")."""
+        """labels (K,) -> prompts (K, D): learnable rows ("embedding"), fixed rows ("fixed_random") or
+        mixture samples ("gmm")."""
         if not self.can_sample:
             return super().sample(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
             raise ValueError(f"sample labels must lie in [0, {self.num_classes}]")
         if self.prompt_gmm is not None:
             return self.prompt_gmm.sample(labels, generator)
+        if self.prompt_source == "fixed_random":
+            return self.fixed_prompts[labels.to(self.fixed_prompts.device).long()]
         return self.prompts(labels.to(self.prompts.weight.device).long())
