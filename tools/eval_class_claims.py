@@ -143,18 +143,17 @@ def pixel_breakdown(pred, gt, ignore_label=255, labeller=None, target_label=None
 
     valid = gt != ignore_label
     obj, bg = valid & (gt != 0), valid & (gt == 0)
+    wrong, claimed = obj & (pred != gt) & (pred != 0), bg & (pred != 0)
     extra = {}
     if labeller is not None:
         target = torch.where(labeller >= 0, target_label[labeller.clamp_min(0)], torch.full_like(labeller, -2))
-        wrong = obj & (pred != gt) & (pred != 0)
         unmatched = target == -1
         extra = {"wrong_class_px_unmatched": int((wrong & unmatched).sum()),
                  "wrong_class_px_own_target": int((wrong & (target == gt)).sum()),
-                 "background_claimed_px_unmatched": int((bg & (pred != 0) & unmatched).sum())}
+                 "background_claimed_px_unmatched": int((claimed & unmatched).sum())}
     return {**extra, "object_px": int(obj.sum()), "object_px_correct": int((obj & (pred == gt)).sum()),
-            "object_px_wrong_class": int((obj & (pred != gt) & (pred != 0)).sum()),
-            "object_px_background": int((obj & (pred == 0)).sum()),
-            "background_px": int(bg.sum()), "background_px_claimed": int((bg & (pred != 0)).sum())}
+            "object_px_wrong_class": int(wrong.sum()), "object_px_background": int((obj & (pred == 0)).sum()),
+            "background_px": int(bg.sum()), "background_px_claimed": int(claimed.sum())}
 
 
 def _all_but(n, index, device):
