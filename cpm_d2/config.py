@@ -137,6 +137,11 @@ def _add_gmm_head_keys(mf):
     # True: bank a matched embedding only where the head's own prediction (argmax) is its assigned
     # class (GMMSeg keeps only correctly classified samples); False: every matched embedding.
     g.OBSERVE_CORRECT_ONLY = False
+    # True (training with MODEL.CPM): the banks also receive the embeddings CPM's prompts decode to
+    # (VCP's prompt group; with OBSERVE_LAYERS "all" every prediction's), labelled with the prompt's
+    # class, beside the matched ones, so the mixtures that score the queries are fitted to the
+    # prompted queries too. False: matched class-agnostic queries only (the paper's set F).
+    g.OBSERVE_PROMPTS = False
     # True: every decoder prediction (each intermediate one and the final one) has its own class
     # mixtures, fitted to that prediction's matched embeddings and scoring that prediction's queries;
     # prompts come from the final prediction's. False: one set of mixtures scores every prediction.

@@ -66,6 +66,8 @@ ROW_TITLES = {
     "x_softmax_gmm_prompts": "softmax head + GMM-sampled prompts",
     "x_gmm_head_point_prompts": "GMM head + learned point prompts",
     "x_softmax_fixed_random_prompts": "softmax head + fixed random point prompts",
+    "x_gmm_observe_prompts": "CPM, GMM banks also fed by the prompts' embeddings",
+    "x_gmm_head_point_prompts_observe_prompts": "GMM head + learned point prompts, banks also fed by the prompts",
     "x_pcl_batch_negatives": "CPM, PCL negatives from the whole batch",
     "x_lambda_0.25": "CPM, lambda = 0.25",
     "x_vcp_mixture_audio": "CPM, VCP prompts decoded on ACP's noise mixture",

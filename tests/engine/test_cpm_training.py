@@ -165,7 +165,8 @@ ROWS = {
         "x_gmm_observe_last", "x_gmm_per_prediction", "x_gmm_observe_correct", "x_gmm_sinkhorn", "x_gmm_raw_embeddings",
         "x_gmm_gmmseg_scoring", "x_gmm_no_object_mixture", "x_gmm_no_object_softmax", "x_gmm_prompt_scale_0",
         "x_gmm_prompt_scale_0.5", "x_gmm_prompt_adapter_linear", "x_gmm_prompt_class_offset",
-        "x_gmm_prompt_class_offset_scale_0.5", "x_gmm_head_point_prompts", "x_gmm_no_reseed",
+        "x_gmm_prompt_class_offset_scale_0.5", "x_gmm_head_point_prompts", "x_gmm_observe_prompts",
+        "x_gmm_head_point_prompts_observe_prompts", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
         "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1")},
@@ -662,6 +663,45 @@ def test_observe_all_layers_feeds_every_prediction_to_the_bank():
         _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS": "some"}))
 
 
+def test_observe_prompts_banks_the_prompts_embeddings_with_their_classes():
+    """OBSERVE_PROMPTS: besides the matched queries' rows (2 images x 10 queries per prediction),
+    the bank receives each prediction's embedding of every VCP prompt, labelled with the prompt's
+    class, its copies over the 4 predictions sharing one source that no query has; off, and
+    without CPM, as before."""
+    batch = [_frame(_sem(boxes=[(1, (2, 30, 2, 36)), (3, (40, 60, 50, 70))]), 81),
+             _frame(_sem(boxes=[(2, (10, 40, 20, 60))]), 82)]
+    seen = {}
+    for on in (False, True):
+        model = _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS": str(on),
+                                   "MODEL.MASK_FORMER.GMM.MEMORY_SIZE": "512"}))
+        model.train()
+        banked, passes = [], []
+        real = model.class_predictor.observe
+        model.class_predictor.observe = lambda e, l, it, src, whose: (banked.append((e.clone(), l.clone(), src.clone(),
+                                                                                      whose.clone())),
+                                                                       real(e, l, it, src, whose))[1]
+        real_pass = model.prompt_pass.forward
+        model.prompt_pass.forward = lambda *a: (lambda out: (passes.append(out[1]), out)[1])(real_pass(*a))
+        model(batch)
+        seen[on] = (banked[0], passes[0])
+    (emb0, lab0, src0, whose0), _ = seen[False]
+    (emb, lab, src, whose), prompts = seen[True]
+    n = emb0.shape[0]
+    assert n == 4 * 2 * 10 and torch.equal(lab[:n], lab0) and torch.equal(src[:n], src0)
+    assert prompts.host_labels.tolist() == [1, 3, 2]  # the classes in view, per image
+    extra_emb, extra_lab, extra_src, extra_whose = emb[n:], lab[n:], src[n:], whose[n:]
+    assert extra_lab.tolist() == [1, 3, 2] * 4 and extra_src.tolist() == [20, 21, 22] * 4
+    assert sorted(extra_whose.tolist()) == sorted(whose0.unique().tolist() * 3)
+    out = prompts.vcp_outputs
+    final, aux = whose0[0].item(), out["aux_outputs"]
+    for k, p in enumerate(extra_whose[::3].tolist()):
+        pred = out if p == final else aux[p]
+        expected = pred["query_embeddings"][prompts.image_index, prompts.slot_index]
+        assert torch.allclose(extra_emb[3 * k:3 * k + 3], expected)
+    with pytest.raises(ValueError, match="OBSERVE_PROMPTS .* needs MODEL.CPM.ENABLED"):
+        _build(_cpm_cfg(**{"MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS": "True", "MODEL.CPM.ENABLED": "False"}))
+
+
 def test_per_prediction_mixtures_are_fed_and_asked_by_their_own_prediction():
     """PER_PREDICTION: the tiny model's 4 predictions (1 audio + 3 visual layers) each bank their own
     matched embeddings in their own set of mixtures (the final one in ``mixtures``), and each
@@ -802,6 +842,9 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_gmm_prompt_adapter_linear", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "linear")}),
     ("x_gmm_prompt_class_offset", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset")}),
     ("x_gmm_head_point_prompts", {"MODEL.CPM.GMM_HEAD_PROMPTS": ("gmm", "embedding")}),
+    ("x_gmm_observe_prompts", {"MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS": (False, True)}),
+    ("x_gmm_head_point_prompts_observe_prompts", {"MODEL.CPM.GMM_HEAD_PROMPTS": ("gmm", "embedding"),
+                                                  "MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS": (False, True)}),
     ("x_softmax_fixed_random_prompts", {"MODEL.MASK_FORMER.CLASS_PREDICTOR": ("GMMClassPredictor",
                                                                         "LinearClassPredictor"),
                                         "MODEL.CPM.LINEAR_HEAD_PROMPTS": ("embedding", "fixed_random")}),

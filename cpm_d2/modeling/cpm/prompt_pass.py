@@ -51,7 +51,8 @@ class PromptBatch:
     outputs: the decoder outputs of the prompts ACP and PCL read ("pred_audio_masks" when they are on);
     vcp_outputs: those VCP reads (``outputs`` itself unless VCP hears a_i and ACP a_p);
     audio_features: u_a (B, D_a, T', F') of the audio ``outputs`` heard;
-    clean_audio / noise_audio: (B, Ca, T, F) linear magnitudes a_i / a_j (None without ACP).
+    clean_audio / noise_audio: (B, Ca, T, F) linear magnitudes a_i / a_j (None without ACP);
+    host_labels (A,) int64: ``labels`` on the host (for the class head's banks).
     """
 
     labels: torch.Tensor
@@ -64,6 +65,7 @@ class PromptBatch:
     audio_features: torch.Tensor
     clean_audio: Optional[torch.Tensor] = None
     noise_audio: Optional[torch.Tensor] = None
+    host_labels: Optional[torch.Tensor] = None
 
 
 class PromptPass(nn.Module):
@@ -216,4 +218,4 @@ class PromptPass(nn.Module):
             labels=plan["labels"], valid=plan["valid"], image_index=plan["image_index"],
             slot_index=plan["slot_index"], vcp_indices=plan["vcp_indices"], outputs=prompted[-1],
             vcp_outputs=prompted[0], audio_features=audios[groups[-1].audio]["feature_map"],
-            clean_audio=magnitudes if self.acp else None, noise_audio=noise)
+            clean_audio=magnitudes if self.acp else None, noise_audio=noise, host_labels=plan["flat_labels"])

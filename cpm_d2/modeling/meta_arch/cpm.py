@@ -106,6 +106,7 @@ class CPM(nn.Module):
         semantic_inference: str = "argmax_query",
         observe_all_layers: bool = False,
         observe_correct_only: bool = False,
+        observe_prompts: bool = False,
         cpm_loss: Optional[nn.Module] = None,
         prompt_pass: Optional[nn.Module] = None,
         stereo_position: bool = False,
@@ -132,6 +133,7 @@ class CPM(nn.Module):
         self.semantic_inference_rule = semantic_inference
         self.observe_all_layers = bool(observe_all_layers)
         self.observe_correct_only = bool(observe_correct_only)
+        self.observe_prompts = bool(observe_prompts)
         # CPM's prompt pass and prompting losses (training only), None = the class-agnostic baseline.
         self.cpm_loss = cpm_loss
         self.prompt_pass = prompt_pass
@@ -158,6 +160,9 @@ class CPM(nn.Module):
             if switches(prompt_pass, cpm_loss):
                 raise ValueError(f"the prompt pass ({prompt_pass.extra_repr()}) and the CPM losses ({cpm_loss.extra_repr()}) "
                                  "were built from different MODEL.CPM.ACP/VCP/PCL settings")
+        if self.observe_prompts and prompt_pass is None:
+            raise ValueError("MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS banks the embeddings of CPM's prompts and needs "
+                             "MODEL.CPM.ENABLED True; set it to False for training without CPM")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError(f"MODEL.PIXEL_MEAN / PIXEL_STD must have 3 (RGB) entries, got {list(pixel_mean)} / "
                              f"{list(pixel_std)}")
@@ -207,6 +212,7 @@ class CPM(nn.Module):
             "semantic_inference": mf.TEST.SEMANTIC_INFERENCE,
             "observe_all_layers": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS == "all",
             "observe_correct_only": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_CORRECT_ONLY,
+            "observe_prompts": cfg.MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS,
             "cpm_loss": cpm_loss,
             "prompt_pass": prompt_pass,
             "stereo_position": check_stereo_config(cfg),
@@ -398,7 +404,7 @@ class CPM(nn.Module):
     @torch.no_grad()
     @record_function("cpm.observe_assignments")
     def observe_assignments(self, outputs: Dict, targets: List[Dict], indices,
-                            target_labels: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+                            target_labels: Optional[List[torch.Tensor]] = None, prompts=None) -> torch.Tensor:
         """Give the class predictor the matched embeddings with their labels (unmatched -> C): the
         final prediction's, or with ``observe_all_layers`` every prediction's (``indices`` as from
         class_agnostic_losses: [aux_0, ..., final]), each with the index of its query in the batch
@@ -406,8 +412,10 @@ class CPM(nn.Module):
         embeddings whose predicted class (argmax of that prediction's logits) is their label. Step
         the predictor, log its mixtures' state, set ``last_assignments`` (B, N, the final
         matching) on CPU and advance ``_iter``. ``target_labels``: the targets' classes on the
-        host (``target_labels``; read from ``targets`` when None). Labels and query indices stay
-        on the host: the class predictor reads nothing back from the device."""
+        host (``target_labels``; read from ``targets`` when None). ``prompts``: the step's
+        :class:`PromptBatch`; with ``observe_prompts`` its prompts' embeddings (VCP's group, at the
+        same predictions as the queries') are banked under their classes too. Labels and query
+        indices stay on the host: the class predictor reads nothing back from the device."""
         if target_labels is None:
             target_labels = [t["labels"].cpu() for t in targets]
         emb = outputs["query_embeddings"]
@@ -424,14 +432,23 @@ class CPM(nn.Module):
         # each row's prediction in the decoder's order (aux_i = i, the final one last)
         final = max(self.class_predictor.num_predictions, len(preds)) - 1
         order = [final] + list(range(len(preds) - 1))
+        rows = [(p, pred["query_embeddings"].flatten(0, 1), lab.flatten(), sources, pred.get("pred_logits"))
+                for p, pred, lab in zip(order, preds, labels)]
+        if self.observe_prompts and prompts is not None and prompts.labels.numel():
+            # the A prompts are sources N..N+A-1 of the batch (their copies over predictions count once)
+            out = prompts.vcp_outputs
+            prompt_preds = [out] + (list(out.get("aux_outputs", [])) if self.observe_all_layers else [])
+            prompt_sources = (assigned.numel() + torch.arange(prompts.labels.numel())).to(sources.device)
+            at = (prompts.image_index, prompts.slot_index)
+            for p, pred in zip(order, prompt_preds):
+                logits = pred["pred_logits"][at] if self.observe_correct_only else None
+                rows.append((p, pred["query_embeddings"][at], prompts.host_labels, prompt_sources, logits))
         embs, labs, srcs, whose = [], [], [], []
-        for p, pred, lab in zip(order, preds, labels):
-            e, l = pred["query_embeddings"].flatten(0, 1), lab.flatten()
-            src = sources
+        for p, e, l, src, logits in rows:
             if self.observe_correct_only:
                 l = l.to(emb.device)
-                keep = pred["pred_logits"].flatten(0, 1).argmax(-1) == l
-                e, l, src = e[keep], l[keep], sources[keep]
+                keep = logits.reshape(-1, logits.shape[-1]).argmax(-1) == l
+                e, l, src = e[keep], l[keep], src[keep]
             embs.append(e)
             labs.append(l)
             srcs.append(src)
@@ -486,7 +503,7 @@ class CPM(nn.Module):
         losses, indices, num_masks = self.class_agnostic_losses(outputs, targets)
         if prompts is not None:
             losses.update(self.cpm_loss(prompts, targets, num_masks, visual[0]))
-        self.observe_assignments(outputs, targets, indices, labels)
+        self.observe_assignments(outputs, targets, indices, labels, prompts)
         return losses
 
     # ------------------------------------------------------------------------------ inference
