@@ -4,11 +4,12 @@
     python datasets/prepare_synthetic_avs.py                       # the demo set (datasets/synthetic_avs)
     python datasets/prepare_synthetic_avs.py --stereo              # its stereo twin
     python datasets/prepare_synthetic_avs.py --preset hard         # 20 long-tailed classes (ablations)
+    python datasets/prepare_synthetic_avs.py --preset hard_multimodal  # its scenes, 10 classes of 3 looks
     python datasets/prepare_synthetic_avs.py --preset stereo_msmi  # several instances of a class, stereo
 
 The builtin names ``<folder>_{train,val,test}`` read ``$DETECTRON2_DATASETS/<folder>`` with folder
-``synthetic_avs``, ``synthetic_avs_stereo``, ``synthetic_avs_hard`` or ``synthetic_avs_stereo_msmi``;
-that folder is the default ``--root``. It must be absent or empty (an existing dataset is never
+``synthetic_avs``, ``synthetic_avs_stereo``, ``synthetic_avs_hard``, ``synthetic_avs_hard_multimodal``
+or ``synthetic_avs_stereo_msmi``; that folder is the default ``--root``. It must be absent or empty (an existing dataset is never
 overwritten). Options given explicitly override the preset's values.
 """
 import argparse

@@ -20,6 +20,7 @@ vpo_{ss,ms,msmi}_{train,test}      VPO (stereo)                                2
 synthetic_avs_{train,val,test}     synthetic_avs (mono)                        5 by default
 synthetic_avs_stereo_{split}       synthetic_avs_stereo (stereo)               5 by default
 synthetic_avs_hard_{split}         synthetic_avs_hard (preset "hard")          21
+synthetic_avs_hard_multimodal_...  synthetic_avs_hard_multimodal (preset)      11
 synthetic_avs_stereo_msmi_{split}  synthetic_avs_stereo_msmi (stereo preset)   7
 =================================  ==========================================  =========
 """
@@ -61,6 +62,7 @@ SYNTHETIC_BUILTINS = (
     ("synthetic_avs", False, "default"),
     ("synthetic_avs_stereo", True, "default"),
     ("synthetic_avs_hard", False, "hard"),
+    ("synthetic_avs_hard_multimodal", False, "hard_multimodal"),
     ("synthetic_avs_stereo_msmi", True, "stereo_msmi"),
 )
 
@@ -136,7 +138,8 @@ def _builtin_specs(root):
     for folder, stereo, preset in SYNTHETIC_BUILTINS:
         label_file = os.path.join(root, folder, "label2idx.json")
         spec = PRESETS[preset]
-        names = synthetic_class_names(spec.get("num_classes", 4), spec.get("sound", "separable"))
+        names = synthetic_class_names(spec.get("num_classes", 4), spec.get("sound", "separable"),
+                                      spec.get("looks_per_class", 1))
         if os.path.isfile(label_file):
             try:
                 names = read_label2idx(label_file)

@@ -97,6 +97,23 @@ PRESETS = {
             "offscreen_prob": 0.3,
         },
     },
+    # the hard preset's scenes with classes of several modes: each of 10 long-tailed classes has 3
+    # looks (shape + colour + sound), one drawn per object, so a class's objects (and sounds) form 3
+    # distinct clusters under one label (the intra-class variability a per-class mixture models)
+    "hard_multimodal": {
+        "num_classes": 10,
+        "looks_per_class": 3,
+        "clips_per_split": {"train": 200, "val": 32, "test": 48},
+        "sound": "overlapping",
+        "scene": {
+            "objects": [2, 4],
+            "class_zipf": 0.6,
+            "sounding_count_p": [0.0, 0.55, 0.35, 0.10],
+            "size_range": [0.2, 0.28],
+            "duplicate_prob": 0.3,
+            "offscreen_prob": 0.3,
+        },
+    },
     # stereo, several instances of one class (VPO-MSMI-like): 2-3 identical instances of which one
     # (sometimes two, sometimes none) sounds, panned by x position, plus 0-1 other objects
     "stereo_msmi": {
@@ -136,8 +153,12 @@ def _overlapping_fundamentals(num_classes, lo=220.0, hi=1100.0):
     return [round(lo * (hi / lo) ** (j / (n - 1)) / 5.0) * 5.0 for j in range(n) for _ in (0, 1)][:num_classes]
 
 
-def synthetic_class_table(num_classes, sound="separable"):
+def synthetic_class_table(num_classes, sound="separable", looks_per_class=1):
     """One dict per object class (label index = position + 1): name, shape, rgb, f0, am_rate, harmonics.
+
+    ``looks_per_class`` L > 1: the table of num_classes x L looks is made as above and class k
+    gets looks k, k + C, ..., k + (L - 1) C (so the pitch pairs of "overlapping" fall in different
+    classes); its dict is {"name": the looks' names joined by "+", "looks": [L look dicts]}.
 
     ``sound="separable"``: every class has its own fundamental, >= 100 Hz from every other
     fundamental and second harmonic, and the harmonic profile [(1, 1.0), (2, 0.3)].
@@ -147,6 +168,15 @@ def synthetic_class_table(num_classes, sound="separable"):
     """
     if num_classes < 2:
         raise ValueError(f"num_classes (object classes) must be >= 2, got {num_classes}")
+    if int(looks_per_class) < 1:
+        raise ValueError(f"looks_per_class must be >= 1, got {looks_per_class}")
+    if looks_per_class > 1:
+        looks = synthetic_class_table(num_classes * looks_per_class, sound)
+        if len({(c["shape"], tuple(c["rgb"])) for c in looks}) < len(looks):
+            raise ValueError(f"{num_classes} classes x {looks_per_class} looks exceed the "
+                             f"{len(SHAPES) * len(COLOURS)} distinct shape-colour pairs")
+        return [{"name": "+".join(looks[k + j * num_classes]["name"] for j in range(looks_per_class)),
+                 "looks": [looks[k + j * num_classes] for j in range(looks_per_class)]} for k in range(num_classes)]
     if sound not in ("separable", "overlapping"):
         raise ValueError(f"sound must be 'separable' or 'overlapping', got {sound!r}")
     if sound == "separable":
@@ -175,9 +205,9 @@ def synthetic_class_table(num_classes, sound="separable"):
     return table
 
 
-def synthetic_class_names(num_classes=4, sound="separable"):
+def synthetic_class_names(num_classes=4, sound="separable", looks_per_class=1):
     """stuff_classes of a synthetic dataset: background first."""
-    return ["background"] + [c["name"] for c in synthetic_class_table(num_classes, sound)]
+    return ["background"] + [c["name"] for c in synthetic_class_table(num_classes, sound, looks_per_class)]
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -316,6 +346,9 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, sce
     sizes, centres = _place_objects(rng, n_obj, frames_per_clip, height, width, scene["size_range"])
     sounding = _choose_sounding(rng, scene, classes, can_sound, frames_per_clip)
     background = _background(rng, height, width)
+    # the look of each object: its class's only one, or one drawn per object (index recorded)
+    look_index = [int(rng.integers(len(table[c]["looks"]))) if "looks" in table[c] else None for c in classes]
+    looks = [table[c] if j is None else table[c]["looks"][j] for c, j in zip(classes, look_index)]
 
     images, labels, frames_info = [], [], []
     for i in range(frames_per_clip):
@@ -323,7 +356,7 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, sce
         lab = np.zeros((height, width), dtype=np.uint8)
         objs = []
         for o in range(n_obj):
-            cls = table[classes[o]]
+            cls = looks[o]
             cy, cx = centres[o][i]
             mask = _shape_mask(cls["shape"], cy, cx, sizes[o], height, width)
             img[mask] = np.asarray(cls["rgb"], dtype=np.float64)  # same look, sounding or not
@@ -338,6 +371,8 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, sce
                     "sounding": bool(sounding[i, o]),
                 }
             )
+            if look_index[o] is not None:
+                objs[-1]["look"] = look_index[o]
         images.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
         labels.append(lab)
         frames_info.append({"objects": objs})
@@ -357,13 +392,14 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, sce
             audio[0] += tone * _envelope(gate, sample_rate, ramp)
 
     for o in range(n_obj):
-        add(0.25 * _class_tone(rng, table[classes[o]], t), sounding[:, o].astype(np.float64), centres[o][:, 1] / width)
+        add(0.25 * _class_tone(rng, looks[o], t), sounding[:, o].astype(np.float64), centres[o][:, 1] / width)
     if scene["offscreen_prob"] > 0 and rng.random() < scene["offscreen_prob"]:
         # an off-screen source: a class that is not visible sounds in some frames and is never labelled
         hidden = [c for c in range(num_classes) if c not in classes]
         c = int(hidden[int(rng.integers(len(hidden)))])
         gate = (rng.random(frames_per_clip) < 0.5).astype(np.float64)
-        add(0.25 * _class_tone(rng, table[c], t), gate, np.full(frames_per_clip, rng.random()))
+        look = table[c]["looks"][int(rng.integers(len(table[c]["looks"])))] if "looks" in table[c] else table[c]
+        add(0.25 * _class_tone(rng, look, t), gate, np.full(frames_per_clip, rng.random()))
         for i in range(frames_per_clip):
             frames_info[i]["offscreen"] = [c + 1] if gate[i] else []
     audio += rng.normal(0.0, 0.003, size=audio.shape)
@@ -372,7 +408,7 @@ def _make_clip(rng, table, frames_per_clip, image_size, stereo, sample_rate, sce
 
 # ---------------------------------------------------------------------------------- public API
 def _params(seed, num_classes, clips_per_split, frames_per_clip, image_size, stereo, sample_rate, audio_subtype,
-            sound="separable", scene=None, preset="default"):
+            sound="separable", scene=None, preset="default", looks_per_class=1):
     params = {
         "audio_subtype": str(audio_subtype),
         "seed": int(seed),
@@ -387,6 +423,8 @@ def _params(seed, num_classes, clips_per_split, frames_per_clip, image_size, ste
     if sound != "separable" or scene != DEFAULT_SCENE or preset != "default":
         # only datasets other than the original default record these (older info files lack them)
         params.update(preset=str(preset), sound=str(sound), scene=scene)
+    if int(looks_per_class) != 1:  # recorded only where used (older info files lack it)
+        params["looks_per_class"] = int(looks_per_class)
     return params
 
 
@@ -405,6 +443,7 @@ def preset_arguments(preset="default", **overrides):
     args = dict(
         seed=0, num_classes=4, clips_per_split={"train": 48, "val": 8, "test": 16}, frames_per_clip=5,
         image_size=(64, 80), stereo=False, sample_rate=16000, audio_subtype="PCM_U8", sound="separable", scene=None,
+        looks_per_class=1,
     )
     args.update(PRESETS[preset])
     unknown = set(overrides) - set(args)
@@ -419,7 +458,8 @@ def preset_arguments(preset="default", **overrides):
 def _write_dataset(root, params):
     import soundfile as sf
 
-    table = synthetic_class_table(params["num_classes"], params.get("sound", "separable"))
+    table = synthetic_class_table(params["num_classes"], params.get("sound", "separable"),
+                                  params.get("looks_per_class", 1))
     scene = _full_scene(params.get("scene"))
     height, width = params["image_size"]
     sr = params["sample_rate"]
@@ -457,7 +497,8 @@ def generate_synthetic_avs(root, *, preset="default", **kwargs):
 
     Args:
         preset: a name of :data:`PRESETS` ("default": the demo set; "hard": 20 long-tailed
-            classes where matching is unstable; "stereo_msmi": stereo, several instances of a class).
+            classes where matching is unstable; "hard_multimodal": its scenes with 10 classes of 3
+            looks each; "stereo_msmi": stereo, several instances of a class).
         seed: everything is deterministic from it.
         num_classes: object classes (the label set adds background: num_classes + 1 classes).
         clips_per_split: dict split -> number of clips; default train 48, val 8, test 16.
@@ -466,6 +507,8 @@ def generate_synthetic_avs(root, *, preset="default", **kwargs):
         stereo: write 2-channel audio panned by object x position.
         audio_subtype: soundfile WAV subtype ("PCM_U8" default, "PCM_16" for more fidelity).
         sound: "separable" or "overlapping" (see :func:`synthetic_class_table`).
+        looks_per_class: looks (shape, colour and sound) per class, one drawn per object (see
+            :func:`synthetic_class_table`; 1 = one look per class).
         scene: overrides of :data:`DEFAULT_SCENE` (on top of the preset's).
     The dataset is written to a temporary sibling folder and renamed into place, so a
     concurrent reader never sees a half-written dataset.
