@@ -9,8 +9,8 @@
 
 The builtin names ``<folder>_{train,val,test}`` read ``$DETECTRON2_DATASETS/<folder>`` with folder
 ``synthetic_avs``, ``synthetic_avs_stereo``, ``synthetic_avs_hard``, ``synthetic_avs_hard_multimodal``
-or ``synthetic_avs_stereo_msmi``; that folder is the default ``--root``. It must be absent or empty (an existing dataset is never
-overwritten). Options given explicitly override the preset's values.
+or ``synthetic_avs_stereo_msmi``; that folder is the default ``--root``. It must be absent or empty
+(an existing dataset is never overwritten). Options given explicitly override the preset's values.
 """
 import argparse
 import os
