@@ -196,3 +196,37 @@ def test_audio_alone_decides_labels_and_shuffling_it_breaks_them(mono_root):
         by_visible.setdefault(vis, set()).add(lab)
     ambiguous = [v for v, labs in by_visible.items() if len(labs) > 1]
     assert len(ambiguous) >= 3  # identical visible sets, different labelled sets
+
+
+def test_multimodal_preset_draws_one_of_three_looks_per_object(tmp_path):
+    """Preset "hard_multimodal": each of 10 classes has 3 looks (distinct shape-colour pairs and
+    pitches), each object is drawn in the look it records, labelled with its class, and the classes
+    seen often show several looks."""
+    root = generate_synthetic_avs(tmp_path / "mm", preset="hard_multimodal",
+                                  clips_per_split={"train": 12, "val": 2, "test": 2})
+    info = _info(root)
+    table = info["classes"]
+    names = read_label2idx(os.path.join(root, "label2idx.json"))
+    assert len(table) == 10 and names[0] == "background" and len(names) == 11
+    looks = [look for cls in table for look in cls["looks"]]
+    assert all(len(cls["looks"]) == 3 for cls in table)
+    assert len({(look["shape"], tuple(look["rgb"])) for look in looks}) == 30  # no two looks alike
+    for name, cls in zip(names[1:], table):
+        assert name == "+".join(look["name"] for look in cls["looks"])
+        assert len({look["f0"] for look in cls["looks"]}) == 3  # a class sounds at 3 pitches
+    seen = {}
+    for clip, i, objects in _frames(root):
+        lab = np.asarray(Image.open(os.path.join(clip, "labels_semantic", f"{i}.png")))
+        img = np.asarray(Image.open(os.path.join(clip, "frames", f"{i}.jpg"))).astype(np.int64)
+        for o in objects:
+            look = table[o["class_id"] - 1]["looks"][o["look"]]
+            seen.setdefault(o["class_id"], set()).add(o["look"])
+            if o["sounding"]:  # the labelled pixels of the class have this object's look there
+                half = o["size"] / 2.0
+                y0, x0 = int(max(0, o["cy"] - half)), int(max(0, o["cx"] - half))
+                box = np.zeros(lab.shape, dtype=bool)
+                box[y0:int(o["cy"] + half + 1), x0:int(o["cx"] + half + 1)] = True
+                here = box & (lab == o["class_id"])
+                assert here.sum() >= 0.25 * o["size"] ** 2
+                assert np.median(np.abs(img[here] - np.asarray(look["rgb"])).sum(-1)) < 40
+    assert sum(len(v) >= 2 for v in seen.values()) >= 5
