@@ -12,7 +12,10 @@ was filled by every prediction (``OBSERVE_LAYERS "all"``, ``PER_PREDICTION False
 often the copy of a query from each auxiliary prediction falls in the same component as its
 final-prediction copy, against chance, and how far it lies from it
 (:func:`cpm_d2.modeling.class_predictor.diagnostics.prediction_agreement`). Agreement far below
-chance means the components model the predictions (decoder layers), not modes of the class.
+chance means the components model the predictions (decoder layers), not modes of the class. When
+the banks also hold CPM's prompts (``OBSERVE_PROMPTS``), whether the prompts' entries and the
+queries' fall in different components
+(:func:`cpm_d2.modeling.class_predictor.diagnostics.prompt_components`).
 """
 import argparse
 import json
@@ -27,6 +30,9 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("config", help="config file of the model (e.g. the run's config.yaml)")
     parser.add_argument("weights", help="checkpoint (.pth) of that model")
+    parser.add_argument("--prompt-source", type=int, default=None,
+                        help="first bank source index of the prompts' entries (default: where OBSERVE_PROMPTS banks "
+                             "them, PROMPT_SOURCE)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
@@ -39,9 +45,9 @@ def main(argv=None):
     from cpm_d2.config import setup_cfg
     from cpm_d2.data import register_avs_datasets_from_cfg
     from cpm_d2.engine import Trainer
-    from cpm_d2.modeling.class_predictor.diagnostics import prediction_agreement
+    from cpm_d2.modeling.class_predictor.diagnostics import prediction_agreement, prompt_components
     from cpm_d2.modeling.class_predictor.gmm import bank_copies
-    from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, ClassMixtures
+    from cpm_d2.modeling.class_predictor.mixture import LIVE_WEIGHT, PROMPT_SOURCE, ClassMixtures
 
     torch.set_num_threads(1)
     cfg = setup_cfg(args.config, list(args.opts))
@@ -76,6 +82,13 @@ def main(argv=None):
         print(f"\nCopies of one query ({agree['groups']} queries banked by all {predictions} predictions, "
               f"{agree['classes']} fitted classes): chance agreement {agree['chance']:.3f}")
         print(tabulate(table, headers=["prediction", "same component as final", "distance to final copy"]))
+    if cfg.MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS:
+        split = prompt_components(mix, PROMPT_SOURCE if args.prompt_source is None else args.prompt_source)
+        result["prompt_components"] = split
+        print(f"\nPrompts' and queries' entries ({split['classes']} fitted classes holding both; prompts "
+              f"{100 * split['prompt_fraction']:.0f}% of those banks): the prompts' majority component is not the "
+              f"queries' in {split['separated']} classes; it holds {100 * split['prompt_share']:.0f}% of the "
+              f"prompt entries and {100 * split['query_share']:.0f}% of the query entries")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

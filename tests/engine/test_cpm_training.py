@@ -17,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from cpm_d2.config import get_cfg
 from detectron2.modeling import build_model
 from cpm_d2.data.dataset_mapper import instances_from_sem_seg
+from cpm_d2.modeling.class_predictor.mixture import PROMPT_SOURCE
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "synthetic" / "baseline_r18_tiny.yaml"
@@ -690,7 +691,7 @@ def test_observe_prompts_banks_the_prompts_embeddings_with_their_classes():
     assert n == 4 * 2 * 10 and torch.equal(lab[:n], lab0) and torch.equal(src[:n], src0)
     assert prompts.host_labels.tolist() == [1, 3, 2]  # the classes in view, per image
     extra_emb, extra_lab, extra_src, extra_whose = emb[n:], lab[n:], src[n:], whose[n:]
-    assert extra_lab.tolist() == [1, 3, 2] * 4 and extra_src.tolist() == [20, 21, 22] * 4
+    assert extra_lab.tolist() == [1, 3, 2] * 4 and (extra_src - PROMPT_SOURCE).tolist() == [0, 1, 2] * 4
     assert sorted(extra_whose.tolist()) == sorted(whose0.unique().tolist() * 3)
     out = prompts.vcp_outputs
     final, aux = whose0[0].item(), out["aux_outputs"]

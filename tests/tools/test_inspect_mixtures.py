@@ -47,3 +47,39 @@ def test_reports_weights_and_that_the_components_split_by_prediction(tmp_path, c
     # modelled as unit vectors (NORMALIZE): nearly orthogonal directions lie ~sqrt(2) apart
     assert all(abs(d - 2 ** 0.5) < 0.2 for d in agree["distance"]), agree
     assert "same component as final" in printed
+
+
+def test_reports_whether_the_prompts_take_a_component_of_their_own(tmp_path, capsys):
+    """OBSERVE_PROMPTS banks: class 0's query entries sit near one direction and its prompt entries
+    (sources from PROMPT_SOURCE) near another, so the prompts' majority component holds none of the
+    queries (and at least half of the prompts, which two components may share); class 1's prompts and queries form one cluster far narrower than the
+    variance floor, which one component takes whole."""
+    from cpm_d2.modeling.class_predictor.mixture import PROMPT_SOURCE
+
+    cfg = setup_cfg(str(CPM_TINY), ["MODEL.MASK_FORMER.GMM.MIN_ENTRIES_PER_COMPONENT", "2",
+                                    "MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS", "True",
+                                    "MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS", "last", "OUTPUT_DIR", str(tmp_path)])
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    head = model.class_predictor
+    D = cfg.MODEL.MASK_FORMER.HIDDEN_DIM
+    a, b, c = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
+    for it in range(12):  # 4 queries and 2 prompts a step per class
+        emb = torch.cat([a + 0.05 * torch.randn(4, D), b + 0.05 * torch.randn(2, D),
+                         c + 1e-4 * torch.randn(6, D)])
+        labels = torch.tensor([0] * 6 + [1] * 6)
+        sources = torch.tensor([0, 1, 2, 3, PROMPT_SOURCE, PROMPT_SOURCE + 1, 4, 5, 6, 7,
+                                PROMPT_SOURCE + 2, PROMPT_SOURCE + 3])
+        head.observe(emb, labels, it, sources)
+    head.update(12)
+    AVSCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.dump())
+    out = tmp_path / "mixtures.json"
+    inspect_mixtures.main(["--output", str(out), str(config), str(tmp_path / "model.pth")])
+    split = json.loads(out.read_text())["prompt_components"]
+    assert split["classes"] == 2 and split["separated"] == 1
+    assert abs(split["prompt_fraction"] - 1 / 3) < 1e-9
+    # query share: 0 in class 0, 1 in class 1; prompt share: >= 1/2 in class 0, 1 in class 1
+    assert split["query_share"] == 0.5 and split["prompt_share"] >= 0.75
+    assert "majority component is not the queries' in 1 classes" in capsys.readouterr().out

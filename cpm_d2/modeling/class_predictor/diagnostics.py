@@ -1,20 +1,24 @@
-"""What a class's mixture components model: sub-modes of the class, or the decoder's predictions.
+"""What a class's mixture components model: sub-modes of the class, the decoder's predictions, or
+CPM's prompts.
 
 With ``MODEL.MASK_FORMER.GMM.OBSERVE_LAYERS "all"`` a matched query enters its class's bank once per
 prediction (the final one and each auxiliary one), in the order ``[final, aux_0, ..., aux_{L-2}]``,
 and every copy carries the same (iteration, source) pair. If the components are modes of the class,
 the copies of one query fall in one component; if the predictions' embeddings drift apart, the fit
 spends its components on the predictions instead, and copies of one query fall in different ones.
+With ``OBSERVE_PROMPTS`` the banks also hold the prompts' embeddings (sources from
+``PROMPT_SOURCE``), which may take components of their own.
 
-:func:`prediction_agreement` measures that from a fitted :class:`~.mixture.ClassMixtures` alone.
+:func:`prediction_agreement` and :func:`prompt_components` measure that from a fitted
+:class:`~.mixture.ClassMixtures` alone.
 """
 from typing import Dict, List
 
 import torch
 
-from .mixture import ClassMixtures
+from .mixture import _SOURCE_STRIDE, PROMPT_SOURCE, ClassMixtures
 
-__all__ = ["prediction_agreement"]
+__all__ = ["prediction_agreement", "prompt_components"]
 
 
 @torch.no_grad()
@@ -67,3 +71,41 @@ def prediction_agreement(mixtures: ClassMixtures, num_predictions: int) -> Dict[
                          "filled with OBSERVE_LAYERS 'all' and that many predictions?")
     return {"agreement": (agree / groups).tolist(), "distance": (dist / groups).tolist(),
             "chance": chance / classes, "groups": groups, "classes": classes}
+
+
+@torch.no_grad()
+def prompt_components(mixtures: ClassMixtures, first_prompt_source: int = PROMPT_SOURCE) -> Dict[str, float]:
+    """Whether the prompts' bank entries (sources from ``first_prompt_source`` within a rank's
+    stride) and the matched queries' lie in the same components: each entry is assigned to its most
+    likely component of its class.
+
+    Over the fitted classes whose bank holds both kinds (``classes``): ``separated`` (classes where
+    the component holding most prompt entries is not the one holding most query entries),
+    ``prompt_share`` (mean fraction of a class's prompt entries in the prompts' majority component),
+    ``query_share`` (mean fraction of its query entries in that same component) and
+    ``prompt_fraction`` (prompt entries / all entries of those banks).
+    """
+    valid = mixtures.bank_valid_mask()
+    M = mixtures.num_components
+    classes, separated, prompt_share, query_share, prompts, total = 0, 0, 0.0, 0.0, 0, 0
+    for k in range(mixtures.num_mixtures):
+        if not bool(mixtures.initialized[k]):
+            continue
+        x = mixtures.prepare(mixtures.bank[k, valid[k]].double())
+        is_prompt = mixtures.bank_source[k, valid[k]] % _SOURCE_STRIDE >= first_prompt_source
+        if not bool(is_prompt.any()) or bool(is_prompt.all()):
+            continue
+        comp = mixtures.component_log_prob(x)[:, k].argmax(-1)
+        of_prompts = int(torch.bincount(comp[is_prompt], minlength=M).argmax())
+        of_queries = int(torch.bincount(comp[~is_prompt], minlength=M).argmax())
+        classes += 1
+        separated += int(of_prompts != of_queries)
+        prompt_share += float((comp[is_prompt] == of_prompts).double().mean())
+        query_share += float((comp[~is_prompt] == of_prompts).double().mean())
+        prompts += int(is_prompt.sum())
+        total += int(is_prompt.numel())
+    if classes == 0:
+        raise ValueError("no fitted class's bank holds both prompt and query entries: were the banks filled "
+                         "with MODEL.MASK_FORMER.GMM.OBSERVE_PROMPTS True?")
+    return {"classes": classes, "separated": separated, "prompt_share": prompt_share / classes,
+            "query_share": query_share / classes, "prompt_fraction": prompts / total}

@@ -53,6 +53,8 @@ _MIN_WEIGHT = 1e-6  # mixing weights are floored here so log(pi) stays finite
 _DEAD = 1e-6  # without re-seeding, a component with less responsibility mass keeps its Gaussian
 LIVE_WEIGHT = 0.05  # a component counts as live (``live_components``) when its weight is at least this
 _SOURCE_STRIDE = 1 << 24  # bank_source = rank * stride + the query's index within its rank's batch
+# sources from here on (within a rank's stride) are CPM prompts' embeddings (GMM.OBSERVE_PROMPTS)
+PROMPT_SOURCE = _SOURCE_STRIDE // 2
 ESTEPS = ("posterior", "sinkhorn")
 COVARIANCES = ("diag", "tied", "full")
 RESEEDS = ("split", "worst")

@@ -56,6 +56,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..backbone import build_audio_backbone
 from ..class_predictor.gmm import bank_copies
+from ..class_predictor.mixture import PROMPT_SOURCE
 from ..criterion import SetCriterion, build_set_criterion, loss_weight_dict
 from ..pixel_decoder import AudioPixelDecoder, build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
@@ -435,10 +436,10 @@ class CPM(nn.Module):
         rows = [(p, pred["query_embeddings"].flatten(0, 1), lab.flatten(), sources, pred.get("pred_logits"))
                 for p, pred, lab in zip(order, preds, labels)]
         if self.observe_prompts and prompts is not None and prompts.labels.numel():
-            # the A prompts are sources N..N+A-1 of the batch (their copies over predictions count once)
+            # the A prompts are sources PROMPT_SOURCE + 0..A-1 (their copies over predictions count once)
             out = prompts.vcp_outputs
             prompt_preds = [out] + (list(out.get("aux_outputs", [])) if self.observe_all_layers else [])
-            prompt_sources = (assigned.numel() + torch.arange(prompts.labels.numel())).to(sources.device)
+            prompt_sources = (PROMPT_SOURCE + torch.arange(prompts.labels.numel())).to(sources.device)
             at = (prompts.image_index, prompts.slot_index)
             for p, pred in zip(order, prompt_preds):
                 logits = pred["pred_logits"][at] if self.observe_correct_only else None
