@@ -77,6 +77,17 @@ DEFAULT_SCENE = {
     "multi_instance": None,
 }
 
+# Scenes of the "hard" presets: 2-4 long-tailed classes per clip (+ sometimes a silent object of a
+# sounding class), 1-3 sounding, off-screen sources
+HARD_SCENE = {
+    "objects": [2, 4],
+    "class_zipf": 0.6,
+    "sounding_count_p": [0.0, 0.55, 0.35, 0.10],
+    "size_range": [0.2, 0.28],
+    "duplicate_prob": 0.3,
+    "offscreen_prob": 0.3,
+}
+
 # Named datasets of the generator (``preset=``); values override generate_synthetic_avs's defaults.
 PRESETS = {
     # the demo set: 4 classes, separable sounds, 2-3 objects of which usually 1-2 sound
@@ -88,14 +99,7 @@ PRESETS = {
         "num_classes": 20,
         "clips_per_split": {"train": 200, "val": 32, "test": 48},
         "sound": "overlapping",
-        "scene": {
-            "objects": [2, 4],
-            "class_zipf": 0.6,
-            "sounding_count_p": [0.0, 0.55, 0.35, 0.10],
-            "size_range": [0.2, 0.28],
-            "duplicate_prob": 0.3,
-            "offscreen_prob": 0.3,
-        },
+        "scene": HARD_SCENE,
     },
     # the hard preset's scenes with classes of several modes: each of 10 long-tailed classes has 3
     # looks (shape + colour + sound), one drawn per object, so a class's objects (and sounds) form 3
@@ -105,14 +109,7 @@ PRESETS = {
         "looks_per_class": 3,
         "clips_per_split": {"train": 200, "val": 32, "test": 48},
         "sound": "overlapping",
-        "scene": {
-            "objects": [2, 4],
-            "class_zipf": 0.6,
-            "sounding_count_p": [0.0, 0.55, 0.35, 0.10],
-            "size_range": [0.2, 0.28],
-            "duplicate_prob": 0.3,
-            "offscreen_prob": 0.3,
-        },
+        "scene": HARD_SCENE,
     },
     # stereo, several instances of one class (VPO-MSMI-like): 2-3 identical instances of which one
     # (sometimes two, sometimes none) sounds, panned by x position, plus 0-1 other objects
