@@ -1,7 +1,8 @@
 """Shared plumbing of the evaluations that need a generated synthetic dataset's object list
-(``synthetic_info.json``): tools/eval_stereo_instances.py and tools/eval_class_claims.py.
+(``synthetic_info.json``): tools/eval_stereo_instances.py, tools/eval_class_claims.py and
+tools/eval_look_modes.py.
 
-Both take the command line of ``tools/ablation.py --extra-eval``:
+All take the command line of ``tools/ablation.py --extra-eval``:
 ``SCRIPT [--dataset NAME] [--output JSON] [--threads N] CONFIG WEIGHTS [KEY VALUE ...]``.
 """
 import argparse
