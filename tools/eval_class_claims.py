@@ -33,7 +33,8 @@ Default split: the test split (``<DATASETS.TRAIN[0] without _train>_test``), as
 import os
 import time
 
-from cpm_d2.evaluation.synthetic_eval import load_model_and_info, setup_from_cli, write_json
+from cpm_d2.evaluation.synthetic_eval import (capture_decoder_outputs, load_model_and_info, match_queries,
+                                              setup_from_cli, write_json)
 
 # DETECTRON2_DATASETS when unset: the checkout's datasets/
 DATASETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "datasets"))
@@ -94,10 +95,7 @@ def query_assignments(model, inputs, outputs):
     long, each query's target class (-1 = unmatched)."""
     import torch
 
-    images = model.preprocess_image(inputs)
-    targets = model.prepare_targets(inputs, images)
-    final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
-    indices = model.criterion.matcher(final, targets)
+    targets, indices = match_queries(model, inputs, outputs)
     argmax = outputs["pred_logits"].argmax(-1)  # (B, N)
     kept = argmax != model.num_classes
     out = []
@@ -171,14 +169,7 @@ def evaluate(cfg, weights, dataset, output_json):
     model, loader, info = load_model_and_info(cfg, weights, dataset)
     clips = info["clips"]
     records, start = [], time.perf_counter()
-    captured = {}
-    decode = model.decode
-
-    def capture(*args, **kwargs):
-        captured["outputs"] = decode(*args, **kwargs)
-        return captured["outputs"]
-
-    model.decode = capture
+    captured = capture_decoder_outputs(model)
     semantic = model.semantic_inference
     labellers = []
 

@@ -24,7 +24,8 @@ split: the test split.
 """
 import os
 
-from cpm_d2.evaluation.synthetic_eval import load_model_and_info, setup_from_cli, write_json
+from cpm_d2.evaluation.synthetic_eval import (capture_decoder_outputs, load_model_and_info, match_queries,
+                                              setup_from_cli, write_json)
 
 DATASETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "datasets"))
 MIN_PER_LOOK = 5
@@ -83,22 +84,14 @@ def evaluate(cfg, weights, dataset, output_json):
     model, loader, info = load_model_and_info(cfg, weights, dataset, needs="the objects' looks")
     clips = info["clips"]
     mixtures = getattr(model.class_predictor, "mixtures", None)
-    captured, decode = {}, model.decode
-
-    def capture(*args, **kwargs):
-        captured["outputs"] = decode(*args, **kwargs)
-        return captured["outputs"]
-
-    model.decode = capture
+    captured = capture_decoder_outputs(model)
     embs, classes, looks = [], [], []
     torch.manual_seed(0)  # the matcher samples its points at random
     with torch.no_grad():
         for inputs in loader:
             model(inputs)
             out = captured["outputs"]
-            targets = model.prepare_targets(inputs, model.preprocess_image(inputs))
-            indices = model.criterion.matcher({"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]},
-                                              targets)
+            targets, indices = match_queries(model, inputs, out)
             for b, (x, (src, tgt)) in enumerate(zip(inputs, indices)):
                 objects = clips[x["clip_id"]][int(x["frame_index"])]["objects"]
                 for q, label in zip(src.tolist(), targets[b]["labels"][tgt].tolist()):

@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 
-__all__ = ["default_test_dataset", "setup_from_cli", "load_model_and_info", "write_json"]
+__all__ = ["default_test_dataset", "setup_from_cli", "load_model_and_info", "capture_decoder_outputs",
+           "match_queries", "write_json"]
 
 
 def default_test_dataset(cfg):
@@ -62,6 +63,28 @@ def load_model_and_info(cfg, weights, dataset, needs="the visible objects"):
                                 "are needed)")
     with open(info_path) as f:
         return model, loader, json.load(f)
+
+
+def capture_decoder_outputs(model):
+    """Wrap ``model.decode`` so that every call's decoder outputs are kept: -> a dict whose
+    ``"outputs"`` is the last call's (the test forward's pred_logits, pred_masks, query_embeddings)."""
+    captured, decode = {}, model.decode
+
+    def capture(*args, **kwargs):
+        captured["outputs"] = decode(*args, **kwargs)
+        return captured["outputs"]
+
+    model.decode = capture
+    return captured
+
+
+def match_queries(model, inputs, outputs):
+    """The Hungarian matching of the final prediction of ``outputs`` against the labels of
+    ``inputs``, as in training -> (targets, indices: per input (query indices, target indices)).
+    The matcher samples its points at random: seed torch first for repeatable numbers."""
+    targets = model.prepare_targets(inputs, model.preprocess_image(inputs))
+    final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+    return targets, model.criterion.matcher(final, targets)
 
 
 def write_json(result, output_json):
