@@ -175,6 +175,10 @@ def _add_gmm_head_keys(mf):
     # unchanged. 0 = score with the fitted covariances. Lets the class scores be smooth while the
     # components stay narrow enough to keep the class's modes (diag / tied covariances only).
     g.SCORE_EPS = 0.0
+    # True: each component's mean, where it scores queries (the class logits, in training and at
+    # inference), is its EM mean plus a learned offset (one vector per component, starting at zero)
+    # that the class losses train; EM and prompt draws keep the EM means. False: the EM means.
+    g.LEARNED_MEAN_OFFSETS = False
     # A class is first fitted (and prompted from) once its bank holds this many distinct entries per
     # component (copies of one query from several layers count once); until then it keeps its prior.
     g.MIN_ENTRIES_PER_COMPONENT = 4

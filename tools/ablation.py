@@ -84,6 +84,7 @@ ROW_TITLES = {
     "x_gmm_prompt_adapter_linear": "CPM, GMM draws through a learned linear map",
     "x_gmm_prompt_class_offset": "CPM, GMM draws plus a learned offset per class",
     "x_gmm_prompt_class_offset_scale_0.5": "CPM, GMM draws at half the spread plus a learned offset per class",
+    "x_gmm_learned_mean_offsets": "CPM, GMM class scores with learned offsets on the EM means",
     "x_gmm_no_reseed": "CPM, starved GMM components not re-seeded",
     "x_gmm_reseed_split": "CPM, starved GMM components re-seeded by splitting the heaviest",
     "x_gmm_eps_1e-3": "CPM, GMM variance floor 1e-3",

@@ -170,7 +170,7 @@ ROWS = {
         "x_gmm_head_point_prompts_observe_prompts", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
         "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
-        "x_vcp_class_weight_0.1")},
+        "x_vcp_class_weight_0.1", "x_gmm_learned_mean_offsets")},
 }
 
 
@@ -852,6 +852,7 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
     ("x_gmm_prompt_class_offset_scale_0.5", {"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER": ("none", "class_offset"),
                                              "MODEL.MASK_FORMER.GMM.PROMPT_SCALE": (1.0, 0.5)}),
     ("x_gmm_per_prediction", {"MODEL.MASK_FORMER.GMM.PER_PREDICTION": (False, True)}),
+    ("x_gmm_learned_mean_offsets", {"MODEL.MASK_FORMER.GMM.LEARNED_MEAN_OFFSETS": (False, True)}),
     ("x_gmm_gmmseg_scoring", {"MODEL.MASK_FORMER.GMM.COMPONENT_SCORE": ("logsumexp", "max"),
                               "MODEL.MASK_FORMER.GMM.LOGIT_NORM": ("sqrt_dim", "class_layer_norm")}),
 ])

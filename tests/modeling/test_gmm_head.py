@@ -399,3 +399,73 @@ def test_point_prompts_on_the_gmm_head_are_learnable_rows_available_before_any_f
     assert build_class_predictor(cfg, num_classes=4, embed_dim=8).prompt_source == "gmm"  # CPM off: no prompts
     cfg.MODEL.CPM.ENABLED = True
     assert build_class_predictor(cfg, num_classes=4, embed_dim=8).prompts.weight.shape == (5, 8)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+def test_learned_mean_offsets_score_with_shifted_means_and_leave_em_and_draws_alone(cov_type):
+    """learned_mean_offsets: the scores are scipy's log-densities with every mean moved by its
+    offset (zero at the start: the plain head's scores); EM's means and the prompt draws ignore it."""
+    rng = np.random.default_rng(11)
+    D = 3
+    g = _gmm(num_classes=2, embed_dim=D, num_components=2, covariance=cov_type, logit_norm="none",
+             learned_mean_offsets=True)
+    w, mu, cov = _set_params(g, rng, full=cov_type == "full")
+    x = rng.normal(0, 1.5, size=(7, D))
+    assert g.mean_offsets.shape == (1, 3, 2, D) and not g.mean_offsets.any()
+    np.testing.assert_allclose(g(torch.from_numpy(x)).detach().numpy(), _scipy_log_density(x, w, mu, cov),
+                               rtol=1e-6, atol=1e-6)
+    offset = rng.normal(0, 0.7, size=(3, 2, D))
+    with torch.no_grad():
+        g.mean_offsets[0] = torch.from_numpy(offset)
+    offset = g.mean_offsets[0].double().detach().numpy()  # float32-rounded
+    np.testing.assert_allclose(g(torch.from_numpy(x)).detach().numpy(), _scipy_log_density(x, w, mu + offset, cov),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g.log_prob(torch.from_numpy(x)).numpy(), _scipy_log_density(x, w, mu, cov),
+                               rtol=1e-6, atol=1e-6)  # the mixtures' own density
+    torch.testing.assert_close(g.mixtures.means.double().numpy(), mu)
+    draws = g.sample(torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert not draws.requires_grad
+    np.testing.assert_allclose(draws.mean(0).numpy(), (w[0, :, None] * mu[0]).sum(0), atol=0.1)
+
+
+def test_learned_mean_offsets_are_trained_by_the_class_loss_to_fix_misplaced_means():
+    """Two classes whose EM means sit on each other's data (every query misclassified): a CE on the
+    logits trains the offsets until every query is classified right, while EM's means stay put."""
+    torch.manual_seed(0)
+    g = _gmm(num_classes=2, embed_dim=2, num_components=1, no_object="objectness", normalize=False,
+             learned_mean_offsets=True, logit_norm="sqrt_dim")
+    centres = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    with torch.no_grad():
+        g.mixtures.means[:2, 0] = centres.flip(0)  # class 0's mean on class 1's data and vice versa
+        g.mixtures.covariances.fill_(0.5)
+    means = g.mixtures.means.clone()
+    labels = torch.arange(200) % 2
+    x = centres[labels] + 0.3 * torch.randn(200, 2)
+    assert (g(x)[:, :2].argmax(-1) != labels).float().mean() > 0.95
+    opt = torch.optim.Adam([g.mean_offsets], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.nll_loss(g(x), labels).backward()
+        opt.step()
+    assert (g(x)[:, :2].argmax(-1) == labels).float().mean() > 0.95
+    torch.testing.assert_close(g.mixtures.means, means)
+    assert g.mean_offsets.grad[0, 2].abs().sum() == 0  # "no object" has no mixture here: no gradient
+
+
+def test_learned_mean_offsets_from_config_one_set_per_prediction():
+    cfg = get_cfg()
+    cfg.MODEL.MASK_FORMER.CLASS_PREDICTOR = "GMMClassPredictor"
+    assert cfg.MODEL.MASK_FORMER.GMM.LEARNED_MEAN_OFFSETS is False
+    assert not hasattr(build_class_predictor(cfg, num_classes=4, embed_dim=8), "mean_offsets")
+    cfg.MODEL.MASK_FORMER.GMM.LEARNED_MEAN_OFFSETS = True
+    assert build_class_predictor(cfg, num_classes=4, embed_dim=8).mean_offsets.shape == (1, 5, 3, 8)
+    g = _gmm(num_classes=1, embed_dim=2, num_components=1, logit_norm="none", learned_mean_offsets=True,
+             num_predictions=2)
+    with torch.no_grad():
+        g.mean_offsets[0] = 1.0  # prediction 0's set only
+    q = torch.randn(4, 2)
+    want = g.mixtures_of(0).component_log_prob(q, 0.0, torch.ones(2, 1, 2))[..., 0]
+    torch.testing.assert_close(g(q, prediction=0).double().detach(), want)
+    torch.testing.assert_close(g(q).double().detach(), g.mixtures.log_prob(q))
+    with pytest.raises(ValueError, match="mean_offset must be"):
+        g.mixtures.component_log_prob(q, 0.0, torch.ones(2, 2))

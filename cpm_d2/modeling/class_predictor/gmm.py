@@ -97,7 +97,11 @@ class GMMClassPredictor(ClassPredictor):
     the unmatched queries, scored like any class, as the paper pads its classes with no-object).
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
-    the mixtures are never learned by gradient (their draws carry none). ``mixtures`` (a
+    the mixtures are never learned by gradient (their draws carry none). With
+    ``learned_mean_offsets`` each component's mean, where it scores queries, is its EM mean plus a
+    learned offset o_cm (a (C+1) x M x D parameter per set of mixtures, starting at zero): the class
+    losses (the queries' CE and VCP's class term) then train the scores' means discriminatively
+    while EM keeps fitting the mixtures and the prompts are drawn from the EM means. ``mixtures`` (a
     ClassMixtures of C+1 mixtures) holds the buffers; with ``"objectness"`` / ``"softmax"`` the
     no-object mixture is never fed nor fitted.
 
@@ -124,7 +128,8 @@ class GMMClassPredictor(ClassPredictor):
     def __init__(self, *, num_classes: int, embed_dim: int, logit_norm: str = "sqrt_dim",
                  component_score: str = "logsumexp", no_object: str = "objectness",
                  test_logits: str = "posterior", score_eps: float = 0.0, num_predictions: int = 1, seed: int = 0,
-                 prompt_adapter: str = "none", prompts: str = "gmm", **mixture_options):
+                 prompt_adapter: str = "none", prompts: str = "gmm", learned_mean_offsets: bool = False,
+                 **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
@@ -138,6 +143,7 @@ class GMMClassPredictor(ClassPredictor):
             prompt_adapter: "none" | "linear" | "class_offset", what the prompts are after the draw
                 (class docstring).
             prompts: "gmm" (draws of the mixtures) | "embedding" (learnable rows), see the class docstring.
+            learned_mean_offsets: score with the EM means plus learned offsets (class docstring).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
                 prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age, init_std).
@@ -192,6 +198,11 @@ class GMMClassPredictor(ClassPredictor):
             self.aux_mixtures = nn.ModuleList(
                 ClassMixtures(num_mixtures=self.num_classes + 1, embed_dim=self.embed_dim, seed=seed + 1 + i,
                               **mixture_options) for i in range(self.num_predictions - 1))
+        self.learned_mean_offsets = bool(learned_mean_offsets)
+        if self.learned_mean_offsets:
+            M = self.mixtures.num_components
+            self.mean_offsets = nn.Parameter(
+                torch.zeros(self.num_predictions, self.num_classes + 1, M, self.embed_dim))
         if no_object in ("objectness", "softmax"):
             self.objectness = nn.Linear(self.embed_dim, 1)
         if logit_norm == "learned":
@@ -216,6 +227,7 @@ class GMMClassPredictor(ClassPredictor):
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
                 "score_eps": g.SCORE_EPS, "prompt_adapter": g.PROMPT_ADAPTER,
                 "prompts": cfg.MODEL.CPM.GMM_HEAD_PROMPTS if cfg.MODEL.CPM.ENABLED else "gmm",
+                "learned_mean_offsets": g.LEARNED_MEAN_OFFSETS,
                 "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
@@ -223,7 +235,8 @@ class GMMClassPredictor(ClassPredictor):
         return (f"num_classes={self.num_classes} (+1 no-object), embed_dim={self.embed_dim}, "
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
                 f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}, "
-                f"prompt_adapter={self.prompt_adapter}, prompts={self.prompt_source}")
+                f"prompt_adapter={self.prompt_adapter}, prompts={self.prompt_source}, "
+                f"learned_mean_offsets={self.learned_mean_offsets}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -247,11 +260,14 @@ class GMMClassPredictor(ClassPredictor):
         return self.mixtures if i == self.num_predictions - 1 else self.aux_mixtures[i]
 
     def class_scores(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
-        """Per-class scores s_c (``component_score``, variances floored at ``score_eps``), float64:
-        (..., D) -> (..., C+1)."""
+        """Per-class scores s_c (``component_score``, variances floored at ``score_eps``, means
+        shifted by the learned offsets where there are), float64: (..., D) -> (..., C+1)."""
         mixtures = self.mixtures_of(prediction)
         mixtures._check_embeddings(embeddings, "embeddings")
-        comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim), self.score_eps)
+        offset = None
+        if self.learned_mean_offsets:
+            offset = self.mean_offsets[-1 if prediction is None or self.num_predictions == 1 else int(prediction)]
+        comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim), self.score_eps, offset)
         score = torch.logsumexp(comp, dim=-1) if self.component_score == "logsumexp" else comp.amax(-1)
         return score.reshape(*embeddings.shape[:-1], self.num_classes + 1)
 

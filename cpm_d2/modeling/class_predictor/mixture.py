@@ -78,8 +78,9 @@ class ClassMixtures(nn.Module):
 
     observe(embeddings (N, D), labels (N,) in [0, K), iteration, sources (N,) or None): bank them.
     update(iteration) -> bool: EM on the banks now.  step(iteration): EM every ``update_interval``.
-    component_log_prob(x (N, D), var_floor) -> (N, K, M): log pi_km + log N(x; mu_km, Sigma_km), the
-    diagonal variances raised to at least var_floor (0: as fitted).
+    component_log_prob(x (N, D), var_floor, mean_offset) -> (N, K, M): log pi_km + log N(x; mu_km,
+    Sigma_km), the diagonal variances raised to at least var_floor (0: as fitted), the means shifted
+    by mean_offset (K, M, D) where given.
     log_prob(x (..., D)) -> (..., K): log p(x | k) (logsumexp over components, eq. 2).
     sample(labels (N,)) -> (N, D).  fitted (K,) bool.  live_components() -> (K,) int.
     """
@@ -279,22 +280,32 @@ class ClassMixtures(nn.Module):
         """Embeddings (..., D) in the modelled space: L2-normalised with ``normalize``, else as they are."""
         return F.normalize(x, dim=-1) if self.normalize else x
 
-    def component_log_prob(self, x: torch.Tensor, var_floor: float = 0.0) -> torch.Tensor:
-        """x (N, D) -> log pi_km + log N(prepare(x); mu_km, Sigma_km): (N, K, M) float64. With
-        ``var_floor`` > 0 each diagonal variance is raised to at least it (diag / tied only)."""
+    def component_log_prob(self, x: torch.Tensor, var_floor: float = 0.0,
+                           mean_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, D) -> log pi_km + log N(prepare(x); mu_km + offset_km, Sigma_km): (N, K, M) float64.
+        With ``var_floor`` > 0 each diagonal variance is raised to at least it (diag / tied only);
+        ``mean_offset`` (K, M, D) or None (no shift) is added to the means here only (with its
+        gradient), not where EM fits them nor where ``sample`` draws."""
         K, M, D = self.num_mixtures, self.num_components, self.embed_dim
         if var_floor > 0 and self.covariance == "full":
             raise ValueError("a scoring variance floor applies to diagonal covariances, not 'full'")
+        if mean_offset is not None and tuple(mean_offset.shape) != (K, M, D):
+            raise ValueError(f"mean_offset must be (K, M, D) = {(K, M, D)}, got {tuple(mean_offset.shape)}")
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = self.prepare(x.double() if x.dtype != torch.float64 else x)
             if self.covariance != "full":
                 inv_t, mu_inv_t, mu2_inv, const = self._diag_terms(var_floor)
+                if mean_offset is not None:
+                    mu = self.means.double().reshape(K * M, D) + mean_offset.double().reshape(K * M, D)
+                    mu_inv_t = mu.t() * inv_t
+                    mu2_inv = (mu * mu * inv_t.t()).sum(-1)
                 # sum((x - mu)^2 / var) = x^2 . (1/var) - 2 x . (mu/var) + mu^2 . (1/var): two fused matmuls
                 quad = torch.addmm(torch.addmm(mu2_inv, x, mu_inv_t, alpha=-2.0), x * x, inv_t).clamp_min(0.0)
                 return (const - 0.5 * quad).reshape(-1, K, M)
             log_w = self.weights.double().clamp_min(_TINY).log()
             _, L_inv, logdet = self._full_factors()
-            diff = x[:, None, None, :] - self.means.double()  # (N, K, M, D)
+            means = self.means.double() if mean_offset is None else self.means.double() + mean_offset.double()
+            diff = x[:, None, None, :] - means  # (N, K, M, D)
             quad = torch.einsum("kmde,nkme->nkmd", L_inv, diff).pow(2).sum(-1)
             return -0.5 * (D * _LOG_2PI + logdet + quad) + log_w
 
