@@ -261,7 +261,7 @@ class GMMClassPredictor(ClassPredictor):
 
     def class_scores(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
         """Per-class scores s_c (``component_score``, variances floored at ``score_eps``, means
-        shifted by the learned offsets where there are), float64: (..., D) -> (..., C+1)."""
+        shifted by the learned offsets if the head has them), float64: (..., D) -> (..., C+1)."""
         mixtures = self.mixtures_of(prediction)
         mixtures._check_embeddings(embeddings, "embeddings")
         offset = None
