@@ -250,13 +250,19 @@ class GMMClassPredictor(ClassPredictor):
     def _check_labels(self, labels: torch.Tensor, what: str) -> None:
         self.mixtures.check_labels(labels, what)
 
-    def mixtures_of(self, prediction=None) -> ClassMixtures:
-        """The mixtures that score (and are fitted to) prediction ``prediction`` (None = the final one)."""
+    def _set_index(self, prediction=None) -> int:
+        """Which set of mixtures (0..P-1, P-1 = the final one) scores prediction ``prediction``
+        (None = the final one; with one set, every prediction is scored by set 0)."""
         if prediction is None or self.num_predictions == 1:
-            return self.mixtures
+            return self.num_predictions - 1
         i = int(prediction)
         if not 0 <= i < self.num_predictions:
             raise ValueError(f"prediction {i} out of range: this head has {self.num_predictions} predictions")
+        return i
+
+    def mixtures_of(self, prediction=None) -> ClassMixtures:
+        """The mixtures that score (and are fitted to) prediction ``prediction`` (None = the final one)."""
+        i = self._set_index(prediction)
         return self.mixtures if i == self.num_predictions - 1 else self.aux_mixtures[i]
 
     def class_scores(self, embeddings: torch.Tensor, prediction=None) -> torch.Tensor:
@@ -264,9 +270,7 @@ class GMMClassPredictor(ClassPredictor):
         shifted by the learned offsets if the head has them), float64: (..., D) -> (..., C+1)."""
         mixtures = self.mixtures_of(prediction)
         mixtures._check_embeddings(embeddings, "embeddings")
-        offset = None
-        if self.learned_mean_offsets:
-            offset = self.mean_offsets[-1 if prediction is None or self.num_predictions == 1 else int(prediction)]
+        offset = self.mean_offsets[self._set_index(prediction)] if self.learned_mean_offsets else None
         comp = mixtures.component_log_prob(embeddings.reshape(-1, self.embed_dim), self.score_eps, offset)
         score = torch.logsumexp(comp, dim=-1) if self.component_score == "logsumexp" else comp.amax(-1)
         return score.reshape(*embeddings.shape[:-1], self.num_classes + 1)
