@@ -421,33 +421,57 @@ def _check_last_checkpoint(out):
     return it
 
 
+def _kill_plan(rng, *, in_save, random_kills, max_iter):
+    """The trials, drawn up front: ("in_save", stage, n) kills inside the run's n-th save (n in 1, 2);
+    ("random", None, delay) kills `delay` seconds after the run's first iteration record, or at its
+    second, whichever comes first. A trial so completes at most 2 iterations, so the plan is checked
+    to leave the last run at least 2 of max_iter: otherwise a fast machine could finish the training
+    before the last kill (the number of kills would then depend on the machine's speed)."""
+    trials = [("in_save", stage) for stage in in_save] + [("random", None)] * random_kills
+    rng.shuffle(trials)
+    plan = [(kind, stage, rng.randint(1, 2) if kind == "in_save" else rng.uniform(0.0, 1.5))
+            for kind, stage in trials]
+    most = sum(n if kind == "in_save" else 2 for kind, _, n in plan)
+    assert most <= max_iter - 2, f"the plan may complete {most} of {max_iter} iterations: raise max_iter"
+    return plan
+
+
+def _kill_at_random_point(proc, log, lines_before, delay):
+    """SIGKILL the process group of `proc` `delay` s after its first new iteration record in `log`, or
+    as soon as a second one appears (the record comes before its iteration's checkpoint)."""
+    deadline = time.time() + 240
+
+    def new_iterations():  # complete lines only: the reader may catch a line being written
+        lines = Path(log).read_text().split("\n")[:-1] if Path(log).exists() else []
+        return sum("iter" in json.loads(line) for line in lines[lines_before:] if line.strip())
+
+    while proc.poll() is None and time.time() < deadline and new_iterations() < 1:
+        time.sleep(0.01)
+    kill_at = time.time() + delay
+    while proc.poll() is None and time.time() < kill_at and new_iterations() < 2:
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _kill_chain(tiny_root, tmp_path, *, num_gpus, in_save, random_kills, max_iter, seed):
-    """Trials: a `--resume` run killed (SIGKILL) inside a save or after a random delay, checked, resumed."""
-    rng = random.Random(seed)
+    """Trials: a `--resume` run killed (SIGKILL) inside a save or at a random point, checked, resumed.
+    Returns the number of runs killed (every trial's, unless a run finished first)."""
+    plan = _kill_plan(random.Random(seed), in_save=in_save, random_kills=random_kills, max_iter=max_iter)
     out, log, ref_log = tmp_path / "chain", tmp_path / "chain.jsonl", tmp_path / "ref.jsonl"
     common = dict(num_gpus=num_gpus, max_iter=max_iter, sgd=True)
     _run(_cmd(tiny_root, tmp_path / "ref", period=1000, **common), _env(CPM_TEST_LOSS_LOG=ref_log))
-    trials = [("in_save", stage) for stage in in_save] + [("random", None)] * random_kills
-    rng.shuffle(trials)
     last_it, killed, hit_save = -1, 0, 0
-    for kind, stage in trials:
+    for kind, stage, when in plan:
         env = _env(CPM_TEST_LOSS_LOG=log)
         if kind == "in_save":
-            env["CPM_TEST_KILL_IN_SAVE"] = f"{rng.randint(1, 2)}:{stage}"
+            env["CPM_TEST_KILL_IN_SAVE"] = f"{when}:{stage}"
         lines_before = len(_records(log))
         proc = subprocess.Popen(_cmd(tiny_root, out, "--resume", period=1, **common), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             if kind == "random":
-                deadline = time.time() + 240
-                while proc.poll() is None and time.time() < deadline:
-                    new = _records(log)[lines_before:]
-                    if any("iter" in r for r in new):
-                        break
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 1.5))
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_at_random_point(proc, log, lines_before, when)
             proc.wait(timeout=240)
         finally:
             if proc.poll() is None:
