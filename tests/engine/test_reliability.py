@@ -351,10 +351,15 @@ def _run(cmd, env, expect_rc=0, timeout=300):
     return proc
 
 
-def _records(path):
+def _records(path, complete_only=False):
+    """One dict per JSON line of `path` ([] when it does not exist); ``complete_only``: leave out a last
+    line not yet ended by its newline (read while a writer may be in the middle of it)."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = Path(path).read_text().split("\n")
+    if complete_only:
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _losses(records):
@@ -441,9 +446,8 @@ def _kill_at_random_point(proc, log, lines_before, delay):
     as soon as a second one appears (the record comes before its iteration's checkpoint)."""
     deadline = time.time() + 240
 
-    def new_iterations():  # complete lines only: the reader may catch a line being written
-        lines = Path(log).read_text().split("\n")[:-1] if Path(log).exists() else []
-        return sum("iter" in json.loads(line) for line in lines[lines_before:] if line.strip())
+    def new_iterations():
+        return sum("iter" in r for r in _records(log, complete_only=True)[lines_before:])
 
     while proc.poll() is None and time.time() < deadline and new_iterations() < 1:
         time.sleep(0.01)
