@@ -156,6 +156,12 @@ def _add_gmm_head_keys(mf):
     # and 2.56 / HIDDEN_DIM at 256; without NORMALIZE raw embeddings, where 1e-4 suits). A higher
     # floor gives broader components: smoother class scores and wider prompt draws.
     g.EPS = 1e-2
+    # > 0: each class's variance floor in EM is max(EPS, EPS_CLASS_RELATIVE * that class's bank
+    # variance per coordinate, averaged over the coordinates), so the floor follows a class whose
+    # embeddings are tighter than EPS (e.g. 0.25: a component may be as narrow as a quarter of its
+    # class's variance). 0 = EPS for every class. Class scores and prompt draws use the fitted
+    # covariances, raised to SCORE_EPS / PROMPT_EPS where those are set.
+    g.EPS_CLASS_RELATIVE = 0.0
     # Variance floor of the Gaussians that prompts are drawn from, on EPS's scale: each diagonal
     # variance is raised to at least PROMPT_EPS when sampling, scores and EM are unchanged. 0 = draw
     # from the fitted covariances as they are. Lets prompt draws be wide while the components that

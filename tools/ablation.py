@@ -91,6 +91,7 @@ ROW_TITLES = {
     "x_gmm_eps_3e-2": "CPM, GMM variance floor 3e-2",
     "x_gmm_eps_1e-3_prompt_eps_1e-2": "CPM, GMM variance floor 1e-3, prompts drawn with a floor of 1e-2",
     "x_gmm_eps_1e-3_score_eps_1e-2": "CPM, GMM variance floor 1e-3, class scores with a floor of 1e-2",
+    "x_gmm_class_relative_floor": "CPM, GMM variance floor a quarter of each class's spread, class scores at 1e-2",
     "x_gmm_class_layer_norm": "CPM, GMM class scores through a LayerNorm over classes",
     "x_gmm_tied": "CPM, one covariance per class shared by its GMM components",
     "x_gmm_per_dim": "CPM, GMM logits divided by D",

@@ -169,7 +169,7 @@ ROWS = {
         "x_gmm_prompt_class_offset_scale_0.5", "x_gmm_head_point_prompts", "x_gmm_observe_prompts",
         "x_gmm_head_point_prompts_observe_prompts", "x_gmm_no_reseed",
         "x_gmm_reseed_split", "x_gmm_eps_1e-3", "x_gmm_eps_3e-2", "x_gmm_eps_1e-3_prompt_eps_1e-2",
-        "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
+        "x_gmm_eps_1e-3_score_eps_1e-2", "x_gmm_class_relative_floor", "x_gmm_class_layer_norm", "x_gmm_tied", "x_gmm_per_dim", "x_gmm_learned_temperature", "x_vcp_no_class_term",
         "x_vcp_class_weight_0.1", "x_gmm_learned_mean_offsets")},
 }
 
@@ -836,6 +836,9 @@ def test_cpm_rejects_a_class_head_that_cannot_sample():
                                         "MODEL.MASK_FORMER.GMM.PROMPT_EPS": (0.0, 1e-2)}),
     ("x_gmm_eps_1e-3_score_eps_1e-2", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-3),
                                        "MODEL.MASK_FORMER.GMM.SCORE_EPS": (0.0, 1e-2)}),
+    ("x_gmm_class_relative_floor", {"MODEL.MASK_FORMER.GMM.EPS": (1e-2, 1e-4),
+                                    "MODEL.MASK_FORMER.GMM.EPS_CLASS_RELATIVE": (0.0, 0.25),
+                                    "MODEL.MASK_FORMER.GMM.SCORE_EPS": (0.0, 1e-2)}),
     ("x_gmm_sinkhorn", {"MODEL.MASK_FORMER.GMM.ESTEP": ("posterior", "sinkhorn")}),
     ("x_gmm_no_object_softmax", {"MODEL.MASK_FORMER.GMM.NO_OBJECT": ("objectness", "softmax")}),
     ("x_gmm_prompt_scale_0", {"MODEL.MASK_FORMER.GMM.PROMPT_SCALE": (1.0, 0.0)}),

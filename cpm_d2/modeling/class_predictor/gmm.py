@@ -48,6 +48,7 @@ def mixture_options_from_config(cfg) -> dict:
         "em_iters": g.EM_ITERS,
         "momentum": g.MOMENTUM,
         "eps": g.EPS,
+        "eps_class_relative": g.EPS_CLASS_RELATIVE,
         "prompt_eps": g.PROMPT_EPS,
         "prompt_scale": g.PROMPT_SCALE,
         "min_entries": max(2, g.MIN_ENTRIES_PER_COMPONENT * g.NUM_COMPONENTS),

@@ -17,6 +17,9 @@ What keeps the M components of a mixture alive (each can be switched off):
   iteration, by default by splitting its class's heaviest component in two along its principal
   axis (or on the bank entry the class's mixture explains worst), and is taken as estimated, not
   blended with momentum;
+* ``eps_class_relative`` > 0 raises each class's variance floor only to that fraction of the class's
+  own spread, so a class whose embeddings are tighter than ``eps`` is not fitted by coinciding
+  components (whose weights the likelihood then no longer constrains);
 * ``estep="sinkhorn"`` balances the responsibilities so that every component takes an equal share
   of the bank (GMMSeg's guard against collapse; the weights then stay uniform).
 
@@ -97,6 +100,7 @@ class ClassMixtures(nn.Module):
         em_iters: int = 3,
         momentum: float = 0.5,
         eps: float = 1e-4,
+        eps_class_relative: float = 0.0,
         prompt_eps: float = 0.0,
         prompt_scale: float = 1.0,
         min_entries: int = 2,
@@ -122,6 +126,10 @@ class ClassMixtures(nn.Module):
             momentum: theta <- momentum * theta_old + (1 - momentum) * theta_EM (not applied to a
                 class's first fit nor to re-seeded components).
             eps: variance floor (diag: var >= eps; full: Sigma + eps * I), on the modelled scale.
+            eps_class_relative: r > 0: each class's floor in EM is max(eps, r * v_k), v_k the variance of
+                its bank entries per coordinate (mean over the D coordinates), so that a class whose
+                embeddings are tighter than eps can still be fitted by distinct components; 0 = eps for
+                every class. Scores and prompt draws use the fitted covariances (and their own floors).
             prompt_eps: variance floor of the Gaussians ``sample`` draws from (diag / tied: each
                 variance raised to at least this); 0 = the fitted covariances. Scores and EM ignore it.
             prompt_scale: s, the draws' spread around their component's mean: z = mu + s * L eps
@@ -151,6 +159,9 @@ class ClassMixtures(nn.Module):
             raise ValueError(f"GMM momentum must be in [0, 1), got {momentum}")
         if eps <= 0:
             raise ValueError(f"GMM eps (variance floor) must be > 0, got {eps}")
+        if eps_class_relative < 0:
+            raise ValueError(f"GMM eps_class_relative (MODEL.MASK_FORMER.GMM.EPS_CLASS_RELATIVE) must be >= 0, "
+                             f"got {eps_class_relative}")
         if prompt_eps < 0:
             raise ValueError(f"GMM prompt_eps (the prompts' variance floor) must be >= 0, got {prompt_eps}")
         if prompt_scale < 0:
@@ -179,6 +190,7 @@ class ClassMixtures(nn.Module):
         self.em_iters = int(em_iters)
         self.momentum = float(momentum)
         self.eps = float(eps)
+        self.eps_class_relative = float(eps_class_relative)
         self.prompt_eps = float(prompt_eps)
         self.prompt_scale = float(prompt_scale)
         self.min_entries = int(min_entries)
@@ -214,7 +226,8 @@ class ClassMixtures(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_mixtures={self.num_mixtures}, embed_dim={self.embed_dim}, num_components={self.num_components}, "
                 f"covariance={self.covariance}, memory_size={self.memory_size}, update_interval={self.update_interval}, "
-                f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, prompt_eps={self.prompt_eps}, "
+                f"em_iters={self.em_iters}, momentum={self.momentum}, eps={self.eps}, "
+                f"eps_class_relative={self.eps_class_relative}, prompt_eps={self.prompt_eps}, "
                 f"prompt_scale={self.prompt_scale}, "
                 f"min_entries={self.min_entries}, "
                 f"reseed_below={self.reseed_below}, reseed={self.reseed}, estep={self.estep}, normalize={self.normalize}, "
@@ -448,19 +461,35 @@ class ClassMixtures(nn.Module):
             logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return -0.5 * (D * _LOG_2PI + logdet[:, None, :] + quad)
 
-    def _class_covariance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """Per-class covariance of the bank (diag: (K, D); full: (K, D, D)), floored by eps."""
+    def _bank_variance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(K, D) variance of each class's valid bank entries per coordinate (0 for an empty bank)."""
+        w = valid.to(X.dtype)[..., None]
+        cnt = n.clamp_min(1).to(X.dtype)[:, None]
+        mean = (w * X).sum(1) / cnt
+        return (((X - mean[:, None]) * w).pow(2).sum(1) / cnt)
+
+    def _variance_floor(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(K,) the variance floor of each class's EM: eps, or max(eps, eps_class_relative * the class's
+        bank variance per coordinate)."""
+        floor = torch.full((X.shape[0],), self.eps, dtype=X.dtype, device=X.device)
+        if self.eps_class_relative > 0:
+            floor = torch.maximum(floor, self.eps_class_relative * self._bank_variance(X, valid, n).mean(-1))
+        return floor
+
+    def _class_covariance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor,
+                          floor: torch.Tensor) -> torch.Tensor:
+        """Per-class covariance of the bank (diag: (K, D); full: (K, D, D)), floored by ``floor`` (K,)."""
+        if self.covariance != "full":
+            return self._bank_variance(X, valid, n).clamp_min(floor[:, None])
         w = valid.to(X.dtype)[..., None]
         cnt = n.clamp_min(1).to(X.dtype)[:, None]
         mean = (w * X).sum(1) / cnt
         centred = (X - mean[:, None]) * w
-        if self.covariance != "full":
-            return (centred.pow(2).sum(1) / cnt).clamp_min(self.eps)
         cov = centred.transpose(1, 2) @ centred / cnt[..., None]
         eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-        return 0.5 * (cov + cov.transpose(1, 2)) + self.eps * eye
+        return 0.5 * (cov + cov.transpose(1, 2)) + floor[:, None, None] * eye
 
-    def _kmeans_pp(self, X, valid, n, iteration):
+    def _kmeans_pp(self, X, valid, n, iteration, floor):
         """Greedy k-means++ seeding of M means per class from its bank (all classes at once): each
         new centre is the best of 2 + ln(M) d^2-weighted candidates, the one that lowers the sum of
         squared distances to the nearest centre most (as scikit-learn's k-means), which rarely puts
@@ -492,14 +521,14 @@ class ClassMixtures(nn.Module):
             chosen = torch.cat([chosen, nxt.cpu()], dim=1)
             d2 = cand_d2[rows, best]
         means = self._project(X[rows[:, None], chosen.to(X.device)])
-        cov = self._class_covariance(X, valid, n)
+        cov = self._class_covariance(X, valid, n, floor)
         cov = cov[:, None].expand(K, M, *cov.shape[1:]).clone()
         return torch.full((K, M), 1.0 / M, dtype=X.dtype, device=X.device), means, cov
 
     def _project(self, mu: torch.Tensor) -> torch.Tensor:
         return F.normalize(mu, dim=-1) if self.normalize else mu
 
-    def _reseed(self, X, valid, n, w, mu, cov, eligible):
+    def _reseed(self, X, valid, n, w, mu, cov, eligible, floor):
         """Re-seed the components of eligible classes whose weight is below ``reseed_below / M``
         (``reseed``: "split" or "worst"). Returns (w, mu, cov, reseeded (K, M) bool)."""
         dead = (w < self.reseed_below / self.num_components) & eligible[:, None]
@@ -507,7 +536,7 @@ class ClassMixtures(nn.Module):
             return w, mu, cov, dead
         if self.reseed == "split":
             return (*self._split_heaviest(X, valid, w, mu, cov, dead), dead)
-        return self._reseed_on_worst(X, valid, n, w, mu, cov, dead)
+        return self._reseed_on_worst(X, valid, n, w, mu, cov, dead, floor)
 
     def _split_heaviest(self, X, valid, w, mu, cov, dead):
         """Each dead component takes half of its class's heaviest component: the two means move
@@ -542,7 +571,7 @@ class ClassMixtures(nn.Module):
             alive = alive | target
         return w / w.sum(-1, keepdim=True), mu, cov
 
-    def _reseed_on_worst(self, X, valid, n, w, mu, cov, dead):
+    def _reseed_on_worst(self, X, valid, n, w, mu, cov, dead, floor):
         """Dead components are re-seeded on the entries the class's mixture explains worst (the j-th
         dead one on the j-th worst), with the class-wide covariance and, together, half of the
         heaviest component's weight. Returns (w, mu, cov, dead)."""
@@ -555,7 +584,7 @@ class ClassMixtures(nn.Module):
         entry = worst.gather(1, order)  # (K, M)
         seeded = X[torch.arange(K, device=X.device)[:, None], entry]  # (K, M, D)
         mu = _where(dead, self._project(seeded), mu)
-        class_cov = self._class_covariance(X, valid, n)
+        class_cov = self._class_covariance(X, valid, n, floor)
         cov = _where(dead, class_cov[:, None].expand_as(cov), cov)
         # the re-seeded components share half of the heaviest live component's weight
         heavy = w.masked_fill(dead, -1.0).argmax(1, keepdim=True)  # (K, 1)
@@ -580,8 +609,9 @@ class ClassMixtures(nn.Module):
             q = torch.where(valid[..., None], q, torch.full_like(q, neg))
         return q.exp() * valid[..., None].to(log_r.dtype)
 
-    def _em_iteration(self, X, valid, n, w, mu, cov):
-        """One E-step (eq. 3) + M-step (eq. 4) for all classes and components at once (float64)."""
+    def _em_iteration(self, X, valid, n, w, mu, cov, floor):
+        """One E-step (eq. 3) + M-step (eq. 4) for all classes and components at once (float64);
+        ``floor`` (K,) is each class's variance floor."""
         log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
         resp = self._responsibilities(log_r, valid, n)
         nk = resp.sum(1)  # (K, M)
@@ -592,16 +622,16 @@ class ClassMixtures(nn.Module):
             ex2 = resp.transpose(1, 2) @ (X * X) / denom[..., None]
             ex = resp.transpose(1, 2) @ X / denom[..., None]
             # E[(x - mu)^2] around the (possibly projected) mean
-            cov_new = (ex2 - 2.0 * mu_new * ex + mu_new * mu_new).clamp_min(self.eps)
+            cov_new = (ex2 - 2.0 * mu_new * ex + mu_new * mu_new).clamp_min(floor[:, None, None])
             if self.covariance == "tied":  # the pooled within-component variance, shared by the class
                 pooled = (nk[..., None] * cov_new).sum(1) / nk.sum(1).clamp_min(_TINY)[:, None]
-                cov_new = pooled[:, None].expand_as(cov_new).clamp_min(self.eps)
+                cov_new = pooled[:, None].expand_as(cov_new).clamp_min(floor[:, None, None])
         else:
             centred = X[:, None] - mu_new[:, :, None]  # (K, M, S, D)
             weighted = resp.transpose(1, 2)[..., None] * centred
             cov_new = weighted.transpose(-1, -2) @ centred / denom[..., None, None]
             eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-            cov_new = 0.5 * (cov_new + cov_new.transpose(-1, -2)) + self.eps * eye
+            cov_new = 0.5 * (cov_new + cov_new.transpose(-1, -2)) + floor[:, None, None, None] * eye
         alive = nk >= _DEAD  # a component nobody is responsible for keeps its previous Gaussian
         mu_new = _where(alive, mu_new, mu)
         cov_new = _where(alive, cov_new, cov)
@@ -624,18 +654,19 @@ class ClassMixtures(nn.Module):
         if not bool(eligible.any()):
             return False
         X = self.bank.double()
+        floor = self._variance_floor(X, valid, n)
         w_old, mu_old, cov_old = self.weights.double(), self.means.double(), self.covariances.double()
         w, mu, cov = w_old, mu_old, cov_old
         fresh = eligible & ~self.initialized
         if bool(fresh.any()):
-            w0, mu0, cov0 = self._kmeans_pp(X, valid, n, iteration)
+            w0, mu0, cov0 = self._kmeans_pp(X, valid, n, iteration, floor)
             w, mu, cov = _where(fresh, w0, w), _where(fresh, mu0, mu), _where(fresh, cov0, cov)
         reseeded = torch.zeros_like(w, dtype=torch.bool)
         for _ in range(self.em_iters):
             if self.reseed_below > 0:
-                w, mu, cov, dead = self._reseed(X, valid, n, w, mu, cov, eligible)
+                w, mu, cov, dead = self._reseed(X, valid, n, w, mu, cov, eligible, floor)
                 reseeded |= dead
-            w_new, mu_new, cov_new = self._em_iteration(X, valid, n, w, mu, cov)
+            w_new, mu_new, cov_new = self._em_iteration(X, valid, n, w, mu, cov, floor)
             w, mu, cov = _where(eligible, w_new, w), _where(eligible, mu_new, mu), _where(eligible, cov_new, cov)
         m = self.momentum
         blend = (eligible & self.initialized)[:, None] & ~reseeded  # (K, M)
