@@ -413,6 +413,51 @@ def test_three_separated_modes_fed_as_training_keep_three_live_components(config
     assert lost > 0
 
 
+
+def test_class_relative_floor_keeps_modes_closer_than_the_floor():
+    """Three classes whose three modes lie only 2 sqrt(EPS) apart on the unit sphere (a class tighter
+    than the configs' floor, as the hard proxy's classes end training), fed as training feeds the
+    banks with the hard config's schedule: at the configs' floor EPS the components of a class
+    overlap and do not locate its modes (a mode farther than half the spacing from every live mean);
+    with a floor of a quarter of each class's own variance
+    (EPS_CLASS_RELATIVE 0.25, EPS 1e-4) every class keeps three live components, each true mode
+    within half the spacing of a live mean."""
+    options, layers, dim = _config_options("synthetic/cpm_r18_hard.yaml")
+    spacing = 2.0 * options["eps"] ** 0.5 * 3.0 * dim ** 0.5
+    results = {}
+    for name, extra in (("absolute", {}), ("relative", {"eps": 1e-4, "eps_class_relative": 0.25})):
+        lost = 0
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            modes = _modes(rng, 3, options["num_components"], dim, spacing)
+            g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **dict(options, **extra))
+            _feed_like_training(g, modes, 600, layers, rng)
+            lost += sum(live < 3 or dist.max() >= half for live, dist, half in _mode_errors(g, modes))
+        results[name] = lost
+    assert results["relative"] == 0 and results["absolute"] > 0, results  # classes with a mode lost, of 9
+
+
+def test_class_relative_floor_follows_each_class_spread():
+    """The EM floor of each class is max(eps, r * its bank variance per coordinate): a tight and a
+    wide class fitted together get floors in the ratio of their spreads, and r = 0 gives eps."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(100, 4)) * 0.1, rng.normal(size=(100, 4)) * 1.0])
+    labels = np.repeat([0, 1], 100)
+    g = _gmm(num_classes=1, embed_dim=4, num_components=2, memory_size=100, eps=1e-6, eps_class_relative=0.25)
+    g.observe(torch.from_numpy(x).float(), torch.from_numpy(labels))
+    valid = g.bank_valid_mask(0)
+    floor = g._variance_floor(g.bank.double(), valid, valid.sum(1)).numpy()
+    expected = [0.25 * x[labels == k].var(0).mean() for k in (0, 1)]
+    np.testing.assert_allclose(floor, expected, rtol=1e-4)
+    g.update(0)
+    assert (g.covariances[0] >= 0.999 * expected[0]).all() and (g.covariances[1] >= 0.999 * expected[1]).all()
+    absolute = _gmm(num_classes=1, embed_dim=4, eps=1e-3)
+    absolute.observe(torch.from_numpy(x).float(), torch.from_numpy(labels))
+    valid = absolute.bank_valid_mask(0)
+    assert absolute._variance_floor(absolute.bank.double(), valid, valid.sum(1)).tolist() == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match="EPS_CLASS_RELATIVE"):
+        _gmm(eps_class_relative=-0.1)
+
 def test_one_shot_fit_on_plenty_of_data_recovers_every_mode():
     """One update on 500 entries per class (3 classes x 3 modes, D = 64), repeated over 6 seeds: every
     mode of every class has a live mean within half the mode spacing, and the weights are ~1/3."""
