@@ -437,6 +437,34 @@ def test_class_relative_floor_keeps_modes_closer_than_the_floor():
     assert results["relative"] == 0 and results["absolute"] > 0, results  # classes with a mode lost, of 9
 
 
+
+def test_class_relative_floor_with_split_reseeding_tiles_a_one_mode_class():
+    """A class with a single mode, tighter than the configs' floor, fed as training feeds it, with the
+    class-relative floor: re-seeding on the worst-explained entries leaves the re-seeded components on
+    stray entries, where they starve (one live component), while splitting the heaviest component
+    keeps all three live inside the class's data (each live mean nearer the mode than the class's
+    own radius, sqrt of its total variance)."""
+    options, layers, dim = _config_options("synthetic/cpm_r18_hard.yaml")
+    relative = dict(options, eps=1e-4, eps_class_relative=0.25)
+    live = {}
+    for reseed in ("worst", "split"):
+        live[reseed] = []
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            modes = _modes(rng, 3, 1, dim, 1.0)
+            g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **dict(relative, reseed=reseed))
+            _feed_like_training(g, modes, 600, layers, rng)
+            live[reseed] += g.live_components()[:3].tolist()
+            if reseed == "split":
+                centre = _in_model_space(g, modes)[:, 0]
+                for c in range(3):
+                    bank = g.bank[c, : int(g.bank_count[c])].double()
+                    radius = bank.var(0).sum().sqrt().item()
+                    dist = (g.means[c].double() - torch.from_numpy(centre[c])).norm(dim=-1)
+                    assert (dist < radius).all(), (seed, c, dist, radius)
+    assert live["split"] == [3] * 9, live
+    assert max(live["worst"]) < 3, live
+
 def test_class_relative_floor_follows_each_class_spread():
     """The EM floor of each class is max(eps, r * its bank variance per coordinate): a tight and a
     wide class fitted together get floors in the ratio of their spreads, and r = 0 gives eps."""
