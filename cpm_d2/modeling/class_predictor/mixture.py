@@ -461,12 +461,19 @@ class ClassMixtures(nn.Module):
             logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return -0.5 * (D * _LOG_2PI + logdet[:, None, :] + quad)
 
-    def _bank_variance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """(K, D) variance of each class's valid bank entries per coordinate (0 for an empty bank)."""
+    @staticmethod
+    def _centred_bank(X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each class's bank entries minus the class's mean (K, S, D), zero on invalid entries, and
+        the entry counts (K, 1) clamped to >= 1."""
         w = valid.to(X.dtype)[..., None]
         cnt = n.clamp_min(1).to(X.dtype)[:, None]
         mean = (w * X).sum(1) / cnt
-        return (((X - mean[:, None]) * w).pow(2).sum(1) / cnt)
+        return (X - mean[:, None]) * w, cnt
+
+    def _bank_variance(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(K, D) variance of each class's valid bank entries per coordinate (0 for an empty bank)."""
+        centred, cnt = self._centred_bank(X, valid, n)
+        return centred.pow(2).sum(1) / cnt
 
     def _variance_floor(self, X: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """(K,) the variance floor of each class's EM: eps, or max(eps, eps_class_relative * the class's
@@ -481,10 +488,7 @@ class ClassMixtures(nn.Module):
         """Per-class covariance of the bank (diag: (K, D); full: (K, D, D)), floored by ``floor`` (K,)."""
         if self.covariance != "full":
             return self._bank_variance(X, valid, n).clamp_min(floor[:, None])
-        w = valid.to(X.dtype)[..., None]
-        cnt = n.clamp_min(1).to(X.dtype)[:, None]
-        mean = (w * X).sum(1) / cnt
-        centred = (X - mean[:, None]) * w
+        centred, cnt = self._centred_bank(X, valid, n)
         cov = centred.transpose(1, 2) @ centred / cnt[..., None]
         eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
         return 0.5 * (cov + cov.transpose(1, 2)) + floor[:, None, None] * eye
