@@ -413,7 +413,6 @@ def test_three_separated_modes_fed_as_training_keep_three_live_components(config
     assert lost > 0
 
 
-
 def test_class_relative_floor_keeps_modes_closer_than_the_floor():
     """Three classes whose three modes lie only 2 sqrt(EPS) apart on the unit sphere (a class tighter
     than the configs' floor, as the hard proxy's classes end training), fed as training feeds the
@@ -437,11 +436,10 @@ def test_class_relative_floor_keeps_modes_closer_than_the_floor():
     assert results["relative"] == 0 and results["absolute"] > 0, results  # classes with a mode lost, of 9
 
 
-
 def test_class_relative_floor_with_split_reseeding_tiles_a_one_mode_class():
     """A class with a single mode, tighter than the configs' floor, fed as training feeds it, with the
     class-relative floor: re-seeding on the worst-explained entries leaves the re-seeded components on
-    stray entries, where they starve (one live component), while splitting the heaviest component
+    stray entries, where they starve (fewer than three stay live), while splitting the heaviest component
     keeps all three live inside the class's data (each live mean nearer the mode than the class's
     own radius, sqrt of its total variance)."""
     options, layers, dim = _config_options("synthetic/cpm_r18_hard.yaml")
@@ -464,6 +462,7 @@ def test_class_relative_floor_with_split_reseeding_tiles_a_one_mode_class():
                     assert (dist < radius).all(), (seed, c, dist, radius)
     assert live["split"] == [3] * 9, live
     assert max(live["worst"]) < 3, live
+
 
 def test_class_relative_floor_follows_each_class_spread():
     """The EM floor of each class is max(eps, r * its bank variance per coordinate): a tight and a
