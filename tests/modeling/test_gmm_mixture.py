@@ -375,6 +375,26 @@ def _mode_errors(g, modes):
     return out
 
 
+def _fit_fed_as_training(options, modes_per_class, spacing, dim, layers, seed, count_copies=False):
+    """Three classes of ``modes_per_class`` modes ``spacing`` apart (``_modes``, drawn from ``seed``)
+    and a mixture set built with ``options`` after 600 steps of ``_feed_like_training``. With
+    ``count_copies`` copies of one query count as distinct entries (the old first-fit rule).
+    Returns (mixtures, modes)."""
+    rng = np.random.default_rng(seed)
+    modes = _modes(rng, 3, modes_per_class, dim, spacing)
+    g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **options)
+    if count_copies:
+        g.distinct_entries = lambda valid=None: valid.sum(1)
+    _feed_like_training(g, modes, 600, layers, rng)
+    return g, modes
+
+
+def _classes_losing_modes(g, modes):
+    """How many classes have fewer than three live components or a true mode farther than half the
+    spacing from every live mean."""
+    return sum(live < 3 or dist.max() >= half for live, dist, half in _mode_errors(g, modes))
+
+
 def _config_options(name):
     cfg = get_cfg()
     cfg.merge_from_file(str(CONFIGS / name))
@@ -394,22 +414,13 @@ def test_three_separated_modes_fed_as_training_keep_three_live_components(config
     assert options["normalize"]  # the class centres of _modes have norm ~3 sqrt(D): spacing / that on the sphere
     spacing = 8.0 * options["eps"] ** 0.5 * 3.0 * dim ** 0.5
     for seed in range(3):
-        rng = np.random.default_rng(seed)
-        modes = _modes(rng, 3, options["num_components"], dim, spacing)
-        g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **options)
-        _feed_like_training(g, modes, 600, layers, rng)
+        g, modes = _fit_fed_as_training(options, options["num_components"], spacing, dim, layers, seed)
         for c, (live, dist, half) in enumerate(_mode_errors(g, modes)):
             assert live == 3, (seed, c, g.weights[c])
             assert dist.max() < half, (seed, c, dist, half)
-    lost = 0
-    for seed in range(3):
-        rng = np.random.default_rng(seed)
-        modes = _modes(rng, 3, options["num_components"], dim, spacing)
-        unguarded = dict(options, min_entries=options["num_components"], reseed_below=0.0)
-        g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **unguarded)
-        g.distinct_entries = lambda valid=None: valid.sum(1)  # copies counted: the old first-fit rule
-        _feed_like_training(g, modes, 600, layers, rng)
-        lost += sum(live < 3 or dist.max() >= half for live, dist, half in _mode_errors(g, modes))
+    unguarded = dict(options, min_entries=options["num_components"], reseed_below=0.0)
+    lost = sum(_classes_losing_modes(*_fit_fed_as_training(unguarded, options["num_components"], spacing, dim, layers,
+                                                           seed, count_copies=True)) for seed in range(3))
     assert lost > 0
 
 
@@ -425,14 +436,8 @@ def test_class_relative_floor_keeps_modes_closer_than_the_floor():
     spacing = 2.0 * options["eps"] ** 0.5 * 3.0 * dim ** 0.5
     results = {}
     for name, extra in (("absolute", {}), ("relative", {"eps": 1e-4, "eps_class_relative": 0.25})):
-        lost = 0
-        for seed in range(3):
-            rng = np.random.default_rng(seed)
-            modes = _modes(rng, 3, options["num_components"], dim, spacing)
-            g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **dict(options, **extra))
-            _feed_like_training(g, modes, 600, layers, rng)
-            lost += sum(live < 3 or dist.max() >= half for live, dist, half in _mode_errors(g, modes))
-        results[name] = lost
+        results[name] = sum(_classes_losing_modes(*_fit_fed_as_training(
+            dict(options, **extra), options["num_components"], spacing, dim, layers, seed)) for seed in range(3))
     assert results["relative"] == 0 and results["absolute"] > 0, results  # classes with a mode lost, of 9
 
 
@@ -448,10 +453,7 @@ def test_class_relative_floor_with_split_reseeding_tiles_a_one_mode_class():
     for reseed in ("worst", "split"):
         live[reseed] = []
         for seed in range(3):
-            rng = np.random.default_rng(seed)
-            modes = _modes(rng, 3, 1, dim, 1.0)
-            g = ClassMixtures(num_mixtures=4, embed_dim=dim, seed=seed, **dict(relative, reseed=reseed))
-            _feed_like_training(g, modes, 600, layers, rng)
+            g, modes = _fit_fed_as_training(dict(relative, reseed=reseed), 1, 1.0, dim, layers, seed)
             live[reseed] += g.live_components()[:3].tolist()
             if reseed == "split":
                 centre = _in_model_space(g, modes)[:, 0]
