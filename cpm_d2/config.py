@@ -199,6 +199,15 @@ def _add_gmm_head_keys(mf):
     # Responsibilities of the E-step: "posterior" (EM, eq. 3) or "sinkhorn" (balanced so that every
     # component takes an equal share of its class's bank: GMMSeg's guard against collapse).
     g.ESTEP = "posterior"
+    # Prior on each component's mean in the M-step, centred on that component's random prior mean
+    # (the prior means of different classes are nearly orthogonal): the means are MAP estimates
+    # (sum of responsibility-weighted entries + MEAN_PRIOR_WEIGHT * prior mean) / (mass +
+    # MEAN_PRIOR_WEIGHT), so the weight counts as that many bank entries; variances stay around the
+    # data's own mean. Keeps the classes' means apart while their embeddings still lie together.
+    # 0 = plain EM (maximum likelihood).
+    g.MEAN_PRIOR_WEIGHT = 0.0
+    # > 0: MEAN_PRIOR_WEIGHT decays linearly to 0 at this training iteration; 0 = it stays constant.
+    g.MEAN_PRIOR_ITERS = 0
     # --- scoring (GMMClassPredictor)
     # True: L2-normalise the embeddings and keep the means on the unit sphere (GMMSeg); prompts are
     # rescaled to the class's mean embedding norm. False: model the embeddings as they are.

@@ -320,6 +320,55 @@ def test_bad_input_raises_clear_errors():
         _gmm(reseed_below=1.0)
     with pytest.raises(ValueError, match="estep"):
         _gmm(estep="hard")
+    with pytest.raises(ValueError, match="MEAN_PRIOR_WEIGHT"):
+        _gmm(mean_prior_weight=-1.0)
+    with pytest.raises(ValueError, match="MEAN_PRIOR_ITERS"):
+        _gmm(mean_prior_iters=2.5)
+
+
+# ----------------------------------------------------------------------------------- the means' prior
+def _fit_one_class(iteration, **kw):
+    """One component, 8 entries: 4 at (1, 0) and 4 at (3, 0) (mean (2, 0), variance (1, 0) -> floor),
+    one EM iteration at ``iteration``; returns the mixtures."""
+    g = _gmm(num_components=1, min_entries=2, **kw)
+    x = torch.tensor([[1.0, 0.0]] * 4 + [[3.0, 0.0]] * 4)
+    g.observe(x, torch.zeros(8, dtype=torch.long), iteration=iteration)
+    assert g.update(iteration)
+    return g
+
+
+def test_mean_prior_gives_the_map_mean_and_leaves_the_variance():
+    kappa = 24.0  # three times the 8 entries: the mean moves 3/4 of the way to the prior mean
+    g = _fit_one_class(0, mean_prior_weight=kappa)
+    mu0 = g.prior_means[0, 0]
+    expected = (8 * torch.tensor([2.0, 0.0]) + kappa * mu0) / (8 + kappa)
+    assert torch.allclose(g.means[0, 0], expected, atol=1e-6)
+    # the variances are the data's around its own mean, as without the prior
+    assert torch.allclose(g.covariances[0, 0], torch.tensor([1.0, 1e-4]), atol=1e-6)
+    plain = _fit_one_class(0)
+    assert torch.allclose(plain.means[0, 0], torch.tensor([2.0, 0.0]), atol=1e-6)
+    assert torch.equal(plain.covariances, g.covariances)
+
+
+def test_mean_prior_decays_linearly_to_plain_em():
+    options = dict(mean_prior_weight=24.0, mean_prior_iters=100)
+    g = _gmm(**options)
+    assert [g.mean_prior_weight_at(i) for i in (0, 25, 100, 500)] == [24.0, 18.0, 0.0, 0.0]
+    half = _fit_one_class(50, **options)  # kappa = 12: the mean moves 12/20 of the way
+    expected = (8 * torch.tensor([2.0, 0.0]) + 12.0 * half.prior_means[0, 0]) / 20.0
+    assert torch.allclose(half.means[0, 0], expected, atol=1e-6)
+    late = _fit_one_class(100, **options)
+    assert torch.allclose(late.means[0, 0], torch.tensor([2.0, 0.0]), atol=1e-6)
+
+
+def test_mean_prior_keeps_unit_means_with_normalize_and_is_not_checkpointed():
+    g = _fit_one_class(0, mean_prior_weight=8.0, normalize=True)
+    assert torch.allclose(g.means.norm(dim=-1), torch.ones(2), atol=1e-6)
+    # equal weights: the unit mean bisects the data's direction (1, 0) and the prior mean's
+    mu0 = g.prior_means[0, 0]
+    expected = torch.nn.functional.normalize(torch.tensor([1.0, 0.0]) + mu0, dim=0)
+    assert torch.allclose(g.means[0, 0], expected, atol=1e-6)
+    assert "prior_means" not in g.state_dict()
 
 
 

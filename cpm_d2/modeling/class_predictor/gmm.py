@@ -57,6 +57,8 @@ def mixture_options_from_config(cfg) -> dict:
         "estep": g.ESTEP,
         "normalize": g.NORMALIZE,
         "max_age": g.MAX_AGE,
+        "mean_prior_weight": g.MEAN_PRIOR_WEIGHT,
+        "mean_prior_iters": g.MEAN_PRIOR_ITERS,
     }
 
 
@@ -147,7 +149,8 @@ class GMMClassPredictor(ClassPredictor):
             learned_mean_offsets: score with the EM means plus learned offsets (class docstring).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
-                prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age, init_std).
+                prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age,
+                mean_prior_weight, mean_prior_iters, init_std).
         """
         super().__init__()
         if logit_norm not in LOGIT_NORMS:

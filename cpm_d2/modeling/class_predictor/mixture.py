@@ -23,6 +23,13 @@ What keeps the M components of a mixture alive (each can be switched off):
 * ``estep="sinkhorn"`` balances the responsibilities so that every component takes an equal share
   of the bank (GMMSeg's guard against collapse; the weights then stay uniform).
 
+With ``mean_prior_weight`` kappa > 0 the M-step's means are MAP estimates under a Gaussian prior
+centred on the random prior means (one per component, nearly orthogonal between classes in high D):
+mu_km = (sum_s r_skm x_s + kappa_t mu0_km) / (N_km + kappa_t), kappa_t = kappa the prior's weight in
+bank entries, decaying linearly to 0 over ``mean_prior_iters`` iterations (0: constant). While the
+embeddings of different classes still lie together, the class means that score them then stay
+apart; the variances are estimated around the data's own weighted mean (the prior moves means only).
+
 ``normalize=True`` models L2-normalised embeddings (unit vectors, as GMMSeg): the bank stores unit
 vectors, the M-step projects each mean back onto the unit sphere, ``eps`` floors the variances on
 that scale (a unit vector's coordinates have variance about 1/D), and ``sample`` rescales its unit
@@ -109,6 +116,8 @@ class ClassMixtures(nn.Module):
         estep: str = "posterior",
         normalize: bool = False,
         max_age: int = 0,
+        mean_prior_weight: float = 0.0,
+        mean_prior_iters: int = 0,
         init_std: float = 1.0,
         seed: int = 0,
     ):
@@ -144,6 +153,10 @@ class ClassMixtures(nn.Module):
                 component mass).
             normalize: model L2-normalised embeddings (means on the unit sphere).
             max_age: > 0: EM uses only entries stored at most this many iterations ago.
+            mean_prior_weight: kappa >= 0, the weight in bank entries of the prior on each
+                component's mean (centred on its prior mean; module docstring); 0 = plain EM.
+            mean_prior_iters: > 0: kappa decays linearly from ``mean_prior_weight`` at iteration 0 to
+                0 at this iteration; 0 = constant.
             init_std: std of the random prior means (unit prior variances; unit-norm with ``normalize``).
             seed: seeds the prior means and every EM draw (the same on every rank).
         """
@@ -181,6 +194,12 @@ class ClassMixtures(nn.Module):
             raise ValueError(f"GMM estep must be one of {ESTEPS}, got {estep!r}")
         if int(max_age) != max_age or max_age < 0:
             raise ValueError(f"GMM max_age must be an integer >= 0, got {max_age!r}")
+        if mean_prior_weight < 0:
+            raise ValueError(f"GMM mean_prior_weight (MODEL.MASK_FORMER.GMM.MEAN_PRIOR_WEIGHT) must be >= 0, "
+                             f"got {mean_prior_weight}")
+        if int(mean_prior_iters) != mean_prior_iters or mean_prior_iters < 0:
+            raise ValueError(f"GMM mean_prior_iters (MODEL.MASK_FORMER.GMM.MEAN_PRIOR_ITERS) must be an integer "
+                             f">= 0, got {mean_prior_iters!r}")
         self.num_mixtures = int(num_mixtures)
         self.embed_dim = int(embed_dim)
         self.num_components = int(num_components)
@@ -199,6 +218,8 @@ class ClassMixtures(nn.Module):
         self.estep = estep
         self.normalize = bool(normalize)
         self.max_age = int(max_age)
+        self.mean_prior_weight = float(mean_prior_weight)
+        self.mean_prior_iters = int(mean_prior_iters)
         self.seed = int(seed)
 
         K, M, D, S = self.num_mixtures, self.num_components, self.embed_dim, self.memory_size
@@ -208,6 +229,8 @@ class ClassMixtures(nn.Module):
             means = F.normalize(means, dim=-1)
         self.register_buffer("weights", torch.full((K, M), 1.0 / M))
         self.register_buffer("means", means)
+        # the centres of the means' prior: regenerated from the seed, so not in checkpoints
+        self.register_buffer("prior_means", means.clone(), persistent=False)
         prior_var = 1.0 / D if self.normalize else 1.0
         if covariance != "full":
             self.register_buffer("covariances", torch.full((K, M, D), prior_var))
@@ -231,7 +254,8 @@ class ClassMixtures(nn.Module):
                 f"prompt_scale={self.prompt_scale}, "
                 f"min_entries={self.min_entries}, "
                 f"reseed_below={self.reseed_below}, reseed={self.reseed}, estep={self.estep}, normalize={self.normalize}, "
-                f"max_age={self.max_age}")
+                f"max_age={self.max_age}, mean_prior_weight={self.mean_prior_weight}, "
+                f"mean_prior_iters={self.mean_prior_iters}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # banks saved before entries were stamped: ages unknown (0), every entry its own source,
@@ -613,9 +637,15 @@ class ClassMixtures(nn.Module):
             q = torch.where(valid[..., None], q, torch.full_like(q, neg))
         return q.exp() * valid[..., None].to(log_r.dtype)
 
-    def _em_iteration(self, X, valid, n, w, mu, cov, floor):
+    def mean_prior_weight_at(self, iteration: int) -> float:
+        """kappa_t, the weight in bank entries of the prior on the means at ``iteration``."""
+        if self.mean_prior_iters == 0:
+            return self.mean_prior_weight
+        return self.mean_prior_weight * max(0.0, 1.0 - int(iteration) / self.mean_prior_iters)
+
+    def _em_iteration(self, X, valid, n, w, mu, cov, floor, kappa: float = 0.0):
         """One E-step (eq. 3) + M-step (eq. 4) for all classes and components at once (float64);
-        ``floor`` (K,) is each class's variance floor."""
+        ``floor`` (K,) is each class's variance floor, ``kappa`` the weight of the means' prior."""
         log_r = self._paired_log_normal(X, mu, cov) + w.clamp_min(_TINY).log()[:, None, :]
         resp = self._responsibilities(log_r, valid, n)
         nk = resp.sum(1)  # (K, M)
@@ -636,6 +666,9 @@ class ClassMixtures(nn.Module):
             cov_new = weighted.transpose(-1, -2) @ centred / denom[..., None, None]
             eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
             cov_new = 0.5 * (cov_new + cov_new.transpose(-1, -2)) + floor[:, None, None, None] * eye
+        if kappa > 0:  # MAP means; the variances above stay around the data's own (ML) mean
+            sums = resp.transpose(1, 2) @ X
+            mu_new = self._project((sums + kappa * self.prior_means.to(X.dtype)) / (nk + kappa)[..., None])
         alive = nk >= _DEAD  # a component nobody is responsible for keeps its previous Gaussian
         mu_new = _where(alive, mu_new, mu)
         cov_new = _where(alive, cov_new, cov)
@@ -659,6 +692,7 @@ class ClassMixtures(nn.Module):
             return False
         X = self.bank.double()
         floor = self._variance_floor(X, valid, n)
+        kappa = self.mean_prior_weight_at(iteration)
         w_old, mu_old, cov_old = self.weights.double(), self.means.double(), self.covariances.double()
         w, mu, cov = w_old, mu_old, cov_old
         fresh = eligible & ~self.initialized
@@ -670,7 +704,7 @@ class ClassMixtures(nn.Module):
             if self.reseed_below > 0:
                 w, mu, cov, dead = self._reseed(X, valid, n, w, mu, cov, eligible, floor)
                 reseeded |= dead
-            w_new, mu_new, cov_new = self._em_iteration(X, valid, n, w, mu, cov, floor)
+            w_new, mu_new, cov_new = self._em_iteration(X, valid, n, w, mu, cov, floor, kappa)
             w, mu, cov = _where(eligible, w_new, w), _where(eligible, mu_new, mu), _where(eligible, cov_new, cov)
         m = self.momentum
         blend = (eligible & self.initialized)[:, None] & ~reseeded  # (K, M)
