@@ -232,6 +232,9 @@ def _add_gmm_head_keys(mf):
     # "posterior" the classes share the rest by the GMM posterior) or "gmm" (a mixture fitted to the
     # unmatched queries' embeddings, like any class: the paper pads its classes with no-object).
     g.NO_OBJECT = "objectness"
+    # Layers of the map from a query embedding to the learned no-object logit ("objectness" /
+    # "softmax"): 1 = a linear map, n > 1 = an MLP of n layers (hidden width HIDDEN_DIM, ReLU).
+    g.OBJECTNESS_LAYERS = 1
 
 
 def add_avs_config(cfg):

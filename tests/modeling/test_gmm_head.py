@@ -193,6 +193,41 @@ def test_no_object_softmax_is_one_logit_beside_the_class_logits():
     assert g.mixtures.bank_count.tolist()[3] == 0  # "no object" is not banked
 
 
+def _objectness_accuracy(layers, steps=300):
+    """Train only the no-object logit of a head (objectness_layers ``layers``) to tell 4 classes at
+    +-e1, +-e2 from "no object" at +-e3 (no hyperplane separates them); return its accuracy."""
+    torch.manual_seed(0)
+    g = _gmm(num_classes=4, embed_dim=3, no_object="objectness", objectness_layers=layers)
+    centres = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+    is_object = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    opt = torch.optim.Adam(g.objectness.parameters(), lr=0.05)
+    for _ in range(steps):
+        pick = torch.randint(0, 6, (64,))
+        x = centres[pick] + 0.05 * torch.randn(64, 3)
+        o = g.objectness(x).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(o, (~is_object[pick]).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p_no_object = g(centres).softmax(-1)[:, -1]
+    return ((p_no_object < 0.5) == is_object).float().mean().item()
+
+
+def test_objectness_mlp_separates_what_one_hyperplane_cannot():
+    """objectness_layers > 1: the no-object logit is an MLP; with classes spread around "no object"
+    a linear logit gets at most 4 of 6 centres right, a 2-layer MLP all of them."""
+    assert isinstance(_gmm(no_object="objectness").objectness, torch.nn.Linear)  # default: linear, same keys
+    assert _objectness_accuracy(1) <= 4 / 6 + 1e-6
+    assert _objectness_accuracy(2) == 1.0
+    # "softmax": the MLP's output bias starts where the linear logit's does
+    lin = _gmm(num_classes=3, embed_dim=4, no_object="softmax", eps=1e-2)
+    mlp = _gmm(num_classes=3, embed_dim=4, no_object="softmax", eps=1e-2, objectness_layers=3)
+    assert len(mlp.objectness) == 5 and mlp.objectness[-1].bias.item() == pytest.approx(lin.objectness.bias.item())
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.GMM.OBJECTNESS_LAYERS"):
+        _gmm(no_object="objectness", objectness_layers=0)
+
+
 @pytest.mark.parametrize("logit_norm,temperature", [("per_dim", 4.0), ("sqrt_dim", 2.0)])
 def test_tempered_test_logits_keep_the_training_posterior_in_eval(logit_norm, temperature):
     """test_logits "tempered": eval-mode logits are the training ones (posterior of p(x|c)^(1/T));

@@ -98,6 +98,9 @@ class GMMClassPredictor(ClassPredictor):
     close the query is to every class's mixture, not on q alone; at inference with ``"posterior"``
     the C classes share 1 - p(no object) by eq. 1's posterior) or ``"gmm"`` (a mixture fitted to
     the unmatched queries, scored like any class, as the paper pads its classes with no-object).
+    The learned logit (o or z) is a linear map of the embedding (``objectness_layers`` 1) or an MLP
+    of that many layers (hidden width D, ReLU), as Mask2Former's mask-embedding MLP: one hyperplane
+    cannot set the C classes' embeddings, spread over the sphere, apart from the unmatched ones.
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
     the mixtures are never learned by gradient (their draws carry none). With
@@ -132,7 +135,7 @@ class GMMClassPredictor(ClassPredictor):
                  component_score: str = "logsumexp", no_object: str = "objectness",
                  test_logits: str = "posterior", score_eps: float = 0.0, num_predictions: int = 1, seed: int = 0,
                  prompt_adapter: str = "none", prompts: str = "gmm", learned_mean_offsets: bool = False,
-                 **mixture_options):
+                 objectness_layers: int = 1, **mixture_options):
         """
         Args:
             num_classes: C, background included; C + 1 mixtures (C = no object).
@@ -147,6 +150,7 @@ class GMMClassPredictor(ClassPredictor):
                 (class docstring).
             prompts: "gmm" (draws of the mixtures) | "embedding" (learnable rows), see the class docstring.
             learned_mean_offsets: score with the EM means plus learned offsets (class docstring).
+            objectness_layers: layers of the map from an embedding to the no-object logit (1 = linear).
             mixture_options: the remaining :class:`ClassMixtures` arguments (num_components,
                 covariance, memory_size, update_interval, em_iters, momentum, eps, prompt_eps,
                 prompt_scale, min_entries, reseed_below, reseed, estep, normalize, max_age,
@@ -171,6 +175,8 @@ class GMMClassPredictor(ClassPredictor):
                              f"got {prompt_adapter!r}")
         if prompts not in PROMPT_SOURCES:
             raise ValueError(f"MODEL.CPM.GMM_HEAD_PROMPTS must be one of {PROMPT_SOURCES}, got {prompts!r}")
+        if int(objectness_layers) != objectness_layers or objectness_layers < 1:
+            raise ValueError(f"MODEL.MASK_FORMER.GMM.OBJECTNESS_LAYERS must be an integer >= 1, got {objectness_layers!r}")
         if prompts == "embedding" and prompt_adapter != "none":
             raise ValueError(f"MODEL.MASK_FORMER.GMM.PROMPT_ADAPTER {prompt_adapter!r} maps GMM draws and needs "
                              "MODEL.CPM.GMM_HEAD_PROMPTS 'gmm'; with 'embedding' set it to 'none'")
@@ -207,8 +213,15 @@ class GMMClassPredictor(ClassPredictor):
             M = self.mixtures.num_components
             self.mean_offsets = nn.Parameter(
                 torch.zeros(self.num_predictions, self.num_classes + 1, M, self.embed_dim))
+        self.objectness_layers = int(objectness_layers)
         if no_object in ("objectness", "softmax"):
-            self.objectness = nn.Linear(self.embed_dim, 1)
+            if self.objectness_layers == 1:
+                self.objectness = nn.Linear(self.embed_dim, 1)
+            else:
+                layers = []
+                for _ in range(self.objectness_layers - 1):
+                    layers += [nn.Linear(self.embed_dim, self.embed_dim), nn.ReLU(inplace=True)]
+                self.objectness = nn.Sequential(*layers, nn.Linear(self.embed_dim, 1))
         if logit_norm == "learned":
             self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(self.embed_dim)))
         if no_object == "softmax":
@@ -216,7 +229,7 @@ class GMMClassPredictor(ClassPredictor):
             # the floor, so that "no object" and the classes start on one scale
             with torch.no_grad():
                 floor_score = -0.5 * self.embed_dim * math.log(2 * math.pi * self.mixtures.eps)
-                self.objectness.bias.fill_(float(self._training_logits(torch.tensor([floor_score]))[0])
+                self._objectness_output().bias.fill_(float(self._training_logits(torch.tensor([floor_score]))[0])
                                            if logit_norm != "class_layer_norm" else 0.0)
         if logit_norm == "class_layer_norm":
             self.class_norm = nn.LayerNorm(self.num_classes + (no_object == "gmm"))
@@ -231,7 +244,7 @@ class GMMClassPredictor(ClassPredictor):
                 "component_score": g.COMPONENT_SCORE, "no_object": g.NO_OBJECT, "test_logits": g.TEST_LOGITS,
                 "score_eps": g.SCORE_EPS, "prompt_adapter": g.PROMPT_ADAPTER,
                 "prompts": cfg.MODEL.CPM.GMM_HEAD_PROMPTS if cfg.MODEL.CPM.ENABLED else "gmm",
-                "learned_mean_offsets": g.LEARNED_MEAN_OFFSETS,
+                "learned_mean_offsets": g.LEARNED_MEAN_OFFSETS, "objectness_layers": g.OBJECTNESS_LAYERS,
                 "num_predictions": decoder_predictions(cfg) if g.PER_PREDICTION else 1,
                 **mixture_options_from_config(cfg)}
 
@@ -240,7 +253,7 @@ class GMMClassPredictor(ClassPredictor):
                 f"logit_norm={self.logit_norm}, component_score={self.component_score}, no_object={self.no_object}, "
                 f"test_logits={self.test_logits}, score_eps={self.score_eps}, num_predictions={self.num_predictions}, "
                 f"prompt_adapter={self.prompt_adapter}, prompts={self.prompt_source}, "
-                f"learned_mean_offsets={self.learned_mean_offsets}")
+                f"learned_mean_offsets={self.learned_mean_offsets}, objectness_layers={self.objectness_layers}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written when the mixtures' buffers lived on the predictor itself
@@ -322,6 +335,10 @@ class GMMClassPredictor(ClassPredictor):
             o = self.objectness(embeddings.float()).to(out_dtype)
             classes = torch.log_softmax(score, dim=-1) + F.logsigmoid(-o)
             return torch.cat([classes, F.logsigmoid(o)], dim=-1)
+
+    def _objectness_output(self) -> nn.Linear:
+        """The last linear layer of the no-object logit's map."""
+        return self.objectness if isinstance(self.objectness, nn.Linear) else self.objectness[-1]
 
     def _training_logits(self, score: torch.Tensor) -> torch.Tensor:
         """Class scores (..., K) -> the training logits (``logit_norm``: a temperature or the LayerNorm)."""
