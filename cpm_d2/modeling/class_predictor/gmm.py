@@ -99,8 +99,8 @@ class GMMClassPredictor(ClassPredictor):
     the C classes share 1 - p(no object) by eq. 1's posterior) or ``"gmm"`` (a mixture fitted to
     the unmatched queries, scored like any class, as the paper pads its classes with no-object).
     The learned logit (o or z) is a linear map of the embedding (``objectness_layers`` 1) or an MLP
-    of that many layers (hidden width D, ReLU), as Mask2Former's mask-embedding MLP: one hyperplane
-    cannot set the C classes' embeddings, spread over the sphere, apart from the unmatched ones.
+    of that many layers (hidden width D, ReLU), as Mask2Former's mask-embedding MLP (one hyperplane
+    may not set all C classes' embeddings, spread over the sphere, apart from the unmatched ones).
 
     Gradients flow into the embeddings (and the objectness / layer-norm / temperature parameters);
     the mixtures are never learned by gradient (their draws carry none). With
