@@ -650,11 +650,11 @@ class ClassMixtures(nn.Module):
         resp = self._responsibilities(log_r, valid, n)
         nk = resp.sum(1)  # (K, M)
         denom = nk.clamp_min(_TINY)
-        mu_new = resp.transpose(1, 2) @ X / denom[..., None]
-        mu_new = self._project(mu_new)
+        sums = resp.transpose(1, 2) @ X  # (K, M, D) responsibility-weighted sums of the entries
+        ex = sums / denom[..., None]
+        mu_new = self._project(ex)
         if self.covariance != "full":
             ex2 = resp.transpose(1, 2) @ (X * X) / denom[..., None]
-            ex = resp.transpose(1, 2) @ X / denom[..., None]
             # E[(x - mu)^2] around the (possibly projected) mean
             cov_new = (ex2 - 2.0 * mu_new * ex + mu_new * mu_new).clamp_min(floor[:, None, None])
             if self.covariance == "tied":  # the pooled within-component variance, shared by the class
@@ -667,7 +667,6 @@ class ClassMixtures(nn.Module):
             eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
             cov_new = 0.5 * (cov_new + cov_new.transpose(-1, -2)) + floor[:, None, None, None] * eye
         if kappa > 0:  # MAP means; the variances above stay around the data's own (ML) mean
-            sums = resp.transpose(1, 2) @ X
             mu_new = self._project((sums + kappa * self.prior_means.to(X.dtype)) / (nk + kappa)[..., None])
         alive = nk >= _DEAD  # a component nobody is responsible for keeps its previous Gaussian
         mu_new = _where(alive, mu_new, mu)
