@@ -4,6 +4,8 @@
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --seeds 1 2 3
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --rows t4_1_baseline t4_6_cpm_full
     python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --print-only   # cached runs only
+    python tools/ablation.py --config-file configs/synthetic/cpm_r18_hard.yaml --print-only \
+        --rows t4_1_baseline t4_6_cpm_full t5_point_rep --compare-to t5_point_rep   # paired by seed
     # other rows, and a per-run evaluation script whose summary becomes extra columns:
     python tools/ablation.py --config-file configs/synthetic/baseline_r18_stereo_msmi.yaml \
         --rows-dir configs/stereo_rows --rows stem_only stereo_position \
@@ -35,6 +37,13 @@ evaluations above, every run also runs ``python SCRIPT --output <run>/extra_eval
 row switches, SEED); the ``"summary"`` dict of that JSON is cached in the run's ``result.json``
 (under ``"extra"``) and its numbers become extra table columns (``--extra-columns`` picks them).
 A cached run without that script's summary runs only the script.
+
+``--compare-to ROW``: a second table puts every other row against ROW, paired by seed (the same
+seed draws the same data order and initialisation for both): the mean difference in val and test
+mIoU with its 95 % t interval, the seeds on which the row is higher / lower, and how many seeds a
+paired t-test (5 %, two-sided, 80 % power) would need to detect a difference of ``--effect`` mIoU
+points given the spread of the val differences seen. An interval that spans 0 means the seeds run
+do not order the two rows.
 """
 import argparse
 import hashlib
@@ -426,6 +435,67 @@ def format_table(rows, results, seeds, extra=()):
     return "\n".join(lines)
 
 
+def paired_difference(results, row, ref, split):
+    """``row`` minus ``ref`` on ``split`` ("val" / "test") mIoU, paired by seed (seeds both have).
+    Returns None with fewer than 2 such seeds, else a dict: ``seeds``, per-seed ``diffs``, ``mean``,
+    ``std`` (ddof = 1), ``ci95`` (half-width of the t interval of the mean), ``higher`` / ``lower``
+    (seeds on which ``row`` is above / below ``ref``)."""
+    import numpy as np
+    from scipy import stats
+
+    by_seed = {r["seed"]: r[split]["mIoU"] for r in results.get(ref, [])}
+    pairs = [(r["seed"], r[split]["mIoU"] - by_seed[r["seed"]]) for r in results.get(row, []) if r["seed"] in by_seed]
+    if len(pairs) < 2:
+        return None
+    diffs = np.array([d for _, d in sorted(pairs)])
+    n, std = len(diffs), float(np.std(diffs, ddof=1))
+    return {"seeds": sorted(s for s, _ in pairs), "diffs": diffs.tolist(), "mean": float(diffs.mean()), "std": std,
+            "ci95": float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)),
+            "higher": int((diffs > 0).sum()), "lower": int((diffs < 0).sum())}
+
+
+def seeds_for_power(effect, std, power=0.8, alpha=0.05, max_seeds=10000):
+    """Fewest seeds at which a two-sided paired t-test at ``alpha`` detects a true mean difference
+    ``effect`` with probability ``power``, if the paired differences vary with ``std`` (noncentral t).
+    None when ``max_seeds`` do not suffice; 2 when ``std`` is 0."""
+    import numpy as np
+    from scipy import stats
+
+    if effect <= 0:
+        raise ValueError(f"--effect must be positive, got {effect}")
+    if std <= 0:
+        return 2
+    for n in range(2, max_seeds + 1):
+        df, ncp = n - 1, effect / (std / np.sqrt(n))
+        crit = stats.t.ppf(1 - alpha / 2, df)
+        if stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp) >= power:
+            return n
+    return None
+
+
+def format_comparison(rows, results, ref, effect):
+    """Markdown table of each row against ``ref``, paired by seed: mean difference with its 95 % t
+    interval and the seeds above / below, on val and test, and the seeds a paired test would need to
+    detect a difference of ``effect`` mIoU points (80 % power, 5 % two-sided) at the val spread seen."""
+    head = ["row − " + ref, "paired seeds", "Δ val mIoU (95 % CI)", "val: seeds higher / lower",
+            "Δ test mIoU (95 % CI)", "test: seeds higher / lower", f"seeds to detect ±{effect:g} (val)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if row == ref:
+            continue
+        val, test = (paired_difference(results, row, ref, split) for split in ("val", "test"))
+        if val is None:
+            lines.append(f"| `{row}` | < 2 | – | – | – | – | – |")
+            continue
+        needed = seeds_for_power(effect, val["std"])
+        lines.append("| " + " | ".join([
+            f"`{row}`", str(len(val["seeds"])),
+            f"{val['mean']:+.2f} ± {val['ci95']:.2f}", f"{val['higher']} / {val['lower']}",
+            f"{test['mean']:+.2f} ± {test['ci95']:.2f}", f"{test['higher']} / {test['lower']}",
+            str(needed) if needed is not None else "> 10000"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="the setting to ablate (e.g. a CPM config)")
@@ -446,11 +516,19 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--print-only", action="store_true", help="print the table of cached runs, train nothing")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--compare-to", default=None, metavar="ROW",
+                        help="also print every other row minus ROW, paired by seed (mean, 95 %% CI, seeds higher)")
+    parser.add_argument("--effect", type=float, default=1.0,
+                        help="with --compare-to: the difference in mIoU points the seed count is sized for (default 1)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
     args = parser.parse_args(argv)
+    if args.effect <= 0:
+        parser.error(f"--effect must be positive, got {args.effect}")
     if args.rows is None:
         same = os.path.abspath(args.rows_dir) == os.path.abspath(ABLATIONS)
         args.rows = TABLE4 + TABLE5 if same else all_rows(args.rows_dir)
+    if args.compare_to and args.compare_to not in args.rows:
+        parser.error(f"--compare-to {args.compare_to}: not one of --rows ({' '.join(args.rows)})")
     if args.extra_eval and not os.path.isfile(_extra_script(args.extra_eval)):
         parser.error(f"--extra-eval {args.extra_eval}: no such file")
     os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
@@ -498,6 +576,11 @@ def main(argv=None):
     table = format_table(args.rows, results, args.seeds, extra_columns(results, args.extra_columns))
     print(f"\n{args.config_file} {' '.join(args.opts)} (seeds {args.seeds}; dataset protocol, %)\n")
     print(table)
+    if args.compare_to:
+        comparison = format_comparison(args.rows, results, args.compare_to, args.effect)
+        print(f"\nPaired by seed against {args.compare_to}\n")
+        print(comparison)
+        table += "\n\n" + comparison
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")

@@ -129,3 +129,83 @@ def test_tiny_end_to_end_run_is_cached_and_reprinted(tmp_path, monkeypatch):
     again = ablation.main(argv + [])  # cached: nothing is trained again
     assert again["t4_1_baseline"][0] == r
     assert os.stat(out / "t4_1_baseline" / "seed1" / "result.json").st_mtime_ns == stamp
+
+
+def _val_test(row, seed, val, test):
+    return {"row": row, "seed": seed, "val": {"mIoU": val}, "test": {"mIoU": test}}
+
+
+def test_paired_difference_by_seed_against_hand_computed_values():
+    res = {"ref": [_val_test("ref", 1, 40.0, 50.0), _val_test("ref", 2, 42.0, 50.0), _val_test("ref", 3, 44.0, 50.0)],
+           "row": [_val_test("row", 3, 44.0, 49.0), _val_test("row", 1, 41.0, 51.0), _val_test("row", 2, 45.0, 52.0),
+                   _val_test("row", 4, 99.0, 99.0)]}  # seed 4 has no reference run: not paired
+    d = ablation.paired_difference(res, "row", "ref", "val")
+    # differences 1, 3, 0: mean 4/3, sample variance ((1/3)^2 + (5/3)^2 + (4/3)^2) / 2 = 7/3,
+    # 95 % half-width t_{0.975, 2} * sqrt(7/3) / sqrt(3) with t_{0.975, 2} = 4.3027 (tables)
+    assert d["seeds"] == [1, 2, 3] and d["diffs"] == [1.0, 3.0, 0.0]
+    assert d["mean"] == pytest.approx(4 / 3) and d["std"] == pytest.approx((7 / 3) ** 0.5)
+    assert d["ci95"] == pytest.approx(4.3027 * (7 / 3) ** 0.5 / 3 ** 0.5, abs=1e-3)
+    assert (d["higher"], d["lower"]) == (2, 0)
+    t = ablation.paired_difference(res, "row", "ref", "test")
+    assert t["diffs"] == [1.0, 2.0, -1.0] and (t["higher"], t["lower"]) == (2, 1)
+    assert ablation.paired_difference({"ref": res["ref"], "row": res["row"][:1]}, "row", "ref", "val") is None
+
+
+def test_seeds_for_power_matches_the_textbook_and_a_simulation():
+    from scipy import stats
+
+    # one-sample / paired t-test, alpha 0.05 two-sided, power 0.8: effect size 1 needs 10, 0.5 needs 34
+    # (Cohen's tables); only the ratio effect / std matters
+    assert ablation.seeds_for_power(1.0, 1.0) == 10 and ablation.seeds_for_power(2.0, 2.0) == 10
+    assert ablation.seeds_for_power(1.0, 2.0) == 34
+    assert ablation.seeds_for_power(1.0, 0.0) == 2
+    with pytest.raises(ValueError, match="--effect"):
+        ablation.seeds_for_power(0.0, 1.0)
+    # simulated power: at the returned n the paired test rejects >= 80 % of the time, at n - 1 less often
+    rng = np.random.default_rng(0)
+    n = ablation.seeds_for_power(1.5, 2.0)
+    rates = [(stats.ttest_1samp(rng.normal(1.5, 2.0, (20000, k)), 0.0, axis=1).pvalue < 0.05).mean() for k in (n - 1, n)]
+    assert rates[0] < 0.8 - 0.003 and rates[1] > 0.8 - 0.01
+
+
+def test_comparison_table_pairs_rows_with_the_reference_and_names_missing_pairs():
+    res = {"t4_1_baseline": [_val_test("t4_1_baseline", s, v, v + 4) for s, v in ((1, 40.0), (2, 42.0), (3, 44.0))],
+           "t4_6_cpm_full": [_val_test("t4_6_cpm_full", s, v, v + 2) for s, v in ((1, 41.0), (2, 45.0), (3, 44.0))],
+           "t5_point_rep": [_val_test("t5_point_rep", 1, 50.0, 50.0)]}
+    table = ablation.format_comparison(["t4_1_baseline", "t4_6_cpm_full", "t5_point_rep"], res, "t4_1_baseline", 1.0)
+    lines = table.splitlines()
+    assert len(lines) == 4 and "t4_1_baseline`" not in table.split("\n", 2)[2]  # the reference is not compared to itself
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    # val differences 1, 3, 0 (above); test differences -1, 1, -2
+    assert cells[:4] == ["`t4_6_cpm_full`", "3", f"+1.33 ± {4.3027 * (7 / 3) ** 0.5 / 3 ** 0.5:.2f}", "2 / 0"]
+    assert cells[4].startswith("-0.67 ±") and cells[5] == "1 / 2"
+    assert cells[6] == str(ablation.seeds_for_power(1.0, (7 / 3) ** 0.5))
+    assert lines[3].startswith("| `t5_point_rep` | < 2 |")
+
+
+def test_compare_to_from_the_cache_and_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "abl"
+    for row, vals in (("t4_1_baseline", (40.0, 42.0)), ("t4_6_cpm_full", (43.0, 42.5))):
+        cfg = ablation._effective_config(HARD, ablation.row_switches(row))
+        digest, text = ablation._digest(cfg)
+        for seed, v in zip((1, 2), vals):
+            run = out / row / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(text)
+            r = _result(row, seed, v, 0.3)
+            r["config_digest"] = digest
+            (run / "result.json").write_text(json.dumps(r))
+    md = tmp_path / "table.md"
+    argv = ["--config-file", HARD, "--rows", "t4_1_baseline", "t4_6_cpm_full", "--seeds", "1", "2", "--print-only",
+            "--output", str(out), "--markdown", str(md)]
+    ablation.main(argv + ["--compare-to", "t4_1_baseline", "--effect", "2"])
+    text = md.read_text()
+    assert "seeds to detect ±2 (val)" in text and "| `t4_6_cpm_full` | 2 | +1.75 ±" in text
+    # val and test differences +3.0 and +0.5: mean 1.75, sample std 1.7678, t_{0.975, 1} = 12.706
+    assert f"| +1.75 ± {12.706 * 1.7678 / 2 ** 0.5:.2f} | 2 / 0 | +1.75 ± " in text
+    with pytest.raises(SystemExit):
+        ablation.main(argv + ["--compare-to", "t5_point_rep"])
+    assert "--compare-to t5_point_rep: not one of --rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(argv + ["--compare-to", "t4_1_baseline", "--effect", "0"])
+    assert "--effect must be positive" in capsys.readouterr().err
