@@ -444,17 +444,21 @@ def paired_difference(results, row, ref, split):
     from scipy import stats
 
     by_seed = {r["seed"]: r[split]["mIoU"] for r in results.get(ref, [])}
-    pairs = [(r["seed"], r[split]["mIoU"] - by_seed[r["seed"]]) for r in results.get(row, []) if r["seed"] in by_seed]
+    pairs = sorted((r["seed"], r[split]["mIoU"] - by_seed[r["seed"]]) for r in results.get(row, [])
+                   if r["seed"] in by_seed)
     if len(pairs) < 2:
         return None
-    diffs = np.array([d for _, d in sorted(pairs)])
+    diffs = np.array([d for _, d in pairs])
     n, std = len(diffs), float(np.std(diffs, ddof=1))
-    return {"seeds": sorted(s for s, _ in pairs), "diffs": diffs.tolist(), "mean": float(diffs.mean()), "std": std,
+    return {"seeds": [s for s, _ in pairs], "diffs": diffs.tolist(), "mean": float(diffs.mean()), "std": std,
             "ci95": float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)),
             "higher": int((diffs > 0).sum()), "lower": int((diffs < 0).sum())}
 
 
-def seeds_for_power(effect, std, power=0.8, alpha=0.05, max_seeds=10000):
+MAX_SEEDS_SIZED = 10000  # seeds_for_power gives up (returns None) beyond this many
+
+
+def seeds_for_power(effect, std, power=0.8, alpha=0.05, max_seeds=MAX_SEEDS_SIZED):
     """Fewest seeds at which a two-sided paired t-test at ``alpha`` detects a true mean difference
     ``effect`` with probability ``power``, if the paired differences vary with ``std`` (noncentral t).
     None when ``max_seeds`` do not suffice; 2 when ``std`` is 0."""
@@ -492,7 +496,7 @@ def format_comparison(rows, results, ref, effect):
             f"`{row}`", str(len(val["seeds"])),
             f"{val['mean']:+.2f} ± {val['ci95']:.2f}", f"{val['higher']} / {val['lower']}",
             f"{test['mean']:+.2f} ± {test['ci95']:.2f}", f"{test['higher']} / {test['lower']}",
-            str(needed) if needed is not None else "> 10000"]) + " |")
+            str(needed) if needed is not None else f"> {MAX_SEEDS_SIZED}"]) + " |")
     return "\n".join(lines)
 
 
